@@ -1,0 +1,315 @@
+//! The contract between Fathom's kernel programs (`fathom-ebpf`) and user space.
+//!
+//! Everything here is `#[repr(C)]` plain data: the user space writes [`ProbeConfig`] and
+//! [`StashConfig`] into the programs' read-only globals before loading, and reads
+//! [`AggKey`]/[`AggValue`] map entries, [`Event`] ring-buffer records and the
+//! [`counter`] slots back.
+#![no_std]
+
+/// Bits of [`ProbeConfig::key_mask`]: which parts of [`AggKey`] the kernel fills in.
+/// Parts not selected stay zero, so entries that differ only there are merged in the kernel.
+pub mod key {
+    pub const PID: u32 = 1 << 0;
+    pub const TID: u32 = 1 << 1;
+    pub const COMM: u32 = 1 << 2;
+    pub const CGROUP: u32 = 1 << 3;
+    pub const KSTACK: u32 = 1 << 4;
+    pub const USTACK: u32 = 1 << 5;
+    pub const FIELD0: u32 = 1 << 6;
+    pub const FIELD1: u32 = 1 << 7;
+    pub const CPU: u32 = 1 << 8;
+}
+
+/// Where a number comes from, for a key field, a summed value or an entry/return pairing.
+pub mod source {
+    /// Nothing: reads as 0.
+    pub const NONE: u32 = 0;
+    /// A field of the tracepoint record: `offset`, `size` (1, 2, 4 or 8), `signed`.
+    pub const TP_FIELD: u32 = 1;
+    /// Argument `index` of the probed function (kprobe, uprobe, fentry) or raw tracepoint.
+    pub const ARG: u32 = 2;
+    /// The probed function's return value (kretprobe, uretprobe, fexit).
+    pub const RET: u32 = 3;
+    /// Nanoseconds since the matching entry probe fired (needs a stash).
+    pub const LATENCY: u32 = 4;
+    /// The value the entry probe stashed (needs a stash).
+    pub const STASHED: u32 = 5;
+    /// The current thread id.
+    pub const TID: u32 = 6;
+    /// The current process id (thread group id).
+    pub const PID: u32 = 7;
+}
+
+/// How a string payload is found (file names, exec paths).
+pub mod strsrc {
+    pub const NONE: u32 = 0;
+    /// A user-space pointer held in a tracepoint field at `offset`.
+    pub const TP_USER_PTR: u32 = 1;
+    /// A `__data_loc char[]` tracepoint field at `offset` (kernel memory in the record).
+    pub const TP_DATA_LOC: u32 = 2;
+    /// A user-space pointer in argument `offset` of the probed function.
+    pub const ARG_USER_PTR: u32 = 3;
+    /// A user-space pointer stashed by the entry probe (read at return time).
+    pub const STASHED_USER_PTR: u32 = 4;
+}
+
+/// What a program does with a hit, [`ProbeConfig::value_kind`].
+pub mod value {
+    /// Count hits.
+    pub const COUNT: u32 = 0;
+    /// Count hits and sum `value_src`.
+    pub const SUM: u32 = 1;
+    /// Log2 histogram of `value_src` (the bucket goes into [`super::AggKey::bucket`]).
+    pub const HIST: u32 = 2;
+}
+
+/// Slots of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Hits that passed every filter.
+    pub const HITS: u32 = 0;
+    /// New aggregation keys dropped because the map was full.
+    pub const MAP_FULL: u32 = 1;
+    /// Events the ring buffer had no room for.
+    pub const RINGBUF_LOST: u32 = 2;
+    /// Hits dropped by the job's events-per-second limit.
+    pub const RATE_LIMITED: u32 = 3;
+    /// Stack walks that failed (stack map full or the walk faulted).
+    pub const STACK_ERRORS: u32 = 4;
+    /// Return probes that found no entry (the entry fired before attaching, or the stash was full).
+    pub const STASH_MISSES: u32 = 5;
+    /// Events written to the ring buffer.
+    pub const EVENTS_EMITTED: u32 = 6;
+    /// Hits rejected by a filter (pid, comm, cgroup).
+    pub const FILTERED: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+/// Bits of [`ProbeConfig::filter_flags`].
+pub mod filter {
+    pub const PID: u32 = 1 << 0;
+    pub const COMM: u32 = 1 << 1;
+    pub const CGROUP: u32 = 1 << 2;
+}
+
+/// Bits of [`ProbeConfig::flags`].
+pub mod flags {
+    /// Aggregate into the `AGG` map.
+    pub const AGGREGATE: u32 = 1 << 0;
+    /// Write an [`super::Event`] to the `EVENTS` ring buffer.
+    pub const EMIT: u32 = 1 << 1;
+    /// Pair with the stash program: look up (and remove) the entry stashed under
+    /// `StashConfig::exit_key_src`, skip the hit when there is none.
+    pub const PAIRED: u32 = 1 << 2;
+}
+
+/// A number's source: see [`source`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    pub kind: u32,
+    /// Byte offset (tracepoint field) or argument index.
+    pub offset: u32,
+    /// 1, 2, 4 or 8 bytes; 0 means 8.
+    pub size: u32,
+    /// Sign-extend the value read.
+    pub signed: u32,
+}
+
+/// Read-only configuration of the main (aggregate/emit) programs: global `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub flags: u32,
+    pub key_mask: u32,
+    pub value_kind: u32,
+    pub filter_flags: u32,
+    pub key_fields: [Source; 2],
+    pub value_src: Source,
+    /// Where the event's string payload comes from (see [`strsrc`]); `kind == NONE`: no payload.
+    pub str_kind: u32,
+    pub str_offset: u32,
+    /// Bytes of payload to copy, at most [`PAYLOAD_LEN`].
+    pub str_max: u32,
+    /// A second number recorded in each event (a return value, a parent pid).
+    pub event_arg: Source,
+    /// Hits allowed per second across all CPUs; 0 = unlimited.
+    pub rate_limit: u64,
+    /// With `filter::COMM`: the exact comm, NUL padded.
+    pub comm: [u8; 16],
+}
+
+impl Source {
+    pub const NONE: Self = Self {
+        kind: source::NONE,
+        offset: 0,
+        size: 0,
+        signed: 0,
+    };
+}
+
+impl ProbeConfig {
+    /// The value compiled into the object; the loader always overrides it.
+    pub const EMPTY: Self = Self {
+        flags: 0,
+        key_mask: 0,
+        value_kind: value::COUNT,
+        filter_flags: 0,
+        key_fields: [Source::NONE; 2],
+        value_src: Source::NONE,
+        str_kind: strsrc::NONE,
+        str_offset: 0,
+        str_max: 0,
+        event_arg: Source::NONE,
+        rate_limit: 0,
+        comm: [0; 16],
+    };
+}
+
+impl StashConfig {
+    /// The value compiled into the object; the loader always overrides it.
+    pub const EMPTY: Self = Self {
+        key_src: Source::NONE,
+        exit_key_src: Source::NONE,
+        value_src: Source::NONE,
+        filter_flags: 0,
+        _pad: 0,
+    };
+}
+
+/// Read-only configuration of the entry programs that stash a start time for a return probe:
+/// global `STASH_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StashConfig {
+    /// What identifies the pairing: `source::TID` (same thread), or a field (a pid woken up, a request pointer).
+    pub key_src: Source,
+    /// What the exit probe uses to find the entry; same kinds as `key_src`.
+    pub exit_key_src: Source,
+    /// A number to keep with the start time (a user pointer to a file name).
+    pub value_src: Source,
+    pub filter_flags: u32,
+    pub _pad: u32,
+}
+
+/// An aggregation key. Unselected parts are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AggKey {
+    pub pid: u32,
+    pub tid: u32,
+    pub cgroup: u64,
+    pub kstack: i32,
+    pub ustack: i32,
+    pub fields: [u64; 2],
+    pub cpu: u32,
+    /// Log2 bucket for histograms: bucket b holds values in [2^(b-1), 2^b), bucket 0 holds 0.
+    pub bucket: u32,
+    pub comm: [u8; 16],
+}
+
+/// An aggregation value (per CPU; user space adds the CPUs up).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggValue {
+    pub count: u64,
+    pub sum: u64,
+}
+
+/// The state of the events-per-second limit (one global entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub second: u64,
+    pub count: u64,
+}
+
+/// What an entry probe keeps for its return probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stash {
+    pub start_ns: u64,
+    pub value: u64,
+}
+
+/// Maximum bytes of string payload carried by an [`Event`].
+pub const PAYLOAD_LEN: usize = 256;
+
+/// One record of the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub cgroup: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    pub payload_len: u32,
+    /// `ProbeConfig::value_src` as read for this hit.
+    pub value: u64,
+    /// `ProbeConfig::event_arg` as read for this hit.
+    pub arg: u64,
+    pub fields: [u64; 2],
+    pub comm: [u8; 16],
+    pub payload: [u8; PAYLOAD_LEN],
+}
+
+/// Names of the programs, maps and globals in the object, shared so they cannot drift.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const STASH_CONFIG: &str = "STASH_CONFIG";
+    pub const AGG: &str = "AGG";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const STACKS: &str = "STACKS";
+    pub const STASH: &str = "STASH";
+    pub const RATE: &str = "RATE";
+    pub const PIDS: &str = "PIDS";
+    pub const CGROUPS: &str = "CGROUPS";
+}
+
+/// Log2 bucket of `v`: 0 for 0, else 1 + floor(log2(v)) (so bucket b covers [2^(b-1), 2^b)).
+#[inline(always)]
+pub fn log2_bucket(v: u64) -> u32 {
+    64 - v.leading_zeros()
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain data with no padding-sensitive invariants;
+    // every bit pattern is a valid value.
+    #[expect(
+        unsafe_code,
+        reason = "aya::Pod is an unsafe marker trait for plain map data"
+    )]
+    mod impls {
+        use super::super::*;
+        unsafe impl aya::Pod for ProbeConfig {}
+        unsafe impl aya::Pod for StashConfig {}
+        unsafe impl aya::Pod for AggKey {}
+        unsafe impl aya::Pod for AggValue {}
+        unsafe impl aya::Pod for RateState {}
+        unsafe impl aya::Pod for Stash {}
+        unsafe impl aya::Pod for Event {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_buckets_match_bpftrace_hist_edges() {
+        assert_eq!(log2_bucket(0), 0);
+        assert_eq!(log2_bucket(1), 1);
+        assert_eq!(log2_bucket(2), 2);
+        assert_eq!(log2_bucket(3), 2);
+        assert_eq!(log2_bucket(4), 3);
+        assert_eq!(log2_bucket(u64::MAX), 64);
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<AggKey>(), 64);
+        assert_eq!(core::mem::size_of::<Event>(), 80 + PAYLOAD_LEN);
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Makes a fresh machine ready to build and test Fathom; quick when it already is.
+# Idempotent: every step checks before it acts. Run as root.
+set -euo pipefail
+
+log() { printf '[setup] %s\n' "$*"; }
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "[setup] must run as root (installs packages, mounts tracefs/bpffs)" >&2
+    exit 1
+  fi
+}
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    if [ ! -f /var/lib/apt/periodic/fathom-updated ]; then
+      apt-get update -qq
+      mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/fathom-updated
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+mount_fs() {
+  local fstype=$1 dir=$2
+  if ! mountpoint -q "$dir"; then
+    mkdir -p "$dir"
+    log "mount -t $fstype $dir"
+    mount -t "$fstype" "$fstype" "$dir"
+  fi
+}
+
+install_bpf_linker() {
+  if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version >/dev/null 2>&1; then
+    return
+  fi
+  rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+  local prefix=/usr/local/fathom-llvm
+  local d
+  d="$(rustc +nightly --print sysroot)/lib"
+  mkdir -p "$prefix/lib"
+  ln -sf "$d"/libLLVM.so.* "$prefix/lib/"
+  ln -sf "$d"/libLLVM.so.* "$prefix/lib/libLLVM.so"
+  echo "$prefix/lib" >/etc/ld.so.conf.d/fathom-llvm.conf
+  ldconfig
+  log "cargo install bpf-linker (links the nightly toolchain's own LLVM; takes a few minutes)"
+  LLVM_PREFIX="$prefix" cargo +nightly install --locked bpf-linker --no-default-features --features llvm-22
+  bpf-linker --version >/dev/null
+}
+
+need_root
+apt_install bpftrace bpftool libbpf-tools qemu-system-x86 busybox-static cpio python3 linux-perf
+rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
+  || rustup component add rust-src --toolchain nightly
+install_bpf_linker
+mount_fs tracefs /sys/kernel/tracing
+mount_fs bpf /sys/fs/bpf
+log "ready: $(bpf-linker --version 2>&1 | head -n1), $(bpftrace --version 2>&1 | head -n1)"
