@@ -487,7 +487,11 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 pub struct CheckedSpec {
     pub probe: Probe,
     pub keys: Vec<KeySpec>,
+    /// The job listed keys (else a catalog entry's defaults apply).
+    pub keys_given: bool,
     pub value: ValueSpec,
+    /// The job named a value (else a catalog entry's default applies).
+    pub value_given: bool,
     pub top: u32,
     /// Aggregation was asked for (or defaulted); false for events-only jobs.
     pub aggregate: bool,
@@ -864,7 +868,9 @@ impl TraceJobSpec {
         }
         Ok(CheckedSpec {
             probe: probe.expect("no errors means a probe"),
+            keys_given: self.aggregate.as_ref().is_some_and(|a| !a.by.is_empty()),
             keys,
+            value_given: self.aggregate.as_ref().is_some_and(|a| a.value.is_some()),
             value,
             top,
             aggregate,

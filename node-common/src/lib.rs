@@ -89,6 +89,8 @@ pub mod filter {
     pub const PID: u32 = 1 << 0;
     pub const COMM: u32 = 1 << 1;
     pub const CGROUP: u32 = 1 << 2;
+    /// `ProbeConfig::match_src` must equal `ProbeConfig::match_value`.
+    pub const FIELD: u32 = 1 << 3;
 }
 
 /// Bits of [`ProbeConfig::flags`].
@@ -136,6 +138,9 @@ pub struct ProbeConfig {
     pub rate_limit: u64,
     /// With `filter::COMM`: the exact comm, NUL padded.
     pub comm: [u8; 16],
+    /// With `filter::FIELD`: a number the hit must carry (a TCP state, an event type).
+    pub match_src: Source,
+    pub match_value: u64,
 }
 
 impl Source {
@@ -162,6 +167,8 @@ impl ProbeConfig {
         event_arg: Source::NONE,
         rate_limit: 0,
         comm: [0; 16],
+        match_src: Source::NONE,
+        match_value: 0,
     };
 }
 

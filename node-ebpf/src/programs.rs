@@ -446,6 +446,12 @@ fn on_hit<C: Hook>(ctx: &C) -> u32 {
         bump(counter::FILTERED);
         return 0;
     }
+    if probe_cfg!(filter_flags) & filter::FIELD != 0
+        && read_source(ctx, &probe_cfg!(match_src), &hit) != probe_cfg!(match_value)
+    {
+        bump(counter::FILTERED);
+        return 0;
+    }
     let cfg_flags = probe_cfg!(flags);
     if cfg_flags & flags::PAIRED != 0 {
         let k = read_source(ctx, &stash_cfg!(exit_key_src), &hit);

@@ -1,0 +1,682 @@
+//! The engine: load the vetted kernel programs with a plan's configuration, attach them all
+//! or none, read their maps and ring buffer, detach synchronously.
+//!
+//! One [`Session`] is one job on one machine; `fathom run`, the node runner and the tests all
+//! drive it the same way.
+
+use std::{
+    collections::VecDeque,
+    fs,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
+    programs::{
+        FEntry, FExit, KProbe, Lsm, PerfEvent, ProgramError, RawTracePoint, TracePoint, UProbe,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
+    sys::{Stats, SyscallError, enable_stats},
+    util::online_cpus,
+};
+use fathom_common::{AggKey, AggValue, Event, counter, names};
+use fathom_crds::{
+    result::{Budget, EventRecord, ResultData, Totals},
+    verdict::Reason,
+};
+
+use crate::{
+    error::EngineError,
+    kernel::Kernel,
+    plan::{AttachPoint, JobPlan, UprobeTarget},
+    render::{Cgroups, Renderer, StackFrames},
+    symbols::Symbols,
+};
+
+/// The kernel programs, built by build.rs from `node-ebpf` and embedded: the only bytecode
+/// the engine ever loads.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fathom"));
+
+/// Sizes that are engine policy rather than job spec.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Ring-buffer bytes for event jobs (a power of two, at least a page).
+    pub ringbuf_bytes: u32,
+    pub stack_entries: u32,
+    pub stash_entries: u32,
+    /// Bytes of verifier log kept in an error.
+    pub verifier_log_budget: usize,
+    /// The node name reported in the `node` key.
+    pub node: String,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            ringbuf_bytes: 1 << 20,
+            stack_entries: 16384,
+            stash_entries: 16384,
+            verifier_log_budget: 4096,
+            node: hostname(),
+        }
+    }
+}
+
+/// This machine's name.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Counters of the kernel programs, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub hits: u64,
+    pub map_full: u64,
+    pub ringbuf_lost: u64,
+    pub rate_limited: u64,
+    pub stack_errors: u64,
+    pub stash_misses: u64,
+    pub events_emitted: u64,
+    pub filtered: u64,
+}
+
+/// A running job: programs loaded and attached.
+pub struct Session {
+    ebpf: Ebpf,
+    plan: JobPlan,
+    opts: EngineOptions,
+    started: Instant,
+    _stats: Option<OwnedFd>,
+    ring: Option<RingBuf<MapData>>,
+    events: VecDeque<EventRecord>,
+    delivered: u64,
+    dropped: u64,
+    symbols: Symbols,
+    cgroups: Cgroups,
+    link_count: usize,
+    /// Run time and runs read just before detaching (the counts stop there).
+    final_run_time: Option<(u64, u64)>,
+    /// Seconds attached, fixed at detach.
+    final_elapsed: Option<f64>,
+}
+
+fn kernel_error(probe: &str, reason: Reason, message: impl Into<String>) -> EngineError {
+    EngineError::Kernel {
+        probe: probe.to_string(),
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Maps an errno from load/attach to a feasibility reason and a fix.
+fn errno_reason(errno: Option<i32>, kernel: &Kernel) -> (Reason, &'static str) {
+    match errno {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            if kernel.lockdown().is_some_and(|l| l != "none") {
+                (
+                    Reason::KernelLockdown,
+                    "the kernel refused it (lockdown is active); use a tracepoint, raw tracepoint or uprobe",
+                )
+            } else {
+                (
+                    Reason::PermissionDenied,
+                    "the kernel refused it (EPERM); run as root with CAP_BPF and CAP_PERFMON, or this kernel does not allow this attach kind",
+                )
+            }
+        }
+        Some(libc::ENOENT) => (
+            Reason::SymbolNotFound,
+            "the attach point does not exist; `fathom list` shows what does",
+        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => (
+            Reason::AttachKindUnsupported,
+            "this kernel does not support this attach kind here",
+        ),
+        _ => (Reason::AttachKindUnsupported, "the kernel refused it"),
+    }
+}
+
+fn program_error(probe: &str, e: ProgramError, kernel: &Kernel, budget: usize) -> EngineError {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            if log.trim().is_empty() {
+                let (reason, fix) = errno_reason(io_error.raw_os_error(), kernel);
+                kernel_error(probe, reason, format!("loading failed: {io_error}; {fix}"))
+            } else {
+                kernel_error(
+                    probe,
+                    Reason::VerifierRejected,
+                    format!(
+                        "the verifier rejected the program ({io_error}):\n{}",
+                        summarize_verifier_log(&log, budget)
+                    ),
+                )
+            }
+        }
+        ProgramError::SyscallError(SyscallError { call, io_error }) => {
+            let (reason, fix) = errno_reason(io_error.raw_os_error(), kernel);
+            kernel_error(probe, reason, format!("{call} failed: {io_error}; {fix}"))
+        }
+        other => {
+            let text = other.to_string();
+            let errno = std::error::Error::source(&other)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(std::io::Error::raw_os_error);
+            let (reason, fix) = errno_reason(errno, kernel);
+            kernel_error(probe, reason, format!("{text}; {fix}"))
+        }
+    }
+}
+
+/// The end of a verifier log — the failing instruction, the error and the summary line —
+/// within `budget` bytes, cut at a line boundary.
+pub fn summarize_verifier_log(log: &str, budget: usize) -> String {
+    let log = log.trim_end();
+    if log.len() <= budget {
+        return log.to_string();
+    }
+    let mut start = log.len() - budget;
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &log[start..];
+    let tail = tail.find('\n').map_or(tail, |i| &tail[i + 1..]);
+    format!("… ({} bytes of log omitted)\n{tail}", log.len() - tail.len())
+}
+
+impl Session {
+    /// Loads and attaches every program of `plan`. Either all attach or none remain: on any
+    /// error everything already attached is detached before the error is returned.
+    pub fn start(plan: JobPlan, kernel: &Kernel, opts: EngineOptions) -> Result<Session, EngineError> {
+        let label = plan.label.clone();
+        let ringbuf = if plan.events.is_some() {
+            opts.ringbuf_bytes.max(4096).next_power_of_two()
+        } else {
+            4096
+        };
+        // Maps a job does not use are created at their smallest: a stack map is preallocated
+        // (1 KiB per entry) and would otherwise dominate the job's locked memory.
+        let uses_stacks = plan.config.key_mask & (fathom_common::key::KSTACK | fathom_common::key::USTACK) != 0;
+        let stack_entries = if uses_stacks { opts.stack_entries } else { 1 };
+        let stash_entries = if plan.config.flags & fathom_common::flags::PAIRED != 0 {
+            opts.stash_entries
+        } else {
+            1
+        };
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(names::CONFIG, &plan.config, true)
+            .override_global(names::STASH_CONFIG, &plan.stash, true)
+            .map_max_entries(names::AGG, plan.map_entries)
+            .map_max_entries(names::EVENTS, ringbuf)
+            .map_max_entries(names::STACKS, stack_entries)
+            .map_max_entries(names::STASH, stash_entries)
+            .map_max_entries(names::PIDS, (plan.pids.len() as u32).max(1));
+        let mut ebpf = loader.load(PROGRAMS).map_err(|e| {
+            let errno = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(std::io::Error::raw_os_error);
+            let (reason, fix) = errno_reason(errno, kernel);
+            kernel_error(&label, reason, format!("creating the job's maps failed: {e}; {fix}"))
+        })?;
+
+        if !plan.pids.is_empty() {
+            let mut pids: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(ebpf.map_mut(names::PIDS).expect("PIDS map in object"))
+                    .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e.to_string()))?;
+            for pid in &plan.pids {
+                pids.insert(pid, 1, 0)
+                    .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e.to_string()))?;
+            }
+        }
+
+        // Run-time statistics for the CPU budget; the kernel keeps them on while the fd lives.
+        let stats = enable_stats(Stats::RunTime).ok();
+
+        let mut link_count = 0;
+        for att in &plan.attachments {
+            let probe = att.point.label();
+            let budget = opts.verifier_log_budget;
+            let perr = |e: ProgramError| program_error(&probe, e, kernel, budget);
+            let prog = ebpf
+                .program_mut(att.program())
+                .expect("every planned program is in the object");
+            match &att.point {
+                AttachPoint::Tracepoint { category, name } => {
+                    let p: &mut TracePoint = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    p.attach(category, name).map_err(perr)?;
+                }
+                AttachPoint::RawTracepoint { name } => {
+                    let p: &mut RawTracePoint = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    p.attach(name).map_err(perr)?;
+                }
+                AttachPoint::Kprobe { function } | AttachPoint::Kretprobe { function } => {
+                    let p: &mut KProbe = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    p.attach(function, 0).map_err(perr)?;
+                }
+                AttachPoint::Fentry { function } => {
+                    let btf = kernel.btf().ok_or_else(|| {
+                        kernel_error(&probe, Reason::BTFUnavailable, "kernel BTF is unavailable")
+                    })?;
+                    let p: &mut FEntry = prog.try_into().map_err(perr)?;
+                    p.load(function, btf).map_err(perr)?;
+                    p.attach().map_err(perr)?;
+                }
+                AttachPoint::Fexit { function } => {
+                    let btf = kernel.btf().ok_or_else(|| {
+                        kernel_error(&probe, Reason::BTFUnavailable, "kernel BTF is unavailable")
+                    })?;
+                    let p: &mut FExit = prog.try_into().map_err(perr)?;
+                    p.load(function, btf).map_err(perr)?;
+                    p.attach().map_err(perr)?;
+                }
+                AttachPoint::Lsm { hook } => {
+                    let btf = kernel.btf().ok_or_else(|| {
+                        kernel_error(&probe, Reason::BTFUnavailable, "kernel BTF is unavailable")
+                    })?;
+                    let p: &mut Lsm = prog.try_into().map_err(perr)?;
+                    p.load(hook, btf).map_err(perr)?;
+                    p.attach().map_err(perr)?;
+                }
+                AttachPoint::Uprobe { binary, target, .. } => {
+                    let path = crate::elf::resolve_binary(binary).map_err(|e| {
+                        kernel_error(&probe, Reason::BinaryNotFound, e.to_string())
+                    })?;
+                    let p: &mut UProbe = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    let location = match target {
+                        UprobeTarget::Symbol(s) => UProbeAttachLocation::Symbol(s),
+                        UprobeTarget::Offset { offset, .. } => {
+                            UProbeAttachLocation::AbsoluteOffset(*offset)
+                        }
+                    };
+                    p.attach(location, &path, UProbeScope::AllProcesses)
+                        .map_err(perr)?;
+                }
+                AttachPoint::Profile { frequency } => {
+                    let p: &mut PerfEvent = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    let cpus = online_cpus().map_err(|(_, e)| {
+                        kernel_error(&probe, Reason::AttachKindUnsupported, e.to_string())
+                    })?;
+                    for cpu in cpus {
+                        p.attach(
+                            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                            PerfEventScope::AllProcessesOneCpu { cpu },
+                            SamplePolicy::Frequency(u64::from(*frequency)),
+                            true,
+                        )
+                        .map_err(perr)?;
+                        link_count += 1;
+                    }
+                    continue;
+                }
+            }
+            link_count += 1;
+        }
+
+        let ring = match ebpf.take_map(names::EVENTS) {
+            Some(m) if plan.events.is_some() => Some(RingBuf::try_from(m).map_err(|e| {
+                kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
+            })?),
+            _ => None,
+        };
+        tracing::info!(job = %label, links = link_count, "attached");
+        Ok(Session {
+            ebpf,
+            plan,
+            opts,
+            started: Instant::now(),
+            _stats: stats,
+            ring,
+            events: VecDeque::new(),
+            delivered: 0,
+            dropped: 0,
+            symbols: Symbols::new(),
+            cgroups: Cgroups::default(),
+            link_count,
+            final_run_time: None,
+            final_elapsed: None,
+        })
+    }
+
+    pub fn plan(&self) -> &JobPlan {
+        &self.plan
+    }
+
+    /// Links attached (one per attach point, one per CPU for sampling).
+    pub fn link_count(&self) -> usize {
+        self.link_count
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Reads what the ring buffer holds, waiting up to `timeout` for the first record.
+    /// Returns how many events were read.
+    pub fn poll_events(&mut self, timeout: Duration) -> usize {
+        let Some(ring) = self.ring.as_mut() else {
+            std::thread::sleep(timeout);
+            return 0;
+        };
+        let mut pfd = libc::pollfd {
+            fd: ring.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd on the stack.
+        #[expect(unsafe_code, reason = "poll(2) on the ring buffer's fd")]
+        unsafe {
+            libc::poll(&mut pfd, 1, ms);
+        }
+        self.drain_ring()
+    }
+
+    fn drain_ring(&mut self) -> usize {
+        let Some(ring) = self.ring.as_mut() else {
+            return 0;
+        };
+        let Some(ev_plan) = self.plan.events.as_ref() else {
+            return 0;
+        };
+        let last = ev_plan.last;
+        let mut raw = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the record is at least an Event; Event is plain data.
+                #[expect(unsafe_code, reason = "decoding a #[repr(C)] ring-buffer record")]
+                let e = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+                raw.push(e);
+            } else {
+                self.dropped += 1;
+            }
+        }
+        let n = raw.len();
+        self.delivered += n as u64;
+        // Only the newest `last` are kept; decoding the rest would be wasted work.
+        let skip = n.saturating_sub(last);
+        let mut renderer = Renderer {
+            plan: &self.plan,
+            node: &self.opts.node,
+            stacks: &StackFrames::new(),
+            symbols: &mut self.symbols,
+            cgroups: &mut self.cgroups,
+        };
+        for e in &raw[skip..] {
+            self.events.push_back(renderer.event(e));
+            if self.events.len() > last {
+                self.events.pop_front();
+            }
+        }
+        n
+    }
+
+    /// The kernel programs' counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, EngineError> {
+        let map = self.ebpf.map(names::COUNTERS).expect("COUNTERS in object");
+        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(read_err("counters"))?;
+        let mut c = [0u64; counter::COUNT as usize];
+        for (i, slot) in c.iter_mut().enumerate() {
+            let v = arr.get(&(i as u32), 0).map_err(read_err("counters"))?;
+            *slot = v.iter().sum();
+        }
+        Ok(Counters {
+            hits: c[counter::HITS as usize],
+            map_full: c[counter::MAP_FULL as usize],
+            ringbuf_lost: c[counter::RINGBUF_LOST as usize],
+            rate_limited: c[counter::RATE_LIMITED as usize],
+            stack_errors: c[counter::STACK_ERRORS as usize],
+            stash_misses: c[counter::STASH_MISSES as usize],
+            events_emitted: c[counter::EVENTS_EMITTED as usize],
+            filtered: c[counter::FILTERED as usize],
+        })
+    }
+
+    /// Nanoseconds the job's programs have run, per the kernel's run-time statistics, and
+    /// how many times they ran.
+    pub fn run_time(&self) -> (u64, u64) {
+        if let Some(t) = self.final_run_time {
+            return t;
+        }
+        let mut ns = 0;
+        let mut runs = 0;
+        for (_, p) in self.ebpf.programs() {
+            if let Ok(info) = p.info() {
+                ns += info.run_time().as_nanos() as u64;
+                runs += info.run_count();
+            }
+        }
+        (ns, runs)
+    }
+
+    /// Locked kernel memory of the job's maps and programs, from the kernel's fdinfo.
+    pub fn memlock_bytes(&self) -> u64 {
+        let mut total = 0;
+        for (_, m) in self.ebpf.maps() {
+            if let Some(fd) = map_fd(m) {
+                total += fdinfo_memlock(fd);
+            }
+        }
+        if let Some(r) = &self.ring {
+            total += fdinfo_memlock(r.as_fd().as_raw_fd());
+        }
+        for (_, p) in self.ebpf.programs() {
+            if let Ok(fd) = p.fd() {
+                total += fdinfo_memlock(fd.as_fd().as_raw_fd());
+            }
+        }
+        total
+    }
+
+    fn aggregate_entries(&self) -> Result<Vec<(AggKey, AggValue)>, EngineError> {
+        let map = self.ebpf.map(names::AGG).expect("AGG in object");
+        let agg: PerCpuHashMap<_, AggKey, AggValue> =
+            PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
+        let mut out = Vec::new();
+        for item in agg.iter() {
+            // A key deleted between listing and lookup is skipped, not an error.
+            let Ok((k, per_cpu)) = item else { continue };
+            let mut v = AggValue::default();
+            for c in per_cpu.iter() {
+                v.count += c.count;
+                v.sum = v.sum.wrapping_add(c.sum);
+            }
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    fn stack_frames(&self, entries: &[(AggKey, AggValue)]) -> StackFrames {
+        let mut frames = StackFrames::new();
+        let Some(map) = self.ebpf.map(names::STACKS) else {
+            return frames;
+        };
+        let Ok(stacks) = StackTraceMap::try_from(map) else {
+            return frames;
+        };
+        for (k, _) in entries {
+            for id in [k.kstack, k.ustack] {
+                if id >= 0
+                    && !frames.contains_key(&id)
+                    && let Ok(st) = stacks.get(&(id as u32), 0)
+                {
+                    frames.insert(id, st.frames().iter().map(|f| f.ip).collect());
+                }
+            }
+        }
+        frames
+    }
+
+    /// The job's result so far: cumulative since start.
+    pub fn snapshot(&mut self) -> Result<ResultData, EngineError> {
+        self.drain_ring();
+        let counters = self.counters()?;
+        let entries = if self.plan.aggregate {
+            self.aggregate_entries()?
+        } else {
+            Vec::new()
+        };
+        let stacks = self.stack_frames(&entries);
+        let mut renderer = Renderer {
+            plan: &self.plan,
+            node: &self.opts.node,
+            stacks: &stacks,
+            symbols: &mut self.symbols,
+            cgroups: &mut self.cgroups,
+        };
+        let (rows, other, histograms, truncated) = renderer.aggregate(&entries);
+        let elapsed = self
+            .final_elapsed
+            .unwrap_or_else(|| self.started.elapsed().as_secs_f64());
+        let (cpu_ns, runs) = self.run_time();
+        let budget = Budget {
+            cpu_ns,
+            runs,
+            cpu_percent: if elapsed > 0.0 {
+                cpu_ns as f64 / 1e9 / elapsed * 100.0
+            } else {
+                0.0
+            },
+            events_per_second: if elapsed > 0.0 {
+                counters.hits as f64 / elapsed
+            } else {
+                0.0
+            },
+            memlock_bytes: self.memlock_bytes(),
+        };
+        Ok(ResultData {
+            probe: self.plan.label.clone(),
+            value: self.plan.value_label.clone(),
+            keys: self.plan.columns.iter().map(|c| c.name.clone()).collect(),
+            rows,
+            other,
+            histograms,
+            events: self.events.iter().cloned().collect(),
+            totals: Totals {
+                hits: counters.hits,
+                distinct_keys: entries.len() as u64,
+                events_emitted: counters.events_emitted,
+                events_delivered: self.delivered,
+                events_lost: counters.ringbuf_lost,
+                events_dropped: self.dropped,
+                map_full: counters.map_full,
+                rate_limited: counters.rate_limited,
+                stack_errors: counters.stack_errors,
+                unpaired: counters.stash_misses,
+                filtered: counters.filtered,
+            },
+            budget: Some(budget),
+            stopped_reason: None,
+            truncated,
+            elapsed_seconds: elapsed,
+        })
+    }
+
+    /// Detaches every program, then reads the final result. When this returns, no link,
+    /// program or map of the job remains in the kernel.
+    pub fn stop(mut self) -> Result<ResultData, EngineError> {
+        // Detach first so the final read is the final count, then read what remains.
+        self.final_run_time = Some(self.run_time());
+        self.final_elapsed = Some(self.started.elapsed().as_secs_f64());
+        for (_, p) in self.ebpf.programs_mut() {
+            detach_all(p);
+        }
+        let result = self.snapshot();
+        tracing::info!(job = %self.plan.label, "detached");
+        drop(self);
+        result
+    }
+}
+
+/// Detaches every link of a program (the program stays loaded until the session drops).
+fn detach_all(p: &mut aya::programs::Program) {
+    use aya::programs::Program as P;
+    // Unloading detaches every link synchronously and closes the program's fd.
+    let _ = match p {
+        P::TracePoint(x) => x.unload(),
+        P::RawTracePoint(x) => x.unload(),
+        P::KProbe(x) => x.unload(),
+        P::UProbe(x) => x.unload(),
+        P::FEntry(x) => x.unload(),
+        P::FExit(x) => x.unload(),
+        P::PerfEvent(x) => x.unload(),
+        P::Lsm(x) => x.unload(),
+        _ => Ok(()),
+    };
+}
+
+fn read_err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> EngineError {
+    move |e| EngineError::Read {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+fn map_fd(m: &aya::maps::Map) -> Option<i32> {
+    use aya::maps::Map as M;
+    let data = match m {
+        M::Array(d)
+        | M::PerCpuArray(d)
+        | M::HashMap(d)
+        | M::PerCpuHashMap(d)
+        | M::StackTraceMap(d)
+        | M::RingBuf(d) => d,
+        _ => return None,
+    };
+    Some(data.fd().as_fd().as_raw_fd())
+}
+
+/// The `memlock:` line of /proc/self/fdinfo/<fd>.
+fn fdinfo_memlock(fd: i32) -> u64 {
+    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_logs_keep_their_end_within_budget() {
+        let log: String = (0..500)
+            .map(|i| format!("{i}: (b7) r{} = {i}\n", i % 10))
+            .collect::<String>()
+            + "R1 invalid mem access 'scalar'\nprocessed 500 insns (limit 1000000)\n";
+        let s = summarize_verifier_log(&log, 4096);
+        assert!(s.len() <= 4096 + 64, "{}", s.len());
+        assert!(s.ends_with("processed 500 insns (limit 1000000)"));
+        assert!(s.contains("R1 invalid mem access"));
+        assert!(s.starts_with("… ("));
+        assert_eq!(summarize_verifier_log("short\n", 4096), "short");
+    }
+}
