@@ -182,3 +182,117 @@ pub struct TraceAssignmentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<Time>,
 }
+
+/// FNV-1a, 32 bits: a stable short hash for names and label values (not for security).
+pub fn short_hash(parts: &[&str]) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h ^= 0xff;
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        for b in part.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    format!("{h:08x}")
+}
+
+/// `s` as a label value: itself when it is one (at most 63 characters), else its first
+/// characters and a hash, so distinct inputs stay distinct.
+pub fn label_value(s: &str) -> String {
+    if s.len() <= 63 {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(54).collect();
+    let head = head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{head}-{}", short_hash(&[s]))
+}
+
+/// The value of [`NODE_LABEL`] for a node: runners select their assignments with it.
+pub fn node_label_value(node: &str) -> String {
+    label_value(node)
+}
+
+/// A DNS-subdomain name made of `base` and a hash of `hash_of`, at most 253 characters.
+fn bounded_name(base: &str, hash_of: &[&str]) -> String {
+    let hash = short_hash(hash_of);
+    let head: String = base.chars().take(253 - 1 - hash.len()).collect();
+    let head = head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{head}-{hash}")
+}
+
+/// The name of the assignment of a job on a node: `<job>-<node>-<hash>`; the hash (of kind,
+/// namespace, job and node) keeps names of different pairs apart.
+pub fn assignment_name(job: &JobRef, node: &str) -> String {
+    bounded_name(
+        &format!("{}-{node}", job.name),
+        &[
+            &job.kind,
+            job.namespace.as_deref().unwrap_or(""),
+            &job.name,
+            node,
+        ],
+    )
+}
+
+/// The name of a job's TraceResult: the job's name for a TraceJob (same namespace), and
+/// `cluster.<name>` for a ClusterTraceJob (in the operator's namespace).
+pub fn result_name(job: &JobRef) -> String {
+    match job.namespace {
+        Some(_) => job.name.clone(),
+        None if job.name.len() + 8 <= 253 => format!("cluster.{}", job.name),
+        None => bounded_name(&format!("cluster.{}", job.name), &[&job.name]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(kind: &str, ns: Option<&str>, name: &str) -> JobRef {
+        JobRef {
+            kind: kind.into(),
+            name: name.into(),
+            namespace: ns.map(Into::into),
+            uid: "u".into(),
+        }
+    }
+
+    #[test]
+    fn names_are_distinct_where_plain_concatenation_collides() {
+        let a = assignment_name(&job("TraceJob", Some("ns"), "a-b"), "c");
+        let b = assignment_name(&job("TraceJob", Some("ns"), "a"), "b-c");
+        assert_ne!(a, b);
+        assert!(a.starts_with("a-b-c-"));
+        let c = assignment_name(&job("ClusterTraceJob", None, "a-b"), "c");
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn long_names_are_bounded_and_valid() {
+        let node = format!("{}.example.internal", "n".repeat(230));
+        let name = assignment_name(&job("TraceJob", Some("ns"), &"j".repeat(200)), &node);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        );
+        assert!(!name.contains(".-") && !name.contains("-."));
+        let v = node_label_value(&node);
+        assert!(v.len() <= 63, "{v}");
+        assert_ne!(v, node_label_value(&format!("{node}x")));
+        assert_eq!(node_label_value("node-1"), "node-1");
+    }
+
+    #[test]
+    fn cluster_results_live_under_a_prefix() {
+        assert_eq!(result_name(&job("TraceJob", Some("shop"), "web")), "web");
+        assert_eq!(
+            result_name(&job("ClusterTraceJob", None, "web")),
+            "cluster.web"
+        );
+        assert!(result_name(&job("ClusterTraceJob", None, &"w".repeat(253))).len() <= 253);
+    }
+}

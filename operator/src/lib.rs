@@ -1,1 +1,22 @@
-//! Fathom's operator.
+//! Fathom's operator: reconciles TraceJobs and ClusterTraceJobs into per-node
+//! TraceAssignments, keeps their status and results, and cleans up.
+//!
+//! - [`plan`]: (job, nodes, pods) → nodes and pods, a pure function;
+//! - [`lifecycle`]: (job, plan, assignments, now) → status, writes, events; pure;
+//! - [`reconcile`]: the I/O around them (server-side apply, finalizers, events);
+//! - [`controller`]: the kube-runtime controllers, caches and watches;
+//! - [`leader`]: leader election with a coordination Lease;
+//! - [`http`], [`metrics`]: `/metrics`, `/healthz`, `/readyz`;
+//! - [`config`]: flags and environment.
+
+pub mod config;
+pub mod controller;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+
+pub use error::{Error, Result};

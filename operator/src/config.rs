@@ -1,0 +1,134 @@
+//! Flags and environment of `fathom-operator`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::Toleration;
+
+use crate::{
+    lifecycle::{CleanupSettings, Settings},
+    plan::daemonset_default_tolerations,
+    reconcile::ReconcileConfig,
+};
+
+/// Fathom's operator: turns TraceJobs and ClusterTraceJobs into per-node TraceAssignments.
+#[derive(Parser, Debug)]
+#[command(name = "fathom-operator", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator (the default).
+    Run,
+    /// Print the CRDs as YAML, or write one file per CRD into a directory.
+    Crd {
+        /// Write `<name>.yaml` files here instead of printing (e.g. crds/generated).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// How the operator runs.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Namespace of the operator: ClusterTraceJobs' assignments and results go here, and the
+    /// leader Lease lives here.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fathom-system")]
+    pub namespace: String,
+    /// This replica's identity in the leader Lease.
+    #[arg(long, env = "POD_NAME", default_value = "fathom-operator")]
+    pub identity: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "FATHOM_LEASE_NAME",
+        default_value = "fathom-operator-leader"
+    )]
+    pub lease_name: String,
+    /// Seconds a leader Lease is valid without renewal.
+    #[arg(long, env = "FATHOM_LEASE_SECONDS", default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "FATHOM_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Extra tolerations of the runner DaemonSet, as a JSON list of Kubernetes tolerations
+    /// (the DaemonSet controller's own are always included).
+    #[arg(long, env = "FATHOM_RUNNER_TOLERATIONS", default_value = "[]")]
+    pub runner_tolerations: String,
+    /// Seconds to wait after a job's deadline for nodes' final reports.
+    #[arg(long, env = "FATHOM_GRACE_SECONDS", default_value_t = 30)]
+    pub grace_seconds: u64,
+    /// Seconds an assignment of a node that is gone or not Ready may hold a deletion.
+    #[arg(long, env = "FATHOM_LOST_NODE_SECONDS", default_value_t = 60)]
+    pub lost_node_seconds: u64,
+    /// Seconds an assignment of a Ready node may hold a deletion before the operator gives
+    /// up on its runner.
+    #[arg(long, env = "FATHOM_STUCK_SECONDS", default_value_t = 600)]
+    pub stuck_seconds: u64,
+    /// Seconds between two looks at every job even if nothing changed.
+    #[arg(long, env = "FATHOM_RESYNC_SECONDS", default_value_t = 300)]
+    pub resync_seconds: u64,
+    /// Milliseconds the controller waits to merge bursts of triggers for one job.
+    #[arg(long, env = "FATHOM_DEBOUNCE_MS", default_value_t = 500)]
+    pub debounce_ms: u64,
+}
+
+impl RunArgs {
+    /// The reconciler's configuration, or why the flags are wrong.
+    pub fn reconcile_config(&self) -> Result<ReconcileConfig, String> {
+        let extra: Vec<Toleration> = serde_json::from_str(&self.runner_tolerations)
+            .map_err(|e| format!("--runner-tolerations is not a JSON list of tolerations: {e}"))?;
+        let mut tolerations = daemonset_default_tolerations();
+        tolerations.extend(extra);
+        Ok(ReconcileConfig {
+            operator_namespace: self.namespace.clone(),
+            runner_tolerations: tolerations,
+            lifecycle: Settings {
+                grace_period: Duration::from_secs(self.grace_seconds),
+            },
+            cleanup: CleanupSettings {
+                lost_node_timeout: Duration::from_secs(self.lost_node_seconds),
+                stuck_timeout: Duration::from_secs(self.stuck_seconds),
+            },
+            resync: Duration::from_secs(self.resync_seconds.max(1)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tolerations_flag_adds_to_the_daemonset_defaults() {
+        let cli = Cli::parse_from([
+            "fathom-operator",
+            "--runner-tolerations",
+            r#"[{"key":"dedicated","operator":"Equal","value":"gpu","effect":"NoSchedule"}]"#,
+        ]);
+        let c = cli.run.reconcile_config().expect("valid");
+        assert_eq!(
+            c.runner_tolerations.len(),
+            daemonset_default_tolerations().len() + 1
+        );
+        let bad = Cli::parse_from(["fathom-operator", "--runner-tolerations", "nope"]);
+        assert!(
+            bad.run
+                .reconcile_config()
+                .unwrap_err()
+                .contains("--runner-tolerations")
+        );
+    }
+}

@@ -1,0 +1,967 @@
+//! The reconciler: reads a job, its assignments and the cluster caches, asks
+//! [`lifecycle::decide`] what to do, and writes only what differs.
+//!
+//! Writes: server-side apply under the field manager [`MANAGER`] for assignments, results
+//! and status; a merge patch guarded by `resourceVersion` for finalizers; deletes for stale
+//! assignments. Reconciling an unchanged job makes no mutating call.
+
+use std::{collections::BTreeMap, fmt::Debug, sync::Arc, time::Duration};
+
+use fathom_crds::{
+    ClusterTraceJob, TraceAssignment, TraceAssignmentSpec, TraceJob, TraceJobSpec, TraceJobStatus,
+    TraceResult, TraceResultSpec, TraceResultStatus,
+    assignment::{
+        DETACH_FINALIZER, JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_UID_LABEL, JobRef, NODE_LABEL,
+        assignment_name, label_value, node_label_value, result_name,
+    },
+    job::{JobPhase, ResultRef},
+    result::{ResultData, Totals},
+};
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        batch::v1::Job,
+        core::v1::{Node, ObjectReference, Pod, Toleration},
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference, Time},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    core::Selector,
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::Store,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    error::{Error, Result},
+    lifecycle::{
+        self, AssignmentPlan, CleanupSettings, Decision, Intent, JobEvent, Settings, Snapshot,
+    },
+    metrics::Metrics,
+    plan::{ClusterView, PlanInput, Targets, plan_assignments},
+};
+
+/// The field manager of every write the operator makes.
+pub const MANAGER: &str = "fathom-operator";
+/// The finalizer the operator puts on jobs: held until every assignment is gone.
+pub const JOB_FINALIZER: &str = "fathom.dev/cleanup";
+
+/// A TraceJob or a ClusterTraceJob.
+pub trait JobObject:
+    Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    const KIND: &'static str;
+    fn trace(&self) -> &TraceJobSpec;
+    fn job_status(&self) -> Option<&TraceJobStatus>;
+    /// The API of this kind, in `namespace` for a TraceJob.
+    fn api(client: Client, namespace: Option<&str>) -> Api<Self>;
+    fn is_cluster() -> bool;
+}
+
+impl JobObject for TraceJob {
+    const KIND: &'static str = "TraceJob";
+    fn trace(&self) -> &TraceJobSpec {
+        &self.spec.0
+    }
+    fn job_status(&self) -> Option<&TraceJobStatus> {
+        self.status.as_ref()
+    }
+    fn api(client: Client, namespace: Option<&str>) -> Api<Self> {
+        Api::namespaced(client, namespace.unwrap_or("default"))
+    }
+    fn is_cluster() -> bool {
+        false
+    }
+}
+
+impl JobObject for ClusterTraceJob {
+    const KIND: &'static str = "ClusterTraceJob";
+    fn trace(&self) -> &TraceJobSpec {
+        &self.spec.0
+    }
+    fn job_status(&self) -> Option<&TraceJobStatus> {
+        self.status.as_ref()
+    }
+    fn api(client: Client, _namespace: Option<&str>) -> Api<Self> {
+        Api::all(client)
+    }
+    fn is_cluster() -> bool {
+        true
+    }
+}
+
+/// Where "now" comes from: the wall clock, or a test's hand.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+/// The wall clock, to the second (the precision of Kubernetes timestamps).
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+}
+
+/// How the reconciler behaves.
+#[derive(Clone, Debug)]
+pub struct ReconcileConfig {
+    /// Where assignments and results of ClusterTraceJobs go.
+    pub operator_namespace: String,
+    /// The runner DaemonSet's tolerations (the DaemonSet controller's defaults included).
+    pub runner_tolerations: Vec<Toleration>,
+    pub lifecycle: Settings,
+    pub cleanup: CleanupSettings,
+    /// Look at every job at least this often.
+    pub resync: Duration,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            operator_namespace: "fathom-system".into(),
+            runner_tolerations: crate::plan::daemonset_default_tolerations(),
+            lifecycle: Settings::default(),
+            cleanup: CleanupSettings::default(),
+            resync: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Publishes Kubernetes Events.
+pub trait EventSink: Send + Sync {
+    fn publish<'a>(
+        &'a self,
+        event: Event,
+        reference: ObjectReference,
+    ) -> futures::future::BoxFuture<'a, Result<(), kube::Error>>;
+}
+
+impl EventSink for Recorder {
+    fn publish<'a>(
+        &'a self,
+        event: Event,
+        reference: ObjectReference,
+    ) -> futures::future::BoxFuture<'a, Result<(), kube::Error>> {
+        Box::pin(async move { Recorder::publish(self, &event, &reference).await })
+    }
+}
+
+/// What a reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub config: ReconcileConfig,
+    pub events: Box<dyn EventSink>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Context {
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn node_ready(&self, name: &str) -> bool {
+        self.nodes
+            .get(&kube::runtime::reflector::ObjectRef::new(name))
+            .is_some_and(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+    }
+}
+
+/// Reconciles one job: the entry point for the controller and the tests.
+pub async fn reconcile<K: JobObject>(job: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let span = info_span!(
+        "reconcile",
+        kind = K::KIND,
+        job = %job.name_any(),
+        namespace = job.namespace().unwrap_or_default(),
+    );
+    let result = reconcile_job(job.as_ref(), &ctx).instrument(span).await;
+    ctx.metrics.reconciled(K::KIND, started.elapsed());
+    if let Err(e) = &result {
+        ctx.metrics.failed(K::KIND, e.category());
+    }
+    result
+}
+
+/// What the controller does after a failed reconcile: retry soon, and say why.
+pub fn error_policy<K: JobObject>(job: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(kind = K::KIND, job = %job.name_any(), category = error.category(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(if error.category() == "Conflict" {
+        1
+    } else {
+        10
+    }))
+}
+
+struct JobIds {
+    name: String,
+    namespace: Option<String>,
+    uid: String,
+    generation: i64,
+    job_ref: JobRef,
+    assign_ns: String,
+}
+
+fn ids<K: JobObject>(job: &K, ctx: &Context) -> Result<JobIds> {
+    let name = job
+        .meta()
+        .name
+        .clone()
+        .ok_or_else(|| Error::MissingField(K::KIND.into(), "metadata.name"))?;
+    let namespace = if K::is_cluster() {
+        None
+    } else {
+        Some(job.meta().namespace.clone().ok_or_else(|| {
+            Error::MissingField(format!("{} {name}", K::KIND), "metadata.namespace")
+        })?)
+    };
+    let uid = job
+        .meta()
+        .uid
+        .clone()
+        .ok_or_else(|| Error::MissingField(format!("{} {name}", K::KIND), "metadata.uid"))?;
+    let assign_ns = namespace
+        .clone()
+        .unwrap_or_else(|| ctx.config.operator_namespace.clone());
+    Ok(JobIds {
+        job_ref: JobRef {
+            kind: K::KIND.into(),
+            name: name.clone(),
+            namespace: namespace.clone(),
+            uid: uid.clone(),
+        },
+        generation: job.meta().generation.unwrap_or(0),
+        name,
+        namespace,
+        uid,
+        assign_ns,
+    })
+}
+
+async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
+    let id = ids(job, ctx)?;
+    let assignments_api: Api<TraceAssignment> = Api::namespaced(ctx.client.clone(), &id.assign_ns);
+    let existing = assignments_api
+        .list(&ListParams::default().labels(&format!("{JOB_UID_LABEL}={}", id.uid)))
+        .await
+        .map_err(|e| Error::api("listing the job's TraceAssignments", e))?
+        .items;
+
+    if job.meta().deletion_timestamp.is_some() {
+        return finalize(job, &id, existing, ctx).await;
+    }
+
+    // The finalizer goes on before the first assignment exists.
+    let has_finalizer = job.finalizers().iter().any(|f| f == JOB_FINALIZER);
+    if !has_finalizer {
+        let mut finalizers = job.finalizers().to_vec();
+        finalizers.push(JOB_FINALIZER.to_string());
+        K::api(ctx.client.clone(), id.namespace.as_deref())
+            .patch(
+                &id.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {
+                    "finalizers": finalizers,
+                    "resourceVersion": job.resource_version(),
+                }})),
+            )
+            .await
+            .map_err(|e| Error::api("adding the job's finalizer", e))?;
+        ctx.metrics.wrote("patch", K::KIND);
+    }
+
+    let spec = job.trace();
+    let now = ctx.now();
+    let result_ref = ResultRef {
+        name: result_name(&id.job_ref),
+        namespace: id.assign_ns.clone(),
+    };
+    let snapshot = Snapshot {
+        generation: id.generation,
+        status: job.job_status(),
+        suspend: spec.suspend == Some(true),
+        dry_run: spec.dry_run == Some(true),
+        ttl_seconds_after_finished: spec.ttl_seconds_after_finished,
+        result_ref: result_ref.clone(),
+    };
+
+    let nodes = ctx.nodes.state();
+    let pods = ctx.pods.state();
+    let view = ClusterView::new(
+        nodes.iter().map(|n| n.as_ref()),
+        pods.iter().map(|p| p.as_ref()),
+        &ctx.config.runner_tolerations,
+    );
+    let workload = resolve_workload::<K>(spec, id.namespace.as_deref(), ctx).await?;
+    let intent = intent::<K>(spec, id.namespace.as_deref(), workload, &view);
+    let decision = lifecycle::decide(&snapshot, intent, &existing, now, &ctx.config.lifecycle);
+    debug!(phase = ?decision.status.phase, run = ?decision.status.run, "decided");
+
+    let mut requeue = Some(ctx.config.resync);
+    let run = decision.status.run.unwrap_or(1);
+    if let AssignmentPlan::Set {
+        desired,
+        suspend,
+        deadline,
+    } = &decision.assignments
+    {
+        let wanted: Vec<TraceAssignment> = desired
+            .iter()
+            .map(|d| build_assignment::<K>(&id, spec, run, d, *suspend, deadline.clone()))
+            .collect();
+        let r = sync_assignments(&assignments_api, &existing, &wanted, ctx).await?;
+        requeue = min_duration(requeue, r);
+    }
+
+    sync_result::<K>(job, &id, &decision, &existing, ctx).await?;
+
+    let old_status = job.job_status().cloned().unwrap_or_default();
+    if decision.status != old_status {
+        write_status::<K>(&id, &decision.status, ctx).await?;
+    }
+    publish_events::<K>(job, &decision.events, ctx).await;
+    let phase = decision.status.phase;
+    let active = matches!(phase, Some(JobPhase::Pending | JobPhase::Running));
+    let assigned = match &decision.assignments {
+        AssignmentPlan::Set { desired, .. } if active => desired.len() as i64,
+        _ => 0,
+    };
+    ctx.metrics
+        .job_state(&id.uid, Some((K::KIND, active, assigned)));
+
+    if decision.delete_job {
+        info!("ttlSecondsAfterFinished ran out: deleting the job");
+        match K::api(ctx.client.clone(), id.namespace.as_deref())
+            .delete(&id.name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => ctx.metrics.wrote("delete", K::KIND),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(Error::api("deleting the finished job (TTL)", e)),
+        }
+        return Ok(Action::await_change());
+    }
+    requeue = min_duration(requeue, decision.requeue_after);
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+fn min_duration(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// The selector of `spec.targetRef`'s workload: Ok(None) without targetRef, Err(message)
+/// when the workload cannot be read.
+type Workload = Option<Result<LabelSelector, String>>;
+
+async fn resolve_workload<K: JobObject>(
+    spec: &TraceJobSpec,
+    namespace: Option<&str>,
+    ctx: &Context,
+) -> Result<Workload> {
+    let (Some(target), Some(ns)) = (&spec.target_ref, namespace) else {
+        return Ok(None);
+    };
+    async fn selector_of<W>(
+        api: Api<W>,
+        name: &str,
+        get: fn(&W) -> Option<LabelSelector>,
+    ) -> Result<Workload>
+    where
+        W: Resource + Clone + DeserializeOwned + Debug,
+    {
+        match api.get_opt(name).await {
+            Ok(Some(w)) => Ok(Some(
+                get(&w).ok_or_else(|| "the workload has no selector".to_string()),
+            )),
+            Ok(None) => Ok(Some(Err("not found".into()))),
+            Err(e) => Err(Error::api(format!("reading the workload {name}"), e)),
+        }
+    }
+    let c = ctx.client.clone();
+    let name = target.name.as_str();
+    match target.kind.as_str() {
+        "Deployment" => {
+            selector_of(Api::<Deployment>::namespaced(c, ns), name, |w| {
+                w.spec.as_ref().map(|s| s.selector.clone())
+            })
+            .await
+        }
+        "StatefulSet" => {
+            selector_of(Api::<StatefulSet>::namespaced(c, ns), name, |w| {
+                w.spec.as_ref().map(|s| s.selector.clone())
+            })
+            .await
+        }
+        "DaemonSet" => {
+            selector_of(Api::<DaemonSet>::namespaced(c, ns), name, |w| {
+                w.spec.as_ref().map(|s| s.selector.clone())
+            })
+            .await
+        }
+        "Job" => {
+            selector_of(Api::<Job>::namespaced(c, ns), name, |w| {
+                w.spec.as_ref().and_then(|s| s.selector.clone())
+            })
+            .await
+        }
+        // An unknown kind fails validation before targets matter.
+        _ => Ok(None),
+    }
+}
+
+/// Turns a spec into what the lifecycle works with: errors, a rejection, or a plan.
+pub fn intent<'a, K: JobObject>(
+    spec: &TraceJobSpec,
+    namespace: Option<&str>,
+    workload: Workload,
+    view: &'a ClusterView<'a>,
+) -> Intent<'a> {
+    admit(spec, namespace, K::is_cluster(), workload, view)
+}
+
+/// The operator's admission of a spec: the shared validation, then what only a cluster can
+/// check (scope of the kind, selectors, the workload), then the plan.
+pub fn admit<'a>(
+    spec: &TraceJobSpec,
+    namespace: Option<&str>,
+    cluster: bool,
+    workload: Workload,
+    view: &'a ClusterView<'a>,
+) -> Intent<'a> {
+    let checked = match spec.validate() {
+        Ok(c) => c,
+        Err(errors) => return Intent::Invalid(errors),
+    };
+    let targets = match (&spec.pod_selector, &spec.target_ref) {
+        (Some(_), Some(_)) => {
+            return Intent::Rejected(
+                "InvalidSpec",
+                "spec.podSelector and spec.targetRef are both set; set one".into(),
+            );
+        }
+        (None, None) if !cluster => {
+            return Intent::Rejected(
+                "NodeWideNeedsClusterTraceJob",
+                "a TraceJob traces only pods of its namespace: set spec.podSelector or spec.targetRef; tracing whole nodes needs a ClusterTraceJob".into(),
+            );
+        }
+        (None, None) => Targets::NodeWide,
+        (Some(sel), None) => match Selector::try_from(sel.clone()) {
+            Ok(s) => Targets::Pods(s),
+            Err(e) => {
+                return Intent::Rejected("InvalidSelector", format!("spec.podSelector: {e}"));
+            }
+        },
+        (None, Some(t)) if cluster => {
+            return Intent::Rejected(
+                "TargetRefNeedsNamespace",
+                format!(
+                    "spec.targetRef names a {} of a namespace: use a TraceJob in that namespace, or a podSelector",
+                    t.kind
+                ),
+            );
+        }
+        (None, Some(t)) => match workload {
+            Some(Ok(sel)) => match Selector::try_from(sel) {
+                Ok(s) => Targets::Pods(s),
+                Err(e) => {
+                    return Intent::Rejected(
+                        "InvalidSelector",
+                        format!("the selector of {} {}: {e}", t.kind, t.name),
+                    );
+                }
+            },
+            Some(Err(why)) => {
+                return Intent::Waiting("TargetNotFound", format!("{} {}: {why}", t.kind, t.name));
+            }
+            None => {
+                return Intent::Waiting(
+                    "TargetNotFound",
+                    format!("{} {}: not looked up", t.kind, t.name),
+                );
+            }
+        },
+    };
+    let input = PlanInput {
+        namespace: if cluster { None } else { namespace },
+        node_selector: spec.node_selector.as_ref(),
+        targets,
+    };
+    Intent::Planned {
+        plan: plan_assignments(&input, view),
+        probe: checked.probe.display_name(),
+        duration: checked.duration,
+    }
+}
+
+fn owner_reference<K: JobObject>(id: &JobIds) -> OwnerReference {
+    OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::KIND.into(),
+        name: id.name.clone(),
+        uid: id.uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn labels(id: &JobIds, node: Option<&str>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (JOB_UID_LABEL.to_string(), id.uid.clone()),
+        (JOB_NAME_LABEL.to_string(), label_value(&id.name)),
+        (JOB_KIND_LABEL.to_string(), id.job_ref.kind.clone()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+    ]);
+    if let Some(node) = node {
+        l.insert(NODE_LABEL.to_string(), node_label_value(node));
+    }
+    l
+}
+
+fn build_assignment<K: JobObject>(
+    id: &JobIds,
+    spec: &TraceJobSpec,
+    run: i64,
+    d: &lifecycle::Desired,
+    suspend: bool,
+    deadline: Option<Time>,
+) -> TraceAssignment {
+    let name = assignment_name(&id.job_ref, &d.node);
+    let mut a = TraceAssignment::new(
+        &name,
+        TraceAssignmentSpec {
+            job: id.job_ref.clone(),
+            run,
+            node_name: d.node.clone(),
+            trace: spec.clone(),
+            node_wide: d.node_wide,
+            target_pods: d.target_pods.clone(),
+            deadline,
+            suspend,
+        },
+    );
+    a.metadata.namespace = Some(id.assign_ns.clone());
+    a.metadata.labels = Some(labels(id, Some(&d.node)));
+    a.metadata.owner_references = Some(vec![owner_reference::<K>(id)]);
+    a.metadata.finalizers = Some(vec![DETACH_FINALIZER.to_string()]);
+    a
+}
+
+/// Whether `existing` already is what `wanted` asks for (so no write is needed).
+fn up_to_date(existing: &TraceAssignment, wanted: &TraceAssignment) -> bool {
+    let has = |l: &Option<BTreeMap<String, String>>, k: &str, v: &str| {
+        l.as_ref().and_then(|m| m.get(k)).map(String::as_str) == Some(v)
+    };
+    existing.spec == wanted.spec
+        && wanted
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .all(|(k, v)| has(&existing.metadata.labels, k, v))
+        && existing
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| {
+                wanted
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|w| w.uid == o.uid && o.controller == Some(true))
+            })
+        && existing
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == DETACH_FINALIZER)
+}
+
+/// Applies what is missing or different, deletes what is not wanted, and releases
+/// terminating assignments whose node is gone after the timeout.
+async fn sync_assignments(
+    api: &Api<TraceAssignment>,
+    existing: &[TraceAssignment],
+    wanted: &[TraceAssignment],
+    ctx: &Context,
+) -> Result<Option<Duration>> {
+    let by_name: BTreeMap<&str, &TraceAssignment> = existing
+        .iter()
+        .filter_map(|a| a.metadata.name.as_deref().map(|n| (n, a)))
+        .collect();
+    for w in wanted {
+        let name = w.metadata.name.as_deref().unwrap_or_default();
+        match by_name.get(name) {
+            Some(e) if e.metadata.deletion_timestamp.is_some() => {
+                // Still detaching from an earlier removal; re-created once it is gone.
+                continue;
+            }
+            Some(e) if up_to_date(e, w) => continue,
+            _ => {}
+        }
+        api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(w))
+            .await
+            .map_err(|e| Error::api(format!("applying TraceAssignment {name}"), e))?;
+        ctx.metrics.wrote("apply", "TraceAssignment");
+        debug!(assignment = name, node = %w.spec.node_name, "applied");
+    }
+    let wanted_names: Vec<&str> = wanted
+        .iter()
+        .filter_map(|w| w.metadata.name.as_deref())
+        .collect();
+    let stale: Vec<TraceAssignment> = existing
+        .iter()
+        .filter(|e| !wanted_names.contains(&e.metadata.name.as_deref().unwrap_or_default()))
+        .cloned()
+        .collect();
+    remove_assignments(api, &stale, ctx).await
+}
+
+/// Deletes assignments and releases the terminating ones that may be released; returns when
+/// to look again if some are still detaching.
+async fn remove_assignments(
+    api: &Api<TraceAssignment>,
+    assignments: &[TraceAssignment],
+    ctx: &Context,
+) -> Result<Option<Duration>> {
+    if assignments.is_empty() {
+        return Ok(None);
+    }
+    let step = lifecycle::decide_cleanup(
+        assignments,
+        |n| ctx.node_ready(n),
+        ctx.now(),
+        &ctx.config.cleanup,
+    );
+    for name in &step.delete {
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => ctx.metrics.wrote("delete", "TraceAssignment"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(Error::api(format!("deleting TraceAssignment {name}"), e)),
+        }
+        debug!(assignment = %name, "deleted");
+    }
+    for name in &step.release {
+        let Some(a) = assignments
+            .iter()
+            .find(|a| a.metadata.name.as_deref() == Some(name.as_str()))
+        else {
+            continue;
+        };
+        let keep: Vec<&String> = a
+            .finalizers()
+            .iter()
+            .filter(|f| *f != DETACH_FINALIZER)
+            .collect();
+        warn!(assignment = %name, node = %a.spec.node_name, "node did not confirm detaching in time: releasing its assignment");
+        match api
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {
+                    "finalizers": keep,
+                    "resourceVersion": a.resource_version(),
+                }})),
+            )
+            .await
+        {
+            Ok(_) => ctx.metrics.wrote("patch", "TraceAssignment"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(Error::api(
+                    format!("releasing TraceAssignment {name} of a lost node"),
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(step.requeue_after)
+}
+
+/// The job is being deleted: delete its assignments, wait for runners to detach (or the
+/// timeouts), write the final status, then let the job go.
+async fn finalize<K: JobObject>(
+    job: &K,
+    id: &JobIds,
+    existing: Vec<TraceAssignment>,
+    ctx: &Context,
+) -> Result<Action> {
+    ctx.metrics.job_state(&id.uid, None);
+    if !job.finalizers().iter().any(|f| f == JOB_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let api: Api<TraceAssignment> = Api::namespaced(ctx.client.clone(), &id.assign_ns);
+    let step = lifecycle::decide_cleanup(
+        &existing,
+        |n| ctx.node_ready(n),
+        ctx.now(),
+        &ctx.config.cleanup,
+    );
+    let requeue = remove_assignments(&api, &existing, ctx).await?;
+
+    let old = job.job_status().cloned().unwrap_or_default();
+    let mut status = old.clone();
+    let (message, ready_reason) = if step.done {
+        ("deleted: every node has detached".to_string(), "Deleted")
+    } else {
+        let mut nodes = step.waiting.clone();
+        if nodes.is_empty() {
+            nodes = existing.iter().map(|a| a.spec.node_name.clone()).collect();
+            nodes.sort();
+        }
+        (
+            format!(
+                "deleting: waiting for {} node(s) to detach: {}",
+                existing.len(),
+                nodes
+                    .iter()
+                    .take(lifecycle::LIST_LIMIT)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "Deleting",
+        )
+    };
+    status.message = Some(message.clone());
+    let mut conditions: Vec<_> = old
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != lifecycle::READY)
+        .cloned()
+        .collect();
+    conditions.insert(
+        0,
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: lifecycle::READY.into(),
+            status: "False".into(),
+            reason: ready_reason.into(),
+            message,
+            observed_generation: Some(id.generation),
+            last_transition_time: Time(ctx.now()),
+        },
+    );
+    status.conditions = lifecycle::merge_conditions(&old.conditions, conditions);
+    if status != old {
+        // The final status is written before the finalizer goes.
+        match write_status::<K>(id, &status, ctx).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => return Ok(Action::await_change()),
+            Err(e) => return Err(e),
+        }
+    }
+    if !step.done {
+        return Ok(requeue.map_or_else(|| Action::requeue(Duration::from_secs(5)), Action::requeue));
+    }
+    let keep: Vec<&String> = job
+        .finalizers()
+        .iter()
+        .filter(|f| *f != JOB_FINALIZER)
+        .collect();
+    match K::api(ctx.client.clone(), id.namespace.as_deref())
+        .patch(
+            &id.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": keep}})),
+        )
+        .await
+    {
+        Ok(_) => ctx.metrics.wrote("patch", K::KIND),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(Error::api("removing the job's finalizer", e)),
+    }
+    info!("every node detached: finalizer removed");
+    Ok(Action::await_change())
+}
+
+async fn write_status<K: JobObject>(
+    id: &JobIds,
+    status: &TraceJobStatus,
+    ctx: &Context,
+) -> Result<()> {
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::KIND,
+        "status": status,
+    });
+    K::api(ctx.client.clone(), id.namespace.as_deref())
+        .patch_status(
+            &id.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| Error::api("writing the job's status", e))?;
+    ctx.metrics.wrote("apply-status", K::KIND);
+    Ok(())
+}
+
+/// Keeps the job's TraceResult: created with the job, its totals summed from the runners'
+/// counters of the current run. (Rows come from the collector's merged reports.)
+async fn sync_result<K: JobObject>(
+    job: &K,
+    id: &JobIds,
+    decision: &Decision,
+    assignments: &[TraceAssignment],
+    ctx: &Context,
+) -> Result<()> {
+    let Some(run) = decision.status.run else {
+        return Ok(());
+    };
+    let name = result_name(&id.job_ref);
+    let api: Api<TraceResult> = Api::namespaced(ctx.client.clone(), &id.assign_ns);
+    let existing = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| Error::api(format!("reading TraceResult {name}"), e))?;
+    let mut wanted = TraceResult::new(
+        &name,
+        TraceResultSpec {
+            job: id.job_ref.clone(),
+        },
+    );
+    wanted.metadata.namespace = Some(id.assign_ns.clone());
+    wanted.metadata.labels = Some(labels(id, None));
+    wanted.metadata.owner_references = Some(vec![owner_reference::<K>(id)]);
+    let needs_object = match &existing {
+        None => true,
+        Some(e) => e.spec != wanted.spec || !e.owner_references().iter().any(|o| o.uid == id.uid),
+    };
+    if needs_object {
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&wanted),
+        )
+        .await
+        .map_err(|e| Error::api(format!("applying TraceResult {name}"), e))?;
+        ctx.metrics.wrote("apply", "TraceResult");
+    }
+
+    let mut totals = Totals::default();
+    let mut nodes = 0u32;
+    let mut updated: Option<Time> = None;
+    for a in assignments.iter().filter(|a| a.spec.run == run) {
+        let Some(s) = a.status.as_ref().filter(|s| s.run == Some(run)) else {
+            continue;
+        };
+        nodes += 1;
+        let c = &s.counters;
+        totals.hits += c.hits;
+        totals.distinct_keys += c.distinct_keys;
+        totals.events_emitted += c.events_emitted;
+        totals.events_delivered += c.events_delivered;
+        totals.events_lost += c.events_lost;
+        totals.events_dropped += c.events_dropped;
+        totals.map_full += c.map_full;
+        totals.rate_limited += c.rate_limited;
+        totals.stack_errors += c.stack_errors;
+        totals.unpaired += c.unpaired;
+        totals.filtered += c.filtered;
+        if let Some(t) = &s.last_report_time
+            && updated.as_ref().is_none_or(|u| u.0 < t.0)
+        {
+            updated = Some(t.clone());
+        }
+    }
+    let old = existing.as_ref().and_then(|e| e.status.clone());
+    let mut data = old
+        .as_ref()
+        .filter(|o| o.run == Some(run))
+        .map(|o| o.data.clone())
+        .unwrap_or_else(|| ResultData {
+            probe: decision.status.probe.clone().unwrap_or_default(),
+            value: job
+                .trace()
+                .aggregate
+                .as_ref()
+                .and_then(|a| a.value.clone())
+                .unwrap_or_else(|| "count".into()),
+            keys: job
+                .trace()
+                .aggregate
+                .as_ref()
+                .map(|a| a.by.clone())
+                .unwrap_or_default(),
+            ..Default::default()
+        });
+    data.totals = totals;
+    fathom_crds::trace_result::bound_result(&mut data, fathom_crds::trace_result::MAX_RESULT_BYTES);
+    let status = TraceResultStatus {
+        run: Some(run),
+        rows: data.rows.len() as u64,
+        total: data.totals.hits,
+        updated: updated.or_else(|| old.as_ref().and_then(|o| o.updated.clone())),
+        nodes,
+        data,
+    };
+    if old.as_ref() != Some(&status) {
+        api.patch_status(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": TraceResult::api_version(&()),
+                "kind": "TraceResult",
+                "status": status,
+            })),
+        )
+        .await
+        .map_err(|e| Error::api(format!("writing TraceResult {name} status"), e))?;
+        ctx.metrics.wrote("apply-status", "TraceResult");
+    }
+    Ok(())
+}
+
+async fn publish_events<K: JobObject>(job: &K, events: &[JobEvent], ctx: &Context) {
+    if events.is_empty() {
+        return;
+    }
+    let reference = job.object_ref(&());
+    for e in events {
+        let event = Event {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.to_string(),
+            note: Some(e.note.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match ctx.events.publish(event, reference.clone()).await {
+            Ok(()) => ctx.metrics.wrote("create", "Event"),
+            // An event is best effort: the status says the same.
+            Err(err) => warn!(%err, reason = e.reason, "could not publish event"),
+        }
+    }
+}
