@@ -261,9 +261,9 @@ pub fn spec_rules() -> Vec<SpecRule> {
         rule: format!(
             "{} || {}",
             by_has("k.trim() in ['ret', 'retval']"),
-            has_any(&["kretprobe", "uretprobe", "fexit"])
+            has_any(&["kretprobe", "uretprobe", "fexit", "tracepoint", "catalog"])
         ),
-        message: "ret is a return value: use a kretprobe, fexit or uretprobe".into(),
+        message: "ret is a return value (or a tracepoint field): use a kretprobe, fexit, uretprobe or a tracepoint with a ret field".into(),
         field_path: Some(".aggregate.by"),
     });
     rules.push(SpecRule {

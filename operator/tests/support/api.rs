@@ -363,7 +363,12 @@ impl MemoryApi {
                     }
                 }
             }
-            for f in ["uid", "creationTimestamp", "deletionTimestamp", "generation"] {
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "generation",
+            ] {
                 match old["metadata"].get(f) {
                     Some(v) => obj["metadata"][f] = v.clone(),
                     None => {
@@ -426,7 +431,10 @@ impl MemoryApi {
             return;
         };
         state.applied.retain(|(k, _, _), _| k != key);
-        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+        let uid = obj["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let dependents: Vec<Key> = state
             .objects
             .iter()
@@ -468,7 +476,11 @@ impl MemoryApi {
         let slot = (key.clone(), manager, status);
         let Some(current) = state.objects.get(&key).cloned() else {
             if status {
-                return Err(status_error(404, "NotFound", format!("{} \"{}\" not found", key.plural, key.name)));
+                return Err(status_error(
+                    404,
+                    "NotFound",
+                    format!("{} \"{}\" not found", key.plural, key.name),
+                ));
             }
             let created = self.create(state, key, config.clone())?;
             state.applied.insert(slot, config);
@@ -483,7 +495,14 @@ impl MemoryApi {
         self.update(state, &key, next, status)
     }
 
-    fn handle(&self, method: &Method, path: &str, query: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> (u16, Value) {
         let mut state = self.lock();
         state.calls.push(Call {
             method: method.to_string(),
@@ -528,12 +547,23 @@ impl MemoryApi {
                 }))
             }
             ("GET", false) => state.objects.get(&key).cloned().ok_or_else(|| {
-                status_error(404, "NotFound", format!("{} \"{}\" not found", key.plural, key.name))
+                status_error(
+                    404,
+                    "NotFound",
+                    format!("{} \"{}\" not found", key.plural, key.name),
+                )
             }),
             ("POST", true) => {
-                let name = body.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+                let name = body
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 if name.is_empty() {
-                    Err(status_error(422, "Invalid", "metadata.name: Required value"))
+                    Err(status_error(
+                        422,
+                        "Invalid",
+                        "metadata.name: Required value",
+                    ))
                 } else {
                     let key = Key {
                         name: name.to_string(),
@@ -543,11 +573,19 @@ impl MemoryApi {
                 }
             }
             ("PUT", false) => match state.objects.get(&key) {
-                None => Err(status_error(404, "NotFound", format!("{} \"{}\" not found", key.plural, key.name))),
+                None => Err(status_error(
+                    404,
+                    "NotFound",
+                    format!("{} \"{}\" not found", key.plural, key.name),
+                )),
                 Some(cur) => {
                     let want = body.pointer("/metadata/resourceVersion").cloned();
                     if want.is_some() && want.as_ref() != cur.pointer("/metadata/resourceVersion") {
-                        Err(status_error(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again"))
+                        Err(status_error(
+                            409,
+                            "Conflict",
+                            "the object has been modified; please apply your changes to the latest version and try again",
+                        ))
                     } else {
                         self.update(&mut state, &key, body, status_sub)
                     }
@@ -555,16 +593,28 @@ impl MemoryApi {
             },
             ("PATCH", false) if content_type.starts_with("application/apply-patch") => {
                 match query_param(query, "fieldManager") {
-                    None => Err(status_error(422, "Invalid", "fieldManager is required for apply")),
+                    None => Err(status_error(
+                        422,
+                        "Invalid",
+                        "fieldManager is required for apply",
+                    )),
                     Some(m) => self.apply(&mut state, key, status_sub, m, body),
                 }
             }
             ("PATCH", false) => match state.objects.get(&key).cloned() {
-                None => Err(status_error(404, "NotFound", format!("{} \"{}\" not found", key.plural, key.name))),
+                None => Err(status_error(
+                    404,
+                    "NotFound",
+                    format!("{} \"{}\" not found", key.plural, key.name),
+                )),
                 Some(cur) => {
                     let want = body.pointer("/metadata/resourceVersion").cloned();
                     if want.is_some() && want.as_ref() != cur.pointer("/metadata/resourceVersion") {
-                        Err(status_error(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again"))
+                        Err(status_error(
+                            409,
+                            "Conflict",
+                            "the object has been modified; please apply your changes to the latest version and try again",
+                        ))
                     } else {
                         let mut next = cur.clone();
                         let mut patch = body.clone();
@@ -577,7 +627,11 @@ impl MemoryApi {
                 }
             },
             ("DELETE", false) => self.delete(&mut state, &key),
-            _ => Err(status_error(405, "MethodNotAllowed", format!("{method} {path}"))),
+            _ => Err(status_error(
+                405,
+                "MethodNotAllowed",
+                format!("{method} {path}"),
+            )),
         };
         match result {
             Ok(v) => (if method == Method::POST { 201 } else { 200 }, v),
@@ -608,18 +662,23 @@ impl MemoryApi {
             if let Some(o) = next.as_object_mut() {
                 o.remove("status");
             }
-            self.update(&mut state, &key, next, false).expect("update fixture");
+            self.update(&mut state, &key, next, false)
+                .expect("update fixture");
             if status {
-                self.update(&mut state, &key, obj, true).expect("update fixture status")
+                self.update(&mut state, &key, obj, true)
+                    .expect("update fixture status")
             } else {
                 state.objects[&key].clone()
             }
         } else {
-            let created = self.create(&mut state, key.clone(), obj.clone()).expect("create fixture");
+            let created = self
+                .create(&mut state, key.clone(), obj.clone())
+                .expect("create fixture");
             if let Some(s) = obj.get("status") {
                 let mut with = created;
                 with["status"] = s.clone();
-                self.update(&mut state, &key, with, true).expect("fixture status")
+                self.update(&mut state, &key, with, true)
+                    .expect("fixture status")
             } else {
                 created
             }
@@ -642,7 +701,11 @@ impl tower::Service<Request<Body>> for MemoryApi {
         let this = self.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let content_type = parts
                 .headers
                 .get(http::header::CONTENT_TYPE)
@@ -669,6 +732,11 @@ impl tower::Service<Request<Body>> for MemoryApi {
 pub fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }
