@@ -49,6 +49,8 @@ pub struct Call {
     pub path: String,
     pub query: String,
     pub content_type: String,
+    /// The request body, as sent.
+    pub body: String,
 }
 
 impl Call {
@@ -509,6 +511,7 @@ impl MemoryApi {
             path: path.to_string(),
             query: query.to_string(),
             content_type: content_type.to_string(),
+            body: String::from_utf8_lossy(body).into_owned(),
         });
         let Some((key, sub)) = parse_path(path) else {
             return status_error(404, "NotFound", format!("no route {path}"));

@@ -1,0 +1,690 @@
+//! RELIABILITY.md's operator requirements O1–O4, as tests named after them.
+
+mod support;
+
+use std::{path::PathBuf, time::Duration};
+
+use fathom_crds::{TraceJob, TraceJobSpec, crd};
+use fathom_operator::{
+    lifecycle::{CleanupSettings, Intent},
+    plan::ClusterView,
+    reconcile::{JOB_FINALIZER, MANAGER, ReconcileConfig, admit},
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+    core::cel::Validator,
+};
+use serde_json::{Value, json};
+use support::{World, node, pod, ready_node};
+
+const WEB: &str = r#"
+apiVersion: fathom.dev/v1alpha1
+kind: TraceJob
+metadata: { name: web-drops, namespace: shop }
+spec:
+  probe: { tracepoint: skb/kfree_skb }
+  podSelector: { matchLabels: { app: web } }
+  duration: 60s
+"#;
+
+fn shop_with(config: ReconcileConfig) -> World {
+    let mut w = World::with_config(config);
+    for n in ["n1", "n2"] {
+        w.add_node(ready_node(n));
+    }
+    w.add_pod(pod("shop", "web-a", &[("app", "web")], "n1"));
+    w.add_pod(pod("shop", "web-b", &[("app", "web")], "n2"));
+    w
+}
+
+fn shop() -> World {
+    shop_with(ReconcileConfig {
+        operator_namespace: "fathom-system".into(),
+        ..Default::default()
+    })
+}
+
+async fn assert_no_writes(w: &World, ns: &str, name: &str, what: &str) {
+    w.api.clear_calls();
+    w.reconcile(ns, name).await;
+    assert!(w.api.writes().is_empty(), "{what}: {:?}", w.api.writes());
+}
+
+// ---------------------------------------------------------------- O1
+
+#[tokio::test]
+async fn o1_reconciling_an_unchanged_job_makes_no_mutating_call() {
+    let mut w = shop();
+    w.add_node(node("down", &[], false, &[]));
+    let jobs = [
+        ("pending", WEB.replace("web-drops", "pending")),
+        (
+            "dry",
+            format!("{}  dryRun: true\n", WEB.replace("web-drops", "dry")),
+        ),
+        (
+            "off",
+            format!("{}  suspend: true\n", WEB.replace("web-drops", "off")),
+        ),
+        ("bad", WEB.replace("web-drops", "bad").replace("60s", "2d")),
+        (
+            "wide",
+            WEB.replace("web-drops", "wide")
+                .replace("  podSelector: { matchLabels: { app: web } }\n", ""),
+        ),
+        (
+            "nobody",
+            WEB.replace("web-drops", "nobody")
+                .replace("app: web", "app: none"),
+        ),
+    ];
+    for (name, yaml) in &jobs {
+        w.create_job(yaml).await;
+        w.settle("shop", name).await;
+        assert_no_writes(&w, "shop", name, name).await;
+    }
+    // Running, and finished.
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    w.runner_reports("shop", "n1", "Attached", 5).await;
+    w.settle("shop", "web-drops").await;
+    assert_no_writes(&w, "shop", "web-drops", "running").await;
+    w.clock.advance(61);
+    w.runner_reports("shop", "n1", "Succeeded", 5).await;
+    w.runner_reports("shop", "n2", "Succeeded", 0).await;
+    w.settle("shop", "web-drops").await;
+    assert_no_writes(&w, "shop", "web-drops", "finished").await;
+}
+
+#[tokio::test]
+async fn o1_writes_use_one_field_manager_and_the_finalizer_comes_first() {
+    let w = shop();
+    w.create_job(WEB).await;
+    w.api.clear_calls();
+    w.reconcile("shop", "web-drops").await;
+    let writes = w.api.writes();
+    let finalizer = writes
+        .iter()
+        .position(|c| {
+            c.method == "PATCH"
+                && c.path.ends_with("/tracejobs/web-drops")
+                && c.body.contains(JOB_FINALIZER)
+        })
+        .expect("finalizer added");
+    let first_assignment = writes
+        .iter()
+        .position(|c| c.path.contains("/traceassignments/"))
+        .expect("an assignment applied");
+    assert!(finalizer < first_assignment, "{writes:?}");
+    for c in &writes {
+        if c.content_type.starts_with("application/apply-patch") {
+            assert_eq!(c.field_manager().as_deref(), Some(MANAGER), "{c:?}");
+        } else {
+            // The other writes: the finalizer (guarded by resourceVersion) and Events.
+            assert!(
+                c.body.contains("resourceVersion") || c.path.contains("/events"),
+                "{c:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- O2
+
+fn status_writes(w: &World) -> Vec<(usize, Value)> {
+    w.api
+        .calls()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, c)| c.method == "PATCH" && c.path.ends_with("/tracejobs/web-drops/status"))
+        .map(|(i, c)| (i, serde_json::from_str(&c.body).expect("json body")))
+        .collect()
+}
+
+#[tokio::test]
+async fn o2_finalizer_goes_only_after_every_live_node_detached_with_final_status_first() {
+    let w = shop();
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    w.delete_job("shop", "web-drops").await;
+    for _ in 0..3 {
+        w.reconcile("shop", "web-drops").await;
+        w.clock.advance(30);
+    }
+    let job = w
+        .job("shop", "web-drops")
+        .await
+        .expect("live nodes hold the job");
+    assert!(
+        job.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == JOB_FINALIZER)
+    );
+    let msg = job.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(msg.contains("n1") && msg.contains("n2"), "{msg}");
+
+    w.runner_detaches("shop", "n1").await;
+    w.runner_detaches("shop", "n2").await;
+    w.api.clear_calls();
+    w.reconcile("shop", "web-drops").await;
+    assert!(w.job("shop", "web-drops").await.is_none());
+    let calls = w.api.calls();
+    let removal = calls
+        .iter()
+        .position(|c| {
+            c.method == "PATCH"
+                && c.path.ends_with("/tracejobs/web-drops")
+                && !c.body.contains(JOB_FINALIZER)
+        })
+        .expect("finalizer removed");
+    let (at, last) = status_writes(&w).pop().expect("final status written");
+    assert!(at < removal);
+    assert_eq!(
+        last["status"]["message"],
+        json!("deleted: every node has detached")
+    );
+}
+
+#[tokio::test]
+async fn o2_assignments_of_a_vanished_node_are_collected_after_a_timeout() {
+    let mut w = shop();
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    w.remove_node("n2");
+    w.delete_job("shop", "web-drops").await;
+    w.reconcile("shop", "web-drops").await;
+    w.runner_detaches("shop", "n1").await;
+    w.clock.advance(30);
+    w.reconcile("shop", "web-drops").await;
+    assert!(
+        w.job("shop", "web-drops").await.is_some(),
+        "before the timeout the lost node still holds it"
+    );
+    w.clock.advance(31);
+    w.reconcile("shop", "web-drops").await; // releases n2's assignment
+    w.reconcile("shop", "web-drops").await; // sees none left, lets the job go
+    assert!(w.job("shop", "web-drops").await.is_none());
+    assert!(w.assignments("shop").is_empty());
+}
+
+#[tokio::test]
+async fn o2_a_stuck_runner_on_a_ready_node_does_not_hang_deletion_forever() {
+    let w = shop_with(ReconcileConfig {
+        operator_namespace: "fathom-system".into(),
+        cleanup: CleanupSettings {
+            lost_node_timeout: Duration::from_secs(60),
+            stuck_timeout: Duration::from_secs(600),
+        },
+        ..Default::default()
+    });
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    w.delete_job("shop", "web-drops").await;
+    w.reconcile("shop", "web-drops").await;
+    w.clock.advance(599);
+    w.reconcile("shop", "web-drops").await;
+    assert!(w.job("shop", "web-drops").await.is_some());
+    w.clock.advance(2);
+    w.reconcile("shop", "web-drops").await;
+    w.reconcile("shop", "web-drops").await;
+    assert!(w.job("shop", "web-drops").await.is_none());
+}
+
+// ---------------------------------------------------------------- O3
+
+#[tokio::test]
+async fn o3_observed_generation_follows_generation_within_one_reconcile() {
+    let w = shop();
+    w.create_job(WEB).await;
+    w.reconcile("shop", "web-drops").await;
+    let job = w.job("shop", "web-drops").await.expect("job");
+    let st = job
+        .status
+        .as_ref()
+        .expect("status after the first reconcile");
+    assert_eq!(st.observed_generation, job.metadata.generation);
+    let ready = st
+        .condition("Ready")
+        .expect("a Ready condition from the first reconcile");
+    assert_eq!(ready.observed_generation, job.metadata.generation);
+
+    Api::<TraceJob>::namespaced(w.client.clone(), "shop")
+        .patch(
+            "web-drops",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodeSelector": {"kubernetes.io/os": "linux"}}})),
+        )
+        .await
+        .expect("change spec");
+    w.reconcile("shop", "web-drops").await;
+    let job = w.job("shop", "web-drops").await.expect("job");
+    assert_eq!(job.metadata.generation, Some(2));
+    let st = job.status.expect("status");
+    assert_eq!(st.observed_generation, Some(2));
+    assert!(
+        st.conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(2))
+    );
+}
+
+#[tokio::test]
+async fn o3_last_transition_time_moves_only_when_a_condition_flips() {
+    let w = shop();
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    let ready = |j: &TraceJob| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.condition("Ready"))
+            .cloned()
+            .expect("Ready")
+    };
+    let t0 = ready(&w.job("shop", "web-drops").await.expect("job"));
+    assert_eq!(t0.status, "False");
+
+    // One node attaches: still False (waiting for the other), new message, same time.
+    w.clock.advance(10);
+    w.runner_reports("shop", "n1", "Attached", 1).await;
+    w.settle("shop", "web-drops").await;
+    let t1 = ready(&w.job("shop", "web-drops").await.expect("job"));
+    assert_eq!(t1.status, "False");
+    assert_ne!(t1.message, t0.message);
+    assert_eq!(t1.last_transition_time, t0.last_transition_time);
+
+    // Both attached: flips to True, the time moves.
+    w.clock.advance(10);
+    w.runner_reports("shop", "n2", "Attached", 1).await;
+    w.settle("shop", "web-drops").await;
+    let t2 = ready(&w.job("shop", "web-drops").await.expect("job"));
+    assert_eq!(t2.status, "True");
+    assert!(t2.last_transition_time.0 > t1.last_transition_time.0);
+
+    // More hits: the condition does not move.
+    w.clock.advance(10);
+    w.runner_reports("shop", "n2", "Attached", 100).await;
+    w.settle("shop", "web-drops").await;
+    let t3 = ready(&w.job("shop", "web-drops").await.expect("job"));
+    assert_eq!(t3, t2);
+}
+
+#[tokio::test]
+async fn o3_per_node_detail_lives_in_the_assignments() {
+    let mut w = World::new();
+    for i in 0..50 {
+        let n = format!("n{i:02}");
+        w.add_node(ready_node(&n));
+        w.add_pod(pod("shop", &format!("web-{i:02}"), &[("app", "web")], &n));
+    }
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    assert_eq!(w.assignments("shop").len(), 50);
+    w.runner_reports("shop", "n00", "Attached", 1).await;
+    for i in 1..50 {
+        w.runner_status(
+            "shop",
+            &format!("n{i:02}"),
+            json!({"phase": "NotFeasible", "verdict": {"feasible": false, "probes": [
+                {"probe": "tracepoint:skb/kfree_skb", "feasible": false, "reason": "SymbolNotFound", "message": "missing"}]}}),
+        )
+        .await;
+    }
+    w.settle("shop", "web-drops").await;
+    let job = w.job("shop", "web-drops").await.expect("job");
+    let st = job.status.clone().expect("status");
+    assert_eq!(st.nodes.as_ref().map(|n| n.not_feasible), Some(49));
+    assert_eq!(st.not_feasible.len(), 10, "a bounded list");
+    let msg = &st.condition("NotFeasible").expect("condition").message;
+    assert!(msg.contains("and 39 more"), "{msg}");
+    assert!(serde_json::to_string(&st).expect("json").len() < 8 * 1024);
+}
+
+// ---------------------------------------------------------------- O4
+
+/// The committed CRD, as the cluster gets it.
+fn committed_crd(file: &str) -> Value {
+    let path = crd::generated_dir().join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD yaml");
+    crd::schema_json(&crd)
+}
+
+/// (spec YAML, expected CEL message, expected operator field, expected operator message)
+const INVALID: &[(&str, &str, &str, &str)] = &[
+    (
+        "probe: {}",
+        "set exactly one of catalog, tracepoint",
+        "spec.probe",
+        "set exactly one of",
+    ),
+    (
+        "probe: { tracepoint: a/b, kprobe: x }",
+        "set exactly one of",
+        "spec.probe",
+        "has 2 forms (tracepoint, kprobe)",
+    ),
+    (
+        "probe: { catalog: nope }",
+        "unknown catalog entry; use one of: syscalls",
+        "spec.probe.catalog",
+        "unknown catalog entry \"nope\"",
+    ),
+    (
+        "probe: { tracepoint: kfree_skb }",
+        "is not CATEGORY/NAME",
+        "spec.probe.tracepoint",
+        "is not CATEGORY/NAME",
+    ),
+    (
+        "probe: { kprobe: '' }",
+        "must be a single non-empty name",
+        "spec.probe.kprobe",
+        "must be a single non-empty name",
+    ),
+    (
+        "probe: { fentry: 'tcp v4' }",
+        "must be a single non-empty name",
+        "spec.probe.fentry",
+        "must be a single non-empty name",
+    ),
+    (
+        "probe: { uprobe: malloc }",
+        "is not BINARY:SYMBOL",
+        "spec.probe.uprobe",
+        "is not BINARY:SYMBOL",
+    ),
+    (
+        "probe: { usdt: '/usr/bin/python3:x' }",
+        "is not BINARY:PROVIDER:NAME",
+        "spec.probe.usdt",
+        "is not BINARY:PROVIDER:NAME",
+    ),
+    (
+        "probe: { profile: { frequency: 0 } }",
+        "must be 1–10000 Hz",
+        "spec.probe.profile.frequency",
+        "must be 1–10000 Hz",
+    ),
+    (
+        "probe: { profile: { frequency: 20000 } }",
+        "must be 1–10000 Hz",
+        "spec.probe.profile.frequency",
+        "must be 1–10000 Hz",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { by: [comm, Bad-Key] }",
+        "unknown key; use one of node",
+        "spec.aggregate.by[1]",
+        "unknown key \"Bad-Key\"",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { by: [comm, pid, comm] }",
+        "listed twice",
+        "spec.aggregate.by[2]",
+        "listed twice",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { by: [node, namespace, pod, container, pid, tid, comm, cgroup, cpu] }",
+        "at most 8 keys",
+        "spec.aggregate.by",
+        "at most 8 keys",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { value: avg }",
+        "is not count, latency, sum(<field>) or hist(<field>)",
+        "spec.aggregate.value",
+        "is not count, latency",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { value: 'sum(pid)' }",
+        "is not count, latency, sum(<field>) or hist(<field>)",
+        "spec.aggregate.value",
+        "is not count, latency",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { top: 0 }",
+        "must be 1–10000",
+        "spec.aggregate.top",
+        "must be 1–10000",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { by: [arg0] }",
+        "arg0…arg5 are function arguments",
+        "spec.aggregate.by[0]",
+        "no function arguments",
+    ),
+    (
+        "probe: { kprobe: tcp_v4_connect }\naggregate: { by: [ret] }",
+        "ret is a return value",
+        "spec.aggregate.by[0]",
+        "no return value",
+    ),
+    (
+        "probe: { tracepoint: a/b }\naggregate: { value: latency }",
+        "latency needs an entry→return pair",
+        "spec.aggregate.value",
+        "entry→return",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nevents: { last: 0 }",
+        "must be 1–10000",
+        "spec.events.last",
+        "must be 1–10000",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nevents: { maxPayloadBytes: 1000 }",
+        "must be 1–256",
+        "spec.events.maxPayloadBytes",
+        "must be 1–256",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nfilter: { pids: [1, 0] }",
+        "pid 0 is the idle task",
+        "spec.filter.pids",
+        "pid 0 is the idle task",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nfilter: { comm: abcdefghijklmnopq }",
+        "must be 1–15 bytes",
+        "spec.filter.comm",
+        "must be 1–15 bytes",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nduration: '5'",
+        "is not a duration",
+        "spec.duration",
+        "is not a duration",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nduration: 0s",
+        "must be longer than 0",
+        "spec.duration",
+        "must be longer than 0",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nduration: 25h",
+        "must be at most 24h",
+        "spec.duration",
+        "must be at most 24h",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nlimits: { mapEntries: 99999999 }",
+        "must be 1–1048576",
+        "spec.limits.mapEntries",
+        "must be 1–1048576",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nlimits: { eventsPerSecond: 0 }",
+        "must be 1–10000000",
+        "spec.limits.eventsPerSecond",
+        "must be 1–10000000",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nlimits: { cpuPercent: 101 }",
+        "must be 1–100 (percent of one CPU)",
+        "spec.limits.cpuPercent",
+        "must be 1–100",
+    ),
+    (
+        "probe: { tracepoint: a/b }\nttlSecondsAfterFinished: -1",
+        "must be 0 or more seconds",
+        "spec.ttlSecondsAfterFinished",
+        "must be 0 or more seconds",
+    ),
+    (
+        "probe: { tracepoint: a/b }\ntargetRef: { kind: Pod, name: web }",
+        "is not Deployment, StatefulSet, DaemonSet or Job",
+        "spec.targetRef.kind",
+        "is not Deployment, StatefulSet, DaemonSet or Job",
+    ),
+    (
+        "probe: { tracepoint: a/b }\ntargetRef: { kind: Deployment, name: '' }",
+        "must name the workload",
+        "spec.targetRef.name",
+        "must name the workload",
+    ),
+];
+
+fn as_tracejob(spec_yaml: &str) -> Value {
+    let spec: Value = serde_yaml::from_str(spec_yaml).expect("spec yaml");
+    let mut spec = spec;
+    if spec.get("targetRef").is_none() {
+        spec["podSelector"] = json!({"matchLabels": {"app": "web"}});
+    }
+    json!({
+        "apiVersion": "fathom.dev/v1alpha1", "kind": "TraceJob",
+        "metadata": {"name": "t", "namespace": "shop"},
+        "spec": spec,
+    })
+}
+
+#[test]
+fn o4_invalid_specs_are_rejected_by_the_cel_rules_and_by_the_operator() {
+    assert!(INVALID.len() >= 20);
+    let schema = committed_crd("tracejobs.fathom.dev.yaml");
+    let validator = Validator::new();
+    let view = ClusterView::default();
+    let mut failures = Vec::new();
+    for (spec_yaml, cel_msg, field, op_msg) in INVALID {
+        let obj = as_tracejob(spec_yaml);
+        // The CRD's CEL rules, evaluated offline.
+        match validator.validate(&schema, &obj, None) {
+            Ok(()) => failures.push(format!("CEL accepted: {spec_yaml}")),
+            Err(errors) => {
+                if !errors
+                    .iter()
+                    .any(|e| e.message.contains(cel_msg) && e.field_path.starts_with("spec"))
+                {
+                    failures.push(format!(
+                        "CEL rejected {spec_yaml:?} without {cel_msg:?}: {:?}",
+                        errors
+                            .iter()
+                            .map(|e| (&e.field_path, &e.message))
+                            .collect::<Vec<_>>()
+                    ));
+                }
+            }
+        }
+        // The operator's admission.
+        let spec: TraceJobSpec =
+            serde_json::from_value(obj["spec"].clone()).expect("spec deserializes");
+        match admit(&spec, Some("shop"), false, None, &view) {
+            Intent::Invalid(errors) => {
+                if !errors
+                    .iter()
+                    .any(|e| e.field == *field && e.message.contains(op_msg))
+                {
+                    failures.push(format!(
+                        "operator rejected {spec_yaml:?} without {field}: {op_msg:?}: {errors:?}"
+                    ));
+                }
+            }
+            other => failures.push(format!("operator did not reject {spec_yaml:?}: {other:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn o4_a_node_wide_tracejob_is_refused_by_the_operator() {
+    let view = ClusterView::default();
+    let spec: TraceJobSpec = serde_yaml::from_str("probe: { catalog: syscalls }").expect("spec");
+    match admit(&spec, Some("shop"), false, None, &view) {
+        Intent::Rejected(reason, message) => {
+            assert_eq!(reason, "NodeWideNeedsClusterTraceJob");
+            assert!(message.contains("ClusterTraceJob"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        admit(&spec, None, true, None, &view),
+        Intent::Planned { .. }
+    ));
+}
+
+#[test]
+fn o4_golden_examples_pass_the_cel_rules_and_the_operator() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let tj = committed_crd("tracejobs.fathom.dev.yaml");
+    let ctj = committed_crd("clustertracejobs.fathom.dev.yaml");
+    let validator = Validator::new();
+    let view = ClusterView::default();
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.expect("entry").path();
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value: Value = serde::Deserialize::deserialize(doc).expect("yaml");
+            if value.is_null() {
+                continue;
+            }
+            let p = path.display();
+            let cluster = value["kind"] == json!("ClusterTraceJob");
+            let schema = if cluster { &ctj } else { &tj };
+            if let Err(e) = validator.validate(schema, &value, None) {
+                panic!("{p}: CEL: {e:?}");
+            }
+            let spec: TraceJobSpec = serde_json::from_value(value["spec"].clone()).expect("spec");
+            let ns = value
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .or(Some("default"));
+            let workload = spec.target_ref.as_ref().map(|_| {
+                Ok(k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector::default())
+            });
+            match admit(
+                &spec,
+                if cluster { None } else { ns },
+                cluster,
+                workload,
+                &view,
+            ) {
+                Intent::Planned { .. } => {}
+                // An example without pod targets is node-wide: `fathom run` runs it as is; in a
+                // cluster it is a ClusterTraceJob, which must accept it.
+                Intent::Rejected("NodeWideNeedsClusterTraceJob", _) => {
+                    assert!(
+                        matches!(
+                            admit(&spec, None, true, None, &view),
+                            Intent::Planned { .. }
+                        ),
+                        "{p}"
+                    );
+                }
+                other => panic!("{p}: {other:?}"),
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "examples found: {n}");
+}
