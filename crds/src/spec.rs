@@ -937,7 +937,8 @@ fn check_keys_for_probe(
             field,
             format!("{kind} probes have no function arguments; use a kprobe, fentry, uprobe or raw tracepoint to key by {}", k.name()),
         )),
-        KeySpec::Ret if !has_ret => errors.push(err(
+        // A tracepoint's `ret` is its field of that name (syscalls:sys_exit_*).
+        KeySpec::Ret if !has_ret && !has_fields => errors.push(err(
             field,
             format!("{kind} probes have no return value; use a kretprobe, fexit or uretprobe"),
         )),

@@ -38,6 +38,9 @@ pub mod source {
     pub const TID: u32 = 6;
     /// The current process id (thread group id).
     pub const PID: u32 = 7;
+    /// The parent's process id: `current->real_parent->tgid`, with the member offsets
+    /// (`offset` = real_parent, `size` = tgid) taken from the kernel's BTF by user space.
+    pub const PARENT_PID: u32 = 8;
 }
 
 /// How a string payload is found (file names, exec paths).

@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST, bpf_raw_tracepoint_args, pt_regs},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes, generated::bpf_get_stackid,
     },
     macros::{
@@ -152,22 +152,17 @@ impl Hook for RetProbeContext {
     }
 }
 
-/// Reads argument `n` of a BTF-typed context (fentry, fexit, LSM, raw tracepoint): an array of
-/// u64, read with constant offsets only.
+/// Reads argument `n` of a BTF-typed context (fentry, fexit, LSM, raw tracepoint): an array
+/// of u64. Read with a checked kernel read rather than a direct context access, so the
+/// verifier and the raw-tracepoint attach check see no access past the hook's real argument
+/// count for arguments the configuration never selects.
 fn btf_arg(ctx: *mut c_void, n: u32) -> u64 {
-    let args = ctx as *const u64;
-    // SAFETY: ctx points at the argument array; each arm reads a constant slot.
-    unsafe {
-        match n {
-            0 => *args,
-            1 => *args.add(1),
-            2 => *args.add(2),
-            3 => *args.add(3),
-            4 => *args.add(4),
-            5 => *args.add(5),
-            _ => 0,
-        }
+    if n >= 12 {
+        return 0;
     }
+    let args = ctx as *const u64;
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    unsafe { bpf_probe_read_kernel(args.add(n as usize)).unwrap_or(0) }
 }
 
 impl Hook for RawTracePointContext {
@@ -228,6 +223,7 @@ fn read_source<C: Hook>(ctx: &C, src: &Source, hit: &Hit) -> u64 {
         source::STASHED => hit.stashed,
         source::TID => hit.tid as u64,
         source::PID => hit.pid as u64,
+        source::PARENT_PID => return parent_pid(src.offset, src.size),
         _ => 0,
     };
     if src.signed != 0 {
@@ -240,6 +236,22 @@ fn read_source<C: Hook>(ctx: &C, src: &Source, hit: &Hit) -> u64 {
         }
     } else {
         raw
+    }
+}
+
+/// `current->real_parent->tgid`, with offsets from BTF.
+fn parent_pid(parent_offset: u32, tgid_offset: u32) -> u64 {
+    // SAFETY: checked kernel reads through the current task pointer.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let Ok(parent) =
+            bpf_probe_read_kernel(task.add(parent_offset as usize) as *const *const u8)
+        else {
+            return 0;
+        };
+        bpf_probe_read_kernel(parent.add(tgid_offset as usize) as *const u32)
+            .map(|v| v as u64)
+            .unwrap_or(0)
     }
 }
 

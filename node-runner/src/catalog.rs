@@ -37,16 +37,46 @@ const TCP_SYN_SENT: u64 = 2;
 
 /// A one-line description of each entry, for `fathom list catalog`.
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
-    ("syscalls", "system calls by syscall (raw_syscalls:sys_enter); value: latency pairs sys_enter→sys_exit"),
-    ("exec", "process executions as events: pid, ppid, comm, filename (sched:sched_process_exec)"),
-    ("open", "file opens as events: pid, comm, filename, result (syscalls:sys_{enter,exit}_openat)"),
-    ("tcp-connect", "outgoing TCP connects by comm, address and port (sock:inet_sock_set_state → SYN_SENT)"),
-    ("tcp-retransmit", "TCP retransmissions by address and port (tcp:tcp_retransmit_skb)"),
-    ("packet-drops", "dropped packets by drop reason and kernel stack (skb:kfree_skb)"),
-    ("profile", "CPU samples by comm and user+kernel stack (perf_event, 99 Hz per CPU)"),
-    ("runqlat", "run-queue latency histogram (sched:sched_wakeup → sched:sched_switch)"),
-    ("biolatency", "block I/O latency histogram (block:block_rq_issue → block:block_rq_complete)"),
-    ("oom-kill", "OOM killer victims as events: pid, comm (oom:mark_victim)"),
+    (
+        "syscalls",
+        "system calls by syscall (raw_syscalls:sys_enter); value: latency pairs sys_enter→sys_exit",
+    ),
+    (
+        "exec",
+        "process executions as events: pid, ppid, comm, filename (sched:sched_process_exec)",
+    ),
+    (
+        "open",
+        "file opens as events: pid, comm, filename, result (syscalls:sys_{enter,exit}_openat)",
+    ),
+    (
+        "tcp-connect",
+        "outgoing TCP connects by comm, address and port (sock:inet_sock_set_state → SYN_SENT)",
+    ),
+    (
+        "tcp-retransmit",
+        "TCP retransmissions by address and port (tcp:tcp_retransmit_skb)",
+    ),
+    (
+        "packet-drops",
+        "dropped packets by drop reason and kernel stack (skb:kfree_skb)",
+    ),
+    (
+        "profile",
+        "CPU samples by comm and user+kernel stack (perf_event, 99 Hz per CPU)",
+    ),
+    (
+        "runqlat",
+        "run-queue latency histogram (sched:sched_wakeup → sched:sched_switch)",
+    ),
+    (
+        "biolatency",
+        "block I/O latency histogram (block:block_rq_issue → block:block_rq_complete)",
+    ),
+    (
+        "oom-kill",
+        "OOM killer victims as events: pid, comm (oom:mark_victim)",
+    ),
 ];
 
 /// The template of catalog entry `name`.
@@ -93,8 +123,14 @@ pub fn template(name: &str, spec: &CheckedSpec) -> Result<Template, ProbeVerdict
                 KeySpec::Field("dport".into()),
             ];
             t.event_columns = vec![
-                ("daddr".into(), EventSource::Named(Named::Field("daddr".into()))),
-                ("dport".into(), EventSource::Named(Named::Field("dport".into()))),
+                (
+                    "daddr".into(),
+                    EventSource::Named(Named::Field("daddr".into())),
+                ),
+                (
+                    "dport".into(),
+                    EventSource::Named(Named::Field("dport".into())),
+                ),
             ];
             t
         }
@@ -105,8 +141,14 @@ pub fn template(name: &str, spec: &CheckedSpec) -> Result<Template, ProbeVerdict
                 KeySpec::Field("dport".into()),
             ];
             t.event_columns = vec![
-                ("daddr".into(), EventSource::Named(Named::Field("daddr".into()))),
-                ("dport".into(), EventSource::Named(Named::Field("dport".into()))),
+                (
+                    "daddr".into(),
+                    EventSource::Named(Named::Field("daddr".into())),
+                ),
+                (
+                    "dport".into(),
+                    EventSource::Named(Named::Field("dport".into())),
+                ),
             ];
             t
         }

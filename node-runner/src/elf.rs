@@ -10,13 +10,19 @@ use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 /// Why a binary cannot be probed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ElfError {
-    #[error("{0} does not exist; give the absolute path of the binary or library (e.g. /usr/lib/x86_64-linux-gnu/libc.so.6)")]
+    #[error(
+        "{0} does not exist; give the absolute path of the binary or library (e.g. /usr/lib/x86_64-linux-gnu/libc.so.6)"
+    )]
     Missing(String),
     #[error("{0} is not an ELF binary or library")]
     NotElf(String),
-    #[error("{binary} has no function symbol {symbol:?}; `fathom list 'uprobe:{binary}:*{symbol}*'` lists similar ones")]
+    #[error(
+        "{binary} has no function symbol {symbol:?}; `fathom list 'uprobe:{binary}:*{symbol}*'` lists similar ones"
+    )]
     NoSymbol { binary: String, symbol: String },
-    #[error("{binary} has no USDT probe {provider}:{name}; `fathom list 'usdt:{binary}'` lists its probes")]
+    #[error(
+        "{binary} has no USDT probe {provider}:{name}; `fathom list 'usdt:{binary}'` lists its probes"
+    )]
     NoUsdt {
         binary: String,
         provider: String,

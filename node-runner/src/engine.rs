@@ -103,6 +103,7 @@ pub struct Session {
     final_run_time: Option<(u64, u64)>,
     /// Seconds attached, fixed at detach.
     final_elapsed: Option<f64>,
+    last_remember: Instant,
 }
 
 fn kernel_error(probe: &str, reason: Reason, message: impl Into<String>) -> EngineError {
@@ -190,13 +191,20 @@ pub fn summarize_verifier_log(log: &str, budget: usize) -> String {
     }
     let tail = &log[start..];
     let tail = tail.find('\n').map_or(tail, |i| &tail[i + 1..]);
-    format!("… ({} bytes of log omitted)\n{tail}", log.len() - tail.len())
+    format!(
+        "… ({} bytes of log omitted)\n{tail}",
+        log.len() - tail.len()
+    )
 }
 
 impl Session {
     /// Loads and attaches every program of `plan`. Either all attach or none remain: on any
     /// error everything already attached is detached before the error is returned.
-    pub fn start(plan: JobPlan, kernel: &Kernel, opts: EngineOptions) -> Result<Session, EngineError> {
+    pub fn start(
+        plan: JobPlan,
+        kernel: &Kernel,
+        opts: EngineOptions,
+    ) -> Result<Session, EngineError> {
         let label = plan.label.clone();
         let ringbuf = if plan.events.is_some() {
             opts.ringbuf_bytes.max(4096).next_power_of_two()
@@ -205,7 +213,8 @@ impl Session {
         };
         // Maps a job does not use are created at their smallest: a stack map is preallocated
         // (1 KiB per entry) and would otherwise dominate the job's locked memory.
-        let uses_stacks = plan.config.key_mask & (fathom_common::key::KSTACK | fathom_common::key::USTACK) != 0;
+        let uses_stacks =
+            plan.config.key_mask & (fathom_common::key::KSTACK | fathom_common::key::USTACK) != 0;
         let stack_entries = if uses_stacks { opts.stack_entries } else { 1 };
         let stash_entries = if plan.config.flags & fathom_common::flags::PAIRED != 0 {
             opts.stash_entries
@@ -226,16 +235,23 @@ impl Session {
                 .and_then(|s| s.downcast_ref::<std::io::Error>())
                 .and_then(std::io::Error::raw_os_error);
             let (reason, fix) = errno_reason(errno, kernel);
-            kernel_error(&label, reason, format!("creating the job's maps failed: {e}; {fix}"))
+            kernel_error(
+                &label,
+                reason,
+                format!("creating the job's maps failed: {e}; {fix}"),
+            )
         })?;
 
         if !plan.pids.is_empty() {
             let mut pids: BpfHashMap<_, u32, u8> =
                 BpfHashMap::try_from(ebpf.map_mut(names::PIDS).expect("PIDS map in object"))
-                    .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e.to_string()))?;
+                    .map_err(|e| {
+                        kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
+                    })?;
             for pid in &plan.pids {
-                pids.insert(pid, 1, 0)
-                    .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e.to_string()))?;
+                pids.insert(pid, 1, 0).map_err(|e| {
+                    kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
+                })?;
             }
         }
 
@@ -297,9 +313,8 @@ impl Session {
                     p.attach().map_err(perr)?;
                 }
                 AttachPoint::Uprobe { binary, target, .. } => {
-                    let path = crate::elf::resolve_binary(binary).map_err(|e| {
-                        kernel_error(&probe, Reason::BinaryNotFound, e.to_string())
-                    })?;
+                    let path = crate::elf::resolve_binary(binary)
+                        .map_err(|e| kernel_error(&probe, Reason::BinaryNotFound, e.to_string()))?;
                     let p: &mut UProbe = prog.try_into().map_err(perr)?;
                     if p.fd().is_err() {
                         p.load().map_err(perr)?;
@@ -337,12 +352,13 @@ impl Session {
             link_count += 1;
         }
 
-        let ring = match ebpf.take_map(names::EVENTS) {
-            Some(m) if plan.events.is_some() => Some(RingBuf::try_from(m).map_err(|e| {
-                kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
-            })?),
-            _ => None,
-        };
+        let ring =
+            match ebpf.take_map(names::EVENTS) {
+                Some(m) if plan.events.is_some() => Some(RingBuf::try_from(m).map_err(|e| {
+                    kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
+                })?),
+                _ => None,
+            };
         tracing::info!(job = %label, links = link_count, "attached");
         Ok(Session {
             ebpf,
@@ -359,6 +375,7 @@ impl Session {
             link_count,
             final_run_time: None,
             final_elapsed: None,
+            last_remember: Instant::now(),
         })
     }
 
@@ -380,6 +397,7 @@ impl Session {
     pub fn poll_events(&mut self, timeout: Duration) -> usize {
         let Some(ring) = self.ring.as_mut() else {
             std::thread::sleep(timeout);
+            self.remember_processes();
             return 0;
         };
         let mut pfd = libc::pollfd {
@@ -417,6 +435,7 @@ impl Session {
         }
         let n = raw.len();
         self.delivered += n as u64;
+        self.remember_processes();
         // Only the newest `last` are kept; decoding the rest would be wasted work.
         let skip = n.saturating_sub(last);
         let mut renderer = Renderer {
@@ -433,6 +452,27 @@ impl Session {
             }
         }
         n
+    }
+
+    /// Keeps the mappings of processes in user-stack keys while they still exist, so their
+    /// stacks can be symbolized after they exit. Called as the session is polled (at most
+    /// every 250 ms).
+    fn remember_processes(&mut self) {
+        if self.plan.config.key_mask & fathom_common::key::USTACK == 0
+            || self.last_remember.elapsed() < Duration::from_millis(250)
+        {
+            return;
+        }
+        self.last_remember = Instant::now();
+        let Some(map) = self.ebpf.map(names::AGG) else {
+            return;
+        };
+        let Ok(agg) = PerCpuHashMap::<_, AggKey, AggValue>::try_from(map) else {
+            return;
+        };
+        for k in agg.keys().flatten() {
+            self.symbols.remember(k.pid);
+        }
     }
 
     /// The kernel programs' counters, summed over CPUs.

@@ -62,7 +62,11 @@ pub fn parse(text: &str, origin: &str) -> Result<JobFile, EngineError> {
                 "apiVersion is {other:?}; a TraceJob's apiVersion is {API_VERSION}"
             )));
         }
-        None => return Err(err(format!("apiVersion is missing; set apiVersion: {API_VERSION}"))),
+        None => {
+            return Err(err(format!(
+                "apiVersion is missing; set apiVersion: {API_VERSION}"
+            )));
+        }
     }
     let kind = manifest.kind.unwrap_or_default();
     if kind != "TraceJob" && kind != "ClusterTraceJob" {
@@ -113,12 +117,23 @@ mod tests {
             "t.yaml",
         )
         .expect_err("typo");
-        assert!(e.to_string().contains("unknown field `spec.aggregat`"), "{e}");
+        assert!(
+            e.to_string().contains("unknown field `spec.aggregat`"),
+            "{e}"
+        );
         let e = parse("apiVersion: v1\nkind: Pod\nspec: {}\n", "t.yaml").expect_err("pod");
         assert!(e.to_string().contains("apiVersion is \"v1\""), "{e}");
-        let e = parse("apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\n", "t.yaml").expect_err("no spec");
+        let e = parse(
+            "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\n",
+            "t.yaml",
+        )
+        .expect_err("no spec");
         assert!(e.to_string().contains("spec is missing"), "{e}");
         let e = parse("probe: [", "t.yaml").expect_err("yaml");
-        assert!(e.to_string().starts_with("t.yaml: not a valid TraceJob manifest"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("t.yaml: not a valid TraceJob manifest"),
+            "{e}"
+        );
     }
 }

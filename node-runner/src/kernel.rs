@@ -1,16 +1,11 @@
 //! What this kernel offers: tracefs, BTF, kprobes, BPF LSM, kernel symbols, privileges.
 //! Every path is a field so tests can point one at a missing file (E5).
 
-use std::{
-    collections::HashSet,
-    fs,
-    path::{Path, PathBuf},
-    sync::OnceLock,
-};
+use std::{collections::HashSet, fs, path::PathBuf, sync::OnceLock};
 
 use aya::{Btf, BtfError};
 
-use crate::tracefs::TraceFs;
+use crate::{btf::BtfIndex, tracefs::TraceFs};
 
 /// The facts the feasibility check and the planner read about a kernel.
 #[derive(Debug)]
@@ -23,6 +18,7 @@ pub struct Kernel {
     pub lsm_path: PathBuf,
     pub lockdown_path: PathBuf,
     btf: OnceLock<Option<Btf>>,
+    btf_index: OnceLock<Option<BtfIndex>>,
     kallsyms: OnceLock<HashSet<String>>,
 }
 
@@ -41,6 +37,7 @@ impl Kernel {
             lsm_path: "/sys/kernel/security/lsm".into(),
             lockdown_path: "/sys/kernel/security/lockdown".into(),
             btf: OnceLock::new(),
+            btf_index: OnceLock::new(),
             kallsyms: OnceLock::new(),
         }
     }
@@ -66,6 +63,25 @@ impl Kernel {
                 Btf::parse_file(&self.btf_path, aya::Endianness::default()).ok()
             })
             .as_ref()
+    }
+
+    /// Struct offsets and function names from BTF, parsed once.
+    pub fn btf_index(&self) -> Option<&BtfIndex> {
+        self.btf_index
+            .get_or_init(|| {
+                let data = fs::read(&self.btf_path).ok()?;
+                BtfIndex::parse(&data)
+            })
+            .as_ref()
+    }
+
+    /// (task_struct.real_parent, task_struct.tgid) byte offsets, to read a parent's pid.
+    pub fn task_offsets(&self) -> Option<(u32, u32)> {
+        let idx = self.btf_index()?;
+        Some((
+            idx.member_offset("task_struct", "real_parent")?,
+            idx.member_offset("task_struct", "tgid")?,
+        ))
     }
 
     /// Whether BTF describes a function of this name (what fentry/fexit/LSM attach to).
@@ -142,11 +158,6 @@ pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
         missing.push("CAP_PERFMON");
     }
     missing
-}
-
-/// Whether `path` is an existing regular file.
-pub fn is_file(path: &Path) -> bool {
-    path.is_file()
 }
 
 #[cfg(test)]

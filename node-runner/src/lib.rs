@@ -7,6 +7,7 @@
 //! - [`output`]: print results as a table, YAML, JSON or folded stacks.
 //! - [`list`]: what a TraceJob can attach to on this machine (`fathom list`).
 
+pub mod btf;
 pub mod catalog;
 pub mod elf;
 pub mod engine;

@@ -26,7 +26,11 @@ fn bad(message: String) -> EngineError {
 }
 
 /// The lines `fathom list PATTERN` prints.
-pub fn list(pattern: Option<&str>, verbose: bool, kernel: &Kernel) -> Result<Vec<String>, EngineError> {
+pub fn list(
+    pattern: Option<&str>,
+    verbose: bool,
+    kernel: &Kernel,
+) -> Result<Vec<String>, EngineError> {
     let pattern = pattern.unwrap_or("tracepoint:*");
     let (kind, rest) = match pattern.split_once(':') {
         Some((k, r)) => (k, r),
@@ -84,9 +88,7 @@ pub fn list(pattern: Option<&str>, verbose: bool, kernel: &Kernel) -> Result<Vec
         }
         "lsm" => {
             let g = glob(rest)?;
-            let enabled = kernel
-                .lsms()
-                .is_some_and(|l| l.iter().any(|x| x == "bpf"));
+            let enabled = kernel.lsms().is_some_and(|l| l.iter().any(|x| x == "bpf"));
             let mut out: Vec<String> = kernel
                 .kernel_functions()
                 .iter()
@@ -170,24 +172,38 @@ fn kernel_functions(
         "fr" => "fexit",
         k => k,
     };
-    let traceable = kernel.tracefs.as_ref().and_then(|t| t.traceable_functions());
-    let mut names: Vec<&String> = kernel.kernel_functions().iter().filter(|f| g.matches(f)).collect();
+    let traceable = kernel
+        .tracefs
+        .as_ref()
+        .and_then(|t| t.traceable_functions());
+    let mut names: Vec<&String> = kernel
+        .kernel_functions()
+        .iter()
+        .filter(|f| g.matches(f))
+        .collect();
     names.sort();
     let mut out: Vec<String> = names
         .into_iter()
         .map(|f| {
             let ok = traceable.as_ref().is_none_or(|t| t.contains(f));
             if verbose {
-                format!("{kind}:{f}{}", if ok { "" } else { "  (not traceable: notrace/inlined)" })
+                format!(
+                    "{kind}:{f}{}",
+                    if ok {
+                        ""
+                    } else {
+                        "  (not traceable: notrace/inlined)"
+                    }
+                )
             } else {
                 format!("{kind}:{f}")
             }
         })
         .collect();
     let unavailable = match kind {
-        "kprobe" | "kretprobe" if !kernel.has_kprobes() => {
-            Some("# kprobes are not built into this kernel (CONFIG_KPROBES): these cannot be attached here; use tracepoints")
-        }
+        "kprobe" | "kretprobe" if !kernel.has_kprobes() => Some(
+            "# kprobes are not built into this kernel (CONFIG_KPROBES): these cannot be attached here; use tracepoints",
+        ),
         "fentry" | "fexit" if !kernel.has_btf() => {
             Some("# this kernel has no BTF: fentry/fexit cannot attach here")
         }
@@ -203,14 +219,23 @@ fn kernel_functions(
 pub fn features(kernel: &Kernel) -> Vec<String> {
     let mut out = vec![format!("kernel {}", Kernel::release())];
     let yes = |b: bool| if b { "yes" } else { "no" };
-    out.push(format!("tracefs: {}", kernel.tracefs.as_ref().map_or_else(|| "no".to_string(), |t| t.root().display().to_string())));
+    out.push(format!(
+        "tracefs: {}",
+        kernel
+            .tracefs
+            .as_ref()
+            .map_or_else(|| "no".to_string(), |t| t.root().display().to_string())
+    ));
     out.push(format!("btf: {}", yes(kernel.has_btf())));
     out.push(format!("kprobes: {}", yes(kernel.has_kprobes())));
     out.push(format!(
         "bpf lsm: {}",
         kernel
             .lsms()
-            .map_or("unknown (securityfs not mounted)".to_string(), |l| yes(l.iter().any(|x| x == "bpf")).to_string())
+            .map_or("unknown (securityfs not mounted)".to_string(), |l| yes(l
+                .iter()
+                .any(|x| x == "bpf"))
+            .to_string())
     ));
     if let Some(l) = kernel.lockdown() {
         out.push(format!("lockdown: {l}"));

@@ -96,7 +96,11 @@ fn table(r: &ResultData) -> String {
             .iter()
             .map(|e| {
                 let mut c = vec![format!("{:.6}", (e.time_ns - t0) as f64 / 1e9)];
-                c.extend(names.iter().map(|n| e.fields.get(n).cloned().unwrap_or_default()));
+                c.extend(
+                    names
+                        .iter()
+                        .map(|n| e.fields.get(n).cloned().unwrap_or_default()),
+                );
                 c
             })
             .collect();
@@ -177,10 +181,7 @@ fn human(v: u64) -> String {
 /// The closing lines: totals, loss, cost, and why it stopped.
 pub fn summary(r: &ResultData) -> String {
     let t = &r.totals;
-    let mut s = format!(
-        "{} hits in {:.1}s",
-        t.hits, r.elapsed_seconds
-    );
+    let mut s = format!("{} hits in {:.1}s", t.hits, r.elapsed_seconds);
     if t.events_emitted + t.events_lost > 0 {
         let _ = write!(
             s,
@@ -257,8 +258,12 @@ mod tests {
 
     #[test]
     fn json_rows_are_keys_and_value() {
-        let j: serde_json::Value = serde_json::from_str(&render(&result(), Format::Json)).expect("json");
-        assert_eq!(j["rows"][0], serde_json::json!({"keys": {"comm": "bash"}, "value": 42}));
+        let j: serde_json::Value =
+            serde_json::from_str(&render(&result(), Format::Json)).expect("json");
+        assert_eq!(
+            j["rows"][0],
+            serde_json::json!({"keys": {"comm": "bash"}, "value": 42})
+        );
     }
 
     #[test]
@@ -270,14 +275,25 @@ mod tests {
         r.histograms = vec![Histogram {
             keys: BTreeMap::new(),
             buckets: vec![
-                Bucket { low: 1024, high: 2048, count: 10 },
-                Bucket { low: 2048, high: 4096, count: 5 },
+                Bucket {
+                    low: 1024,
+                    high: 2048,
+                    count: 10,
+                },
+                Bucket {
+                    low: 2048,
+                    high: 4096,
+                    count: 5,
+                },
             ],
             count: 15,
         }];
         let t = render(&r, Format::Table);
         assert!(t.contains("[1K, 2K)"), "{t}");
         assert!(t.contains(&format!("|{}|", "@".repeat(52))), "{t}");
-        assert!(t.contains(&format!("|{}{}|", "@".repeat(26), " ".repeat(26))), "{t}");
+        assert!(
+            t.contains(&format!("|{}{}|", "@".repeat(26), " ".repeat(26))),
+            "{t}"
+        );
     }
 }

@@ -23,15 +23,36 @@ use crate::{
 /// Where one program attaches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AttachPoint {
-    Tracepoint { category: String, name: String },
-    RawTracepoint { name: String },
-    Kprobe { function: String },
-    Kretprobe { function: String },
-    Fentry { function: String },
-    Fexit { function: String },
-    Uprobe { binary: PathBuf, target: UprobeTarget, ret: bool },
-    Profile { frequency: u32 },
-    Lsm { hook: String },
+    Tracepoint {
+        category: String,
+        name: String,
+    },
+    RawTracepoint {
+        name: String,
+    },
+    Kprobe {
+        function: String,
+    },
+    Kretprobe {
+        function: String,
+    },
+    Fentry {
+        function: String,
+    },
+    Fexit {
+        function: String,
+    },
+    Uprobe {
+        binary: PathBuf,
+        target: UprobeTarget,
+        ret: bool,
+    },
+    Profile {
+        frequency: u32,
+    },
+    Lsm {
+        hook: String,
+    },
 }
 
 /// A uprobe location.
@@ -39,7 +60,10 @@ pub enum AttachPoint {
 pub enum UprobeTarget {
     Symbol(String),
     /// A file offset (USDT notes resolve to one).
-    Offset { offset: u64, label: String },
+    Offset {
+        offset: u64,
+        label: String,
+    },
 }
 
 impl AttachPoint {
@@ -278,8 +302,11 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
         Ok(t) => t,
         Err(v) => return Err(EngineError::NotFeasible(Verdict::from_probes(vec![v]))),
     };
-    let mut points: Vec<(Role, AttachPoint)> =
-        template.stash.iter().map(|p| (Role::Stash, p.clone())).collect();
+    let mut points: Vec<(Role, AttachPoint)> = template
+        .stash
+        .iter()
+        .map(|p| (Role::Stash, p.clone()))
+        .collect();
     points.push((Role::Main, template.main.clone()));
 
     let mut formats: BTreeMap<String, TracepointFormat> = BTreeMap::new();
@@ -405,7 +432,19 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
         ];
         for (name, src) in &template.event_columns {
             match src {
-                EventSource::Ppid => cols.push((name.clone(), EventPart::Ppid)),
+                EventSource::Ppid => match kernel.task_offsets() {
+                    Some((parent, tgid)) => {
+                        config.event_arg = Source {
+                            kind: source::PARENT_PID,
+                            offset: parent,
+                            size: tgid,
+                            signed: 0,
+                        };
+                        cols.push((name.clone(), EventPart::Arg(Render::Unsigned)));
+                    }
+                    // Without BTF the parent is looked up in /proc when the event is read.
+                    None => cols.push((name.clone(), EventPart::Ppid)),
+                },
                 EventSource::Value => {
                     if let Some(n) = &template.event_value {
                         match resolver.named(n) {
@@ -493,10 +532,12 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
     let needs_stash = latency || template.stash_value.is_some();
     if needs_stash {
         let Some((entry_key, exit_key)) = &template.stash_key else {
-            return Err(EngineError::NotFeasible(Verdict::from_probes(vec![infeasible(
-                &main_label,
-                "latency needs an entry/return pair this probe does not have".into(),
-            )])));
+            return Err(EngineError::NotFeasible(Verdict::from_probes(vec![
+                infeasible(
+                    &main_label,
+                    "latency needs an entry/return pair this probe does not have".into(),
+                ),
+            ])));
         };
         let stash_points: Vec<&AttachPoint> = template.stash.iter().collect();
         for sp in &stash_points {
@@ -771,9 +812,18 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
             if !tfs.has_tracepoint(category, name) {
                 let alternatives = tfs.categories_of(name);
                 let hint = if alternatives.is_empty() {
-                    format!("`fathom list 'tracepoint:{category}:*'` lists the tracepoints of {category}")
+                    format!(
+                        "`fathom list 'tracepoint:{category}:*'` lists the tracepoints of {category}"
+                    )
                 } else {
-                    format!("it exists as {}", alternatives.iter().map(|c| format!("{c}/{name}")).collect::<Vec<_>>().join(", "))
+                    format!(
+                        "it exists as {}",
+                        alternatives
+                            .iter()
+                            .map(|c| format!("{c}/{name}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
                 };
                 return no(
                     Reason::SymbolNotFound,
@@ -786,7 +836,9 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
             if tfs.categories_of(name).is_empty() {
                 return no(
                     Reason::SymbolNotFound,
-                    format!("no tracepoint named {name} on this kernel; `fathom list 'tracepoint:*{name}*'` finds similar ones"),
+                    format!(
+                        "no tracepoint named {name} on this kernel; `fathom list 'tracepoint:*{name}*'` finds similar ones"
+                    ),
                 );
             }
         }
@@ -800,7 +852,9 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
             if !kernel.kernel_functions().contains(function) {
                 return no(
                     Reason::SymbolNotFound,
-                    format!("kernel function {function} is not in /proc/kallsyms; `fathom list 'kprobe:*{function}*'` finds similar ones"),
+                    format!(
+                        "kernel function {function} is not in /proc/kallsyms; `fathom list 'kprobe:*{function}*'` finds similar ones"
+                    ),
                 );
             }
         }
@@ -808,7 +862,10 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
             if !kernel.has_btf() {
                 return no(
                     Reason::BTFUnavailable,
-                    format!("{} is missing: fentry/fexit need kernel BTF (CONFIG_DEBUG_INFO_BTF); use a kprobe or a tracepoint", kernel.btf_path.display()),
+                    format!(
+                        "{} is missing: fentry/fexit need kernel BTF (CONFIG_DEBUG_INFO_BTF); use a kprobe or a tracepoint",
+                        kernel.btf_path.display()
+                    ),
                 );
             }
             match kernel.btf_has_function(function) {
@@ -816,7 +873,9 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
                 Ok(false) => {
                     return no(
                         Reason::SymbolNotFound,
-                        format!("kernel function {function} is not in the kernel's BTF; `fathom list 'fentry:*{function}*'` finds similar ones"),
+                        format!(
+                            "kernel function {function} is not in the kernel's BTF; `fathom list 'fentry:*{function}*'` finds similar ones"
+                        ),
                     );
                 }
                 Err(e) => {
@@ -831,20 +890,29 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
             if !kernel.has_btf() {
                 return no(
                     Reason::BTFUnavailable,
-                    format!("{} is missing: LSM programs need kernel BTF", kernel.btf_path.display()),
+                    format!(
+                        "{} is missing: LSM programs need kernel BTF",
+                        kernel.btf_path.display()
+                    ),
                 );
             }
             match kernel.lsms() {
                 Some(l) if !l.iter().any(|x| x == "bpf") => {
                     return no(
                         Reason::AttachKindUnsupported,
-                        format!("BPF LSM is not enabled (active LSMs: {}); add bpf to the lsm= kernel command line", l.join(",")),
+                        format!(
+                            "BPF LSM is not enabled (active LSMs: {}); add bpf to the lsm= kernel command line",
+                            l.join(",")
+                        ),
                     );
                 }
                 None => {
                     return no(
                         Reason::AttachKindUnsupported,
-                        format!("cannot read {} to see whether BPF LSM is enabled; mount securityfs or enable lsm=…,bpf", kernel.lsm_path.display()),
+                        format!(
+                            "cannot read {} to see whether BPF LSM is enabled; mount securityfs or enable lsm=…,bpf",
+                            kernel.lsm_path.display()
+                        ),
                     );
                 }
                 _ => {}
@@ -984,13 +1052,15 @@ impl Resolver<'_> {
             (KeySpec::Syscall, AttachPoint::RawTracepoint { name })
                 if name == "sys_enter" || name == "sys_exit" =>
             {
-                self.named(&Named::Arg(1)).map(|(s, _)| (s, Render::Syscall))
+                self.named(&Named::Arg(1))
+                    .map(|(s, _)| (s, Render::Syscall))
             }
             (KeySpec::Syscall, _) => Err(format!(
                 "{} carries no syscall number; use tracepoint raw_syscalls/sys_enter",
                 self.point.label()
             )),
             (KeySpec::Field(f), _) => self.field_source(f),
+            (KeySpec::Ret, AttachPoint::Tracepoint { .. }) => self.field_source("ret"),
             (KeySpec::Arg(i), _) => self.named(&Named::Arg(u32::from(*i))),
             (KeySpec::Ret, _) => self.named(&Named::Ret),
             _ => Err(format!("{} is not a number key", k.name())),

@@ -23,10 +23,13 @@ pub fn render_number(v: u64, size_signed: bool, render: &Render) -> String {
     match render {
         Render::Unsigned => v.to_string(),
         Render::Signed => (v as i64).to_string(),
-        Render::Symbolic(names) => names
-            .get(&v)
-            .cloned()
-            .unwrap_or_else(|| if size_signed { (v as i64).to_string() } else { v.to_string() }),
+        Render::Symbolic(names) => names.get(&v).cloned().unwrap_or_else(|| {
+            if size_signed {
+                (v as i64).to_string()
+            } else {
+                v.to_string()
+            }
+        }),
         Render::Syscall => symbols::syscall_name(v),
         Render::Ipv4 => {
             let b = (v as u32).to_le_bytes();
@@ -69,7 +72,10 @@ impl Cgroups {
         if !self.paths.contains_key(&id) && !self.scanned {
             self.scan();
         }
-        self.paths.get(&id).cloned().unwrap_or_else(|| id.to_string())
+        self.paths
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
     }
 
     /// The Kubernetes view of a cgroup path: (pod uid, container id), when it is a pod's.
@@ -88,7 +94,11 @@ impl Cgroups {
                     container = Some(id.chars().take(12).collect());
                 }
             }
-            if pod.is_some() && container.is_none() && part.len() == 64 && part.chars().all(|c| c.is_ascii_hexdigit()) {
+            if pod.is_some()
+                && container.is_none()
+                && part.len() == 64
+                && part.chars().all(|c| c.is_ascii_hexdigit())
+            {
                 container = Some(part[..12].to_string());
             }
         }
@@ -147,13 +157,22 @@ impl Renderer<'_> {
     pub fn aggregate(
         &mut self,
         entries: &[(AggKey, AggValue)],
-    ) -> (Vec<Row>, Option<fathom_crds::result::OtherRow>, Vec<Histogram>, bool) {
+    ) -> (
+        Vec<Row>,
+        Option<fathom_crds::result::OtherRow>,
+        Vec<Histogram>,
+        bool,
+    ) {
         let plan = self.plan;
         match plan.value {
             ValueKind::Count | ValueKind::Sum => {
                 let mut merged: BTreeMap<BTreeMap<String, String>, u64> = BTreeMap::new();
                 for (k, v) in entries {
-                    let value = if plan.value == ValueKind::Sum { v.sum } else { v.count };
+                    let value = if plan.value == ValueKind::Sum {
+                        v.sum
+                    } else {
+                        v.count
+                    };
                     *merged.entry(self.keys(k)).or_default() += value;
                 }
                 let rows: Vec<Row> = merged
@@ -197,7 +216,9 @@ impl Renderer<'_> {
             let v = match part {
                 EventPart::Pid => e.pid.to_string(),
                 EventPart::Tid => e.tid.to_string(),
-                EventPart::Ppid => symbols::ppid(e.pid).map_or_else(|| "?".into(), |p| p.to_string()),
+                EventPart::Ppid => {
+                    symbols::ppid(e.pid).map_or_else(|| "?".into(), |p| p.to_string())
+                }
                 EventPart::Comm => comm_str(&e.comm),
                 EventPart::Cpu => e.cpu.to_string(),
                 EventPart::Cgroup => self.cgroups.path(e.cgroup),
@@ -266,14 +287,18 @@ mod tests {
         assert_eq!(render_number(0x0100007f, false, &Render::Ipv4), "127.0.0.1");
         assert_eq!(render_number(257, false, &Render::Syscall), "openat");
         let names = BTreeMap::from([(2, "NOT_SPECIFIED".to_string())]);
-        assert_eq!(render_number(2, false, &Render::Symbolic(names.clone())), "NOT_SPECIFIED");
+        assert_eq!(
+            render_number(2, false, &Render::Symbolic(names.clone())),
+            "NOT_SPECIFIED"
+        );
         assert_eq!(render_number(7, false, &Render::Symbolic(names)), "7");
     }
 
     #[test]
     fn histograms_fill_gaps_and_use_log2_bounds() {
         let h = histogram(BTreeMap::new(), &BTreeMap::from([(1, 3), (4, 2)]));
-        let bounds: Vec<(u64, u64, u64)> = h.buckets.iter().map(|b| (b.low, b.high, b.count)).collect();
+        let bounds: Vec<(u64, u64, u64)> =
+            h.buckets.iter().map(|b| (b.low, b.high, b.count)).collect();
         assert_eq!(bounds, vec![(1, 2, 3), (2, 4, 0), (4, 8, 0), (8, 16, 2)]);
         assert_eq!(h.count, 5);
     }
@@ -285,6 +310,9 @@ mod tests {
         );
         assert_eq!(pod.as_deref(), Some("1a2b-3c4d"));
         assert_eq!(c.as_deref(), Some("0123456789ab"));
-        assert_eq!(Cgroups::kube_parts("/user.slice/session-1.scope"), (None, None));
+        assert_eq!(
+            Cgroups::kube_parts("/user.slice/session-1.scope"),
+            (None, None)
+        );
     }
 }

@@ -47,7 +47,9 @@ pub fn run_session(
         if remaining.is_some_and(|r| r.is_zero()) {
             break;
         }
-        let wait = remaining.map_or(Duration::from_millis(100), |r| r.min(Duration::from_millis(100)));
+        let wait = remaining.map_or(Duration::from_millis(100), |r| {
+            r.min(Duration::from_millis(100))
+        });
         delivered += session.poll_events(wait) as u64;
         if last_tick.elapsed() >= Duration::from_secs(1) {
             let now = Instant::now();

@@ -29,7 +29,8 @@ impl KernelSymbols {
                 let addr = u64::from_str_radix(it.next()?, 16).ok()?;
                 let kind = it.next()?;
                 let name = it.next()?;
-                (addr != 0 && matches!(kind, "t" | "T" | "w" | "W")).then(|| (addr, name.to_string()))
+                (addr != 0 && matches!(kind, "t" | "T" | "w" | "W"))
+                    .then(|| (addr, name.to_string()))
             })
             .collect();
         syms.sort_unstable_by_key(|(a, _)| *a);
@@ -45,11 +46,51 @@ impl KernelSymbols {
     }
 }
 
-/// Symbolizes stacks of kernel and user space, caching per (pid, address).
+/// One executable mapping of a process (from /proc/PID/maps).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub file_offset: u64,
+    pub path: String,
+}
+
+/// The file-backed mappings of a live process.
+pub fn read_maps(pid: u32) -> Option<Vec<Mapping>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    Some(parse_maps(&text))
+}
+
+/// Parses /proc/PID/maps, keeping file-backed mappings.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (range, _perms, off, _dev, _inode) =
+                (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+            let path = it.next()?;
+            if !path.starts_with('/') {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some(Mapping {
+                start: u64::from_str_radix(a, 16).ok()?,
+                end: u64::from_str_radix(b, 16).ok()?,
+                file_offset: u64::from_str_radix(off, 16).ok()?,
+                path: path.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Symbolizes stacks of kernel and user space, caching per (pid, address). Processes that
+/// may exit before their stacks are read are [`Symbols::remember`]ed while they run: their
+/// mappings are kept, and their addresses are resolved in the files afterwards.
 pub struct Symbols {
     kernel: Option<KernelSymbols>,
     user: Symbolizer,
     cache: HashMap<(u32, u64), String>,
+    maps: HashMap<u32, Vec<Mapping>>,
 }
 
 impl Default for Symbols {
@@ -64,6 +105,36 @@ impl Symbols {
             kernel: None,
             user: Symbolizer::new(),
             cache: HashMap::new(),
+            maps: HashMap::new(),
+        }
+    }
+
+    /// Keeps the mappings of `pid` (if it is alive and not yet known) for later.
+    pub fn remember(&mut self, pid: u32) {
+        if pid != 0
+            && !self.maps.contains_key(&pid)
+            && let Some(m) = read_maps(pid)
+        {
+            self.maps.insert(pid, m);
+        }
+    }
+
+    /// Resolves `addr` of an exited process through its remembered mappings.
+    fn from_remembered(&self, pid: u32, addr: u64) -> Option<String> {
+        let m = self
+            .maps
+            .get(&pid)?
+            .iter()
+            .find(|m| addr >= m.start && addr < m.end)?;
+        let offset = addr - m.start + m.file_offset;
+        let src = source::Source::Elf(source::Elf::new(&m.path));
+        match self
+            .user
+            .symbolize_single(&src, Input::FileOffset(offset))
+            .ok()?
+        {
+            Symbolized::Sym(s) => Some(s.name.to_string()),
+            Symbolized::Unknown(_) => None,
         }
     }
 
@@ -95,7 +166,9 @@ impl Symbols {
             for (i, a) in missing.iter().enumerate() {
                 let name = match resolved.as_ref().and_then(|r| r.get(i)) {
                     Some(Symbolized::Sym(s)) => s.name.to_string(),
-                    _ => format!("{a:#x}"),
+                    _ => self
+                        .from_remembered(pid, *a)
+                        .unwrap_or_else(|| format!("{a:#x}")),
                 };
                 self.cache.insert((pid, *a), name);
             }
@@ -139,9 +212,29 @@ mod tests {
             "ffffffff81000000 T _stext\nffffffff81001000 t do_thing\nffffffff81002000 D some_data\nffffffff81003000 T other\n",
         );
         assert_eq!(k.name(0xffffffff81001010), "do_thing");
-        assert_eq!(k.name(0xffffffff81002010), "do_thing", "data symbols are skipped");
+        assert_eq!(
+            k.name(0xffffffff81002010),
+            "do_thing",
+            "data symbols are skipped"
+        );
         assert_eq!(k.name(0xffffffff81003000), "other");
         assert_eq!(k.name(0x10), "0x10");
+    }
+
+    #[test]
+    fn maps_keep_file_backed_mappings() {
+        let m = parse_maps(
+            "55d0c0a00000-55d0c0a01000 r-xp 00001000 fe:01 123 /usr/bin/true\n7ffd1000-7ffd2000 rw-p 00000000 00:00 0 [stack]\n",
+        );
+        assert_eq!(
+            m,
+            vec![Mapping {
+                start: 0x55d0c0a00000,
+                end: 0x55d0c0a01000,
+                file_offset: 0x1000,
+                path: "/usr/bin/true".into()
+            }]
+        );
     }
 
     #[test]

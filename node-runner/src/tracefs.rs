@@ -35,7 +35,9 @@ impl TraceFs {
         if Path::new(target).join("events").is_dir() {
             Ok(TraceFs::at(target))
         } else {
-            Err(format!("mounted tracefs at {target} but it has no events directory; is CONFIG_FTRACE enabled?"))
+            Err(format!(
+                "mounted tracefs at {target} but it has no events directory; is CONFIG_FTRACE enabled?"
+            ))
         }
     }
 
@@ -49,7 +51,11 @@ impl TraceFs {
 
     /// Whether `category/name` exists.
     pub fn has_tracepoint(&self, category: &str, name: &str) -> bool {
-        self.events().join(category).join(name).join("format").is_file()
+        self.events()
+            .join(category)
+            .join(name)
+            .join("format")
+            .is_file()
     }
 
     /// The categories a tracepoint `name` exists in (raw tracepoints are named without one).
@@ -77,7 +83,10 @@ impl TraceFs {
             };
             for n in names.flatten() {
                 if n.path().join("format").is_file() {
-                    out.push((cat_name.clone(), n.file_name().to_string_lossy().into_owned()));
+                    out.push((
+                        cat_name.clone(),
+                        n.file_name().to_string_lossy().into_owned(),
+                    ));
                 }
             }
         }
@@ -203,7 +212,9 @@ impl TracepointFormat {
 
     /// Fields without the `common_*` header fields.
     pub fn own_fields(&self) -> impl Iterator<Item = &TpField> {
-        self.fields.iter().filter(|f| !f.name.starts_with("common_"))
+        self.fields
+            .iter()
+            .filter(|f| !f.name.starts_with("common_"))
     }
 
     /// The names `__print_symbolic(REC->field, { value, "NAME" }, …)` gives a field's values.
@@ -321,6 +332,9 @@ mod tests {
             split_decl("const char * filename"),
             ("const char *".into(), "filename".into())
         );
-        assert_eq!(split_decl("__u8 daddr[4]"), ("__u8[4]".into(), "daddr".into()));
+        assert_eq!(
+            split_decl("__u8 daddr[4]"),
+            ("__u8[4]".into(), "daddr".into())
+        );
     }
 }

@@ -126,7 +126,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(file: &std::path::Path) -> Result<(jobfile::JobFile, fathom_crds::CheckedSpec), EngineError> {
+fn load(
+    file: &std::path::Path,
+) -> Result<(jobfile::JobFile, fathom_crds::CheckedSpec), EngineError> {
     let job = jobfile::read(file)?;
     let cluster_only = job.spec.cluster_only_fields();
     if !cluster_only.is_empty() {
@@ -148,7 +150,10 @@ fn check(file: &std::path::Path, json: bool) -> Result<(), EngineError> {
         Err(e) => return Err(e),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&verdict).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&verdict).unwrap_or_default()
+        );
     } else {
         for p in &verdict.probes {
             if p.feasible {
@@ -157,7 +162,8 @@ fn check(file: &std::path::Path, json: bool) -> Result<(), EngineError> {
                 println!(
                     "{}: not feasible: {:?}: {}",
                     p.probe,
-                    p.reason.unwrap_or(fathom_crds::verdict::Reason::SymbolNotFound),
+                    p.reason
+                        .unwrap_or(fathom_crds::verdict::Reason::SymbolNotFound),
                     p.message
                 );
             }
@@ -206,9 +212,9 @@ fn run(
     );
     let result = run_session(session, duration, &STOP, |p: &Progress| {
         if live {
-            let remaining = p
-                .remaining
-                .map_or(String::new(), |r| format!(" / {:.0}s left", r.as_secs_f64()));
+            let remaining = p.remaining.map_or(String::new(), |r| {
+                format!(" / {:.0}s left", r.as_secs_f64())
+            });
             eprint!(
                 "\r\x1b[K{:.0}s{remaining}: {} hits, {} events, probes {:.2}% CPU",
                 p.elapsed.as_secs_f64(),

@@ -1,0 +1,275 @@
+//! Shared helpers of the kernel tests: they really load and attach programs (run as root),
+//! drive the C workload, compare with bpftrace, and sweep for residue before and after.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use fathom_crds::{CheckedSpec, TraceJobSpec, result::ResultData};
+use fathom_node::{
+    EngineError,
+    engine::{EngineOptions, Session},
+    kernel::Kernel,
+    plan,
+};
+
+static KERNEL_LOCK: Mutex<()> = Mutex::new(());
+
+/// Kernel tests of one binary run one at a time: the residue sweep looks at the whole kernel.
+/// Each test holds the guard, which sweeps for residue when taken and when dropped.
+pub struct KernelTest {
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl KernelTest {
+    pub fn begin() -> KernelTest {
+        let guard = KERNEL_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        assert_no_residue("before the test");
+        KernelTest { _guard: guard }
+    }
+}
+
+impl Drop for KernelTest {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_residue("after the test");
+        }
+    }
+}
+
+/// Fathom's objects in the kernel: programs named fathom_*, their links, and maps of the
+/// names our object uses.
+#[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
+pub struct Residue {
+    pub programs: usize,
+    pub links: usize,
+    pub maps: usize,
+    pub pins: usize,
+}
+
+fn bpftool(what: &str) -> Vec<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .args(["-j", what, "show"])
+        .output()
+        .expect("bpftool runs (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "bpftool {what} show failed");
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+const OUR_MAPS: &[&str] = &[
+    "AGG", "COUNTERS", "EVENTS", "STACKS", "STASH", "RATE", "PIDS", "CGROUPS",
+];
+
+pub fn residue() -> Residue {
+    let progs = bpftool("prog");
+    let ids: Vec<u64> = progs
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("fathom_")))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let links = bpftool("link")
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .count();
+    let maps = bpftool("map")
+        .iter()
+        .filter(|m| m["name"].as_str().is_some_and(|n| OUR_MAPS.contains(&n)))
+        .count();
+    let pins = std::fs::read_dir("/sys/fs/bpf/fathom")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    Residue {
+        programs: ids.len(),
+        links,
+        maps,
+        pins,
+    }
+}
+
+pub fn assert_no_residue(when: &str) {
+    // The kernel frees maps shortly after their last reference goes; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = residue();
+        if r == Residue::default() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("Fathom objects remain in the kernel {when}: {r:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn spec(yaml: &str) -> CheckedSpec {
+    let s: TraceJobSpec = serde_yaml::from_str(yaml).expect("test spec parses");
+    s.validate().expect("test spec is valid")
+}
+
+/// Plans and starts a job on the running kernel.
+pub fn start(yaml: &str) -> Session {
+    start_with(yaml, EngineOptions::default()).expect("job starts")
+}
+
+pub fn start_with(yaml: &str, opts: EngineOptions) -> Result<Session, EngineError> {
+    let kernel = Kernel::running();
+    let plan = plan::plan(&spec(yaml), &kernel)?;
+    Session::start(plan, &kernel, opts)
+}
+
+/// Plans and starts a job, returning the error it fails with.
+pub fn start_err(yaml: &str) -> EngineError {
+    match start_with(yaml, EngineOptions::default()) {
+        Ok(_) => panic!("job should not start: {yaml}"),
+        Err(e) => e,
+    }
+}
+
+pub fn workload_path() -> PathBuf {
+    PathBuf::from(env!("FATHOM_WORKLOAD"))
+}
+
+/// Runs the workload to completion: `workload COMM MODE N [ARG]`.
+pub fn workload(comm: &str, mode: &str, n: u64, arg: Option<&str>) -> String {
+    let mut cmd = Command::new(workload_path());
+    cmd.args([comm, mode, &n.to_string()]);
+    if let Some(a) = arg {
+        cmd.arg(a);
+    }
+    let out = cmd.output().expect("workload runs");
+    assert!(
+        out.status.success(),
+        "workload {mode} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A workload started but waiting for a byte on stdin; its pid is known before it works.
+pub struct Waiting {
+    child: Child,
+    pub pid: u32,
+}
+
+pub fn workload_waiting(comm: &str, mode: &str, n: u64, arg: Option<&str>) -> Waiting {
+    let mut cmd = Command::new(workload_path());
+    cmd.args([comm, mode, &n.to_string()]);
+    if let Some(a) = arg {
+        cmd.arg(a);
+    }
+    let mut child = cmd
+        .env("FATHOM_WL_WAIT", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("workload starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let pid = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .expect("ready PID");
+    Waiting { child, pid }
+}
+
+impl Waiting {
+    pub fn go(mut self) {
+        self.child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(b"g")
+            .expect("go");
+        let status = self.child.wait().expect("workload ends");
+        assert!(status.success());
+    }
+}
+
+/// bpftrace, attached and waiting: the oracle for counts.
+pub struct Bpftrace {
+    child: Child,
+}
+
+impl Bpftrace {
+    /// Starts `bpftrace -f json -e PROGRAM` and waits until it has attached: its BEGIN
+    /// probe runs only after every other probe is attached ("Attaching N probes" comes
+    /// before, and a workload started then races the attachment).
+    pub fn start(program: &str) -> Bpftrace {
+        let program = format!("BEGIN {{ printf(\"fathom-ready\\n\"); }} {program}");
+        let mut child = Command::new("bpftrace")
+            .args(["-f", "json", "-e", &program])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bpftrace runs (scripts/setup.sh installs it)");
+        let stdout = child.stdout.as_mut().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("bpftrace output");
+            assert!(n > 0, "bpftrace exited before attaching: {program}");
+            if line.contains("fathom-ready") {
+                break;
+            }
+        }
+        Bpftrace { child }
+    }
+
+    /// Stops bpftrace (SIGINT) and returns its maps as JSON objects.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        // SAFETY: sending a signal to our own child.
+        #[allow(unsafe_code, reason = "kill(2) to stop the child")]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let out = self.child.wait_with_output().expect("bpftrace ends");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "map")
+            .collect()
+    }
+
+    /// Stops bpftrace and returns the value of scalar map `@name`.
+    pub fn stop_count(self, name: &str) -> u64 {
+        let maps = self.stop();
+        maps.iter()
+            .find_map(|m| m["data"][name].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+/// The value of the row whose keys include `key=value`.
+pub fn row_value(r: &ResultData, key: &str, value: &str) -> u64 {
+    r.rows
+        .iter()
+        .filter(|row| row.keys.get(key).map(String::as_str) == Some(value))
+        .map(|row| row.value)
+        .sum()
+}
+
+/// A comm unique to this test run (15 bytes at most).
+pub fn comm(tag: &str) -> String {
+    let mut c = format!("fw{}{tag}", std::process::id() % 10000);
+    c.truncate(15);
+    c
+}
+
+/// Runs `work` on a thread while polling the session, as `fathom run` does (user-stack
+/// processes are remembered while they live).
+pub fn drive(s: &mut Session, work: impl FnOnce() + Send + 'static) {
+    let t = std::thread::spawn(work);
+    while !t.is_finished() {
+        s.poll_events(Duration::from_millis(50));
+    }
+    t.join().expect("workload thread");
+}

@@ -1,0 +1,359 @@
+//! Real probes in the running kernel against workloads of known shape, with bpftrace as the
+//! oracle where it can run. Needs root (CAP_BPF + CAP_PERFMON) and scripts/setup.sh.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use fathom_crds::result::ResultData;
+
+fn events_with(r: &ResultData, field: &str, value: &str) -> usize {
+    r.events
+        .iter()
+        .filter(|e| e.fields.get(field).map(String::as_str) == Some(value))
+        .count()
+}
+
+#[test]
+fn syscalls_by_comm_and_syscall_match_bpftrace_exactly() {
+    let _k = KernelTest::begin();
+    let c = comm("sys");
+    let n = 5000;
+    let s = start(&format!(
+        "probe: {{ catalog: syscalls }}\naggregate: {{ by: [comm, syscall], top: 1000 }}\nfilter: {{ comm: {c} }}"
+    ));
+    let bt = Bpftrace::start(&format!(
+        "tracepoint:raw_syscalls:sys_enter /comm == \"{c}\"/ {{ @total = count(); if (args->id == 110) {{ @getppid = count(); }} }}"
+    ));
+    workload(&c, "getppid", n, None);
+    let maps = bt.stop();
+    let r = s.stop().expect("stops");
+    let bt_total = maps
+        .iter()
+        .find_map(|m| m["data"]["@total"].as_u64())
+        .expect("@total");
+    let bt_getppid = maps
+        .iter()
+        .find_map(|m| m["data"]["@getppid"].as_u64())
+        .expect("@getppid");
+    assert_eq!(row_value(&r, "syscall", "getppid"), n);
+    assert_eq!(bt_getppid, n);
+    assert_eq!(
+        row_value(&r, "comm", &c),
+        bt_total,
+        "every syscall of the comm, as bpftrace counts them"
+    );
+    assert!(
+        r.rows.iter().all(|row| row.keys["comm"] == c),
+        "the comm filter ran in the kernel"
+    );
+    assert_eq!(r.totals.hits, bt_total);
+}
+
+#[test]
+fn open_events_carry_filename_and_result_and_match_bpftrace() {
+    let _k = KernelTest::begin();
+    let c = comm("open");
+    let s = start(&format!(
+        "probe: {{ catalog: open }}\naggregate: {{ by: [comm] }}\nfilter: {{ comm: {c} }}\nevents: {{ last: 100, payload: true }}"
+    ));
+    let bt = Bpftrace::start(&format!(
+        "tracepoint:syscalls:sys_enter_openat /comm == \"{c}\"/ {{ @ = count(); }}"
+    ));
+    workload(&c, "open", 7, Some("/etc/hostname"));
+    workload(&c, "open", 3, Some("/nonexistent/file"));
+    let bt_count = bt.stop_count("@");
+    let r = s.stop().expect("stops");
+    assert_eq!(bt_count, 10);
+    assert_eq!(row_value(&r, "comm", &c), 10);
+    let ok: Vec<_> = r
+        .events
+        .iter()
+        .filter(|e| e.fields["filename"] == "/etc/hostname")
+        .collect();
+    assert_eq!(ok.len(), 7);
+    assert!(
+        ok.iter()
+            .all(|e| e.fields["result"].parse::<i64>().expect("fd") >= 0)
+    );
+    let failed: Vec<_> = r
+        .events
+        .iter()
+        .filter(|e| e.fields["filename"] == "/nonexistent/file")
+        .collect();
+    assert_eq!(failed.len(), 3);
+    assert!(failed.iter().all(|e| e.fields["result"] == "-2"), "ENOENT");
+    assert_eq!(r.totals.events_lost, 0);
+}
+
+#[test]
+fn open_filenames_stay_out_without_payload_opt_in() {
+    let _k = KernelTest::begin();
+    let c = comm("nopay");
+    let s = start(&format!(
+        "probe: {{ catalog: open }}\nfilter: {{ comm: {c} }}"
+    ));
+    workload(&c, "open", 2, Some("/etc/hostname"));
+    let r = s.stop().expect("stops");
+    assert_eq!(r.events.len(), 2);
+    for e in &r.events {
+        assert!(!e.fields["filename"].contains("hostname"), "{e:?}");
+    }
+}
+
+#[test]
+fn exec_events_have_pid_ppid_comm_filename_and_match_bpftrace() {
+    let _k = KernelTest::begin();
+    let c = comm("exec");
+    let s = start("probe: { catalog: exec }\nevents: { last: 1000, payload: true }");
+    let bt = Bpftrace::start(
+        "tracepoint:sched:sched_process_exec /str(args->filename) == \"/bin/true\"/ { @ = count(); }",
+    );
+    let w = workload_waiting(&c, "exec", 5, None);
+    let parent = w.pid;
+    w.go();
+    let bt_count = bt.stop_count("@");
+    let r = s.stop().expect("stops");
+    let children: Vec<_> = r
+        .events
+        .iter()
+        .filter(|e| e.fields["ppid"] == parent.to_string())
+        .collect();
+    assert_eq!(children.len(), 5, "{:?}", r.events);
+    for e in &children {
+        assert_eq!(e.fields["filename"], "/bin/true");
+        assert_eq!(e.fields["comm"], "true");
+        assert_ne!(e.fields["pid"], parent.to_string());
+    }
+    assert_eq!(bt_count, events_with(&r, "filename", "/bin/true") as u64);
+}
+
+#[test]
+fn uprobe_counts_calls_exactly_and_matches_bpftrace() {
+    let _k = KernelTest::begin();
+    let c = comm("up");
+    let bin = workload_path();
+    let bin = bin.display();
+    let s = start(&format!(
+        "probe: {{ uprobe: '{bin}:fathom_target' }}\naggregate: {{ by: [comm] }}"
+    ));
+    let bt = Bpftrace::start(&format!(
+        "uprobe:{bin}:fathom_target {{ @[comm] = count(); }}"
+    ));
+    workload(&c, "call", 1234, None);
+    let maps = bt.stop();
+    let r = s.stop().expect("stops");
+    assert_eq!(row_value(&r, "comm", &c), 1234);
+    let bt_count = maps
+        .iter()
+        .find_map(|m| m["data"]["@"][&c].as_u64())
+        .expect("bpftrace row");
+    assert_eq!(bt_count, 1234);
+}
+
+#[test]
+fn uretprobe_latency_histogram_counts_every_call() {
+    let _k = KernelTest::begin();
+    let c = comm("uret");
+    let bin = workload_path();
+    let s = start(&format!(
+        "probe: {{ uretprobe: '{}:fathom_target' }}\naggregate: {{ value: latency }}\nfilter: {{ comm: {c} }}",
+        bin.display()
+    ));
+    workload(&c, "call", 300, None);
+    let r = s.stop().expect("stops");
+    assert_eq!(r.histograms.len(), 1);
+    assert_eq!(r.histograms[0].count, 300);
+    assert!(
+        r.histograms[0].buckets.iter().all(|b| b.low < 100_000_000),
+        "sub-100ms calls"
+    );
+}
+
+#[test]
+fn uprobe_keys_by_argument_and_sums_return_values() {
+    let _k = KernelTest::begin();
+    let c = comm("arg");
+    let bin = workload_path();
+    let s = start(&format!(
+        "probe: {{ uretprobe: '{}:fathom_target' }}\naggregate: {{ value: sum(ret) }}\nfilter: {{ comm: {c} }}",
+        bin.display()
+    ));
+    workload(&c, "call", 10, None);
+    let r = s.stop().expect("stops");
+    // fathom_target(i) returns 2*i for i in 0..10: Σ = 90.
+    assert_eq!(r.rows.len(), 1);
+    assert_eq!(r.rows[0].value, 90);
+}
+
+#[test]
+fn usdt_probe_counts_hits() {
+    let _k = KernelTest::begin();
+    let c = comm("usdt");
+    let s = start(&format!(
+        "probe: {{ usdt: '{}:fathom:tick' }}\naggregate: {{ by: [comm] }}",
+        workload_path().display()
+    ));
+    workload(&c, "usdt", 77, None);
+    let r = s.stop().expect("stops");
+    assert_eq!(row_value(&r, "comm", &c), 77);
+}
+
+#[test]
+fn tcp_connect_counts_loopback_connects_by_port() {
+    let _k = KernelTest::begin();
+    let c = comm("tcp");
+    let s = start(&format!(
+        "probe: {{ catalog: tcp-connect }}\nfilter: {{ comm: {c} }}"
+    ));
+    let out = workload(&c, "connect", 9, None);
+    let r = s.stop().expect("stops");
+    let port = out
+        .lines()
+        .find_map(|l| l.strip_prefix("port "))
+        .expect("port line");
+    assert_eq!(r.keys, vec!["comm", "daddr", "dport"]);
+    assert_eq!(r.rows.len(), 1, "{:?}", r.rows);
+    let row = &r.rows[0];
+    assert_eq!(row.value, 9);
+    assert_eq!(row.keys["daddr"], "127.0.0.1");
+    assert_eq!(row.keys["dport"], port);
+}
+
+#[test]
+fn profile_finds_the_hot_function_in_user_stacks() {
+    let _k = KernelTest::begin();
+    let c = comm("prof");
+    let s = start(&format!(
+        "probe: {{ profile: {{ frequency: 199 }} }}\naggregate: {{ by: [comm, ustack] }}\nfilter: {{ comm: {c} }}"
+    ));
+    let mut s = s;
+    let wc = c.clone();
+    drive(&mut s, move || {
+        workload(&wc, "spin", 1500, None);
+    });
+    let r = s.stop().expect("stops");
+    let total: u64 = r.rows.iter().map(|r| r.value).sum();
+    let hot: u64 = r
+        .rows
+        .iter()
+        .filter(|row| row.keys["ustack"].contains("fathom_hot_loop"))
+        .map(|row| row.value)
+        .sum();
+    assert!(total > 100, "samples: {total}");
+    assert!(
+        hot * 10 >= total * 8,
+        "hot frame in {hot} of {total} samples: {:?}",
+        r.rows
+    );
+    assert!(
+        r.folded()
+            .iter()
+            .any(|l| l.contains("main;fathom_hot_loop")),
+        "{:?}",
+        r.folded()
+    );
+}
+
+#[test]
+fn packet_drops_key_by_reason_and_kernel_stack() {
+    let _k = KernelTest::begin();
+    let s = start("probe: { catalog: packet-drops }");
+    // A connect to a closed loopback port is answered with a RST; the SYN is freed with a
+    // drop reason (NO_SOCKET) on the way.
+    for _ in 0..20 {
+        let _ = std::net::TcpStream::connect("127.0.0.1:1");
+    }
+    let r = s.stop().expect("stops");
+    assert_eq!(r.keys, vec!["reason", "kstack"]);
+    assert!(r.totals.hits >= 20, "{:?}", r.totals);
+    let reasons: BTreeMap<&str, u64> = r
+        .rows
+        .iter()
+        .map(|row| (row.keys["reason"].as_str(), row.value))
+        .collect();
+    assert!(
+        reasons
+            .keys()
+            .any(|k| k.chars().all(|c| c.is_ascii_uppercase() || c == '_')),
+        "symbolic reasons: {reasons:?}"
+    );
+    assert!(
+        r.rows
+            .iter()
+            .any(|row| row.keys["kstack"].contains("kfree_skb")
+                || row.keys["kstack"].contains("tcp")),
+        "kernel stacks symbolized: {:?}",
+        r.rows
+    );
+}
+
+#[test]
+fn runqlat_histogram_fills() {
+    let _k = KernelTest::begin();
+    let s = start("probe: { catalog: runqlat }");
+    workload(&comm("rq"), "exec", 20, None);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = s.stop().expect("stops");
+    assert_eq!(r.histograms.len(), 1);
+    assert!(r.histograms[0].count > 0, "{:?}", r.totals);
+    assert!(r.value.contains("latency"));
+}
+
+#[test]
+fn biolatency_sees_synchronous_writes() {
+    let _k = KernelTest::begin();
+    let dir = std::env::temp_dir().join(format!("fathom-bio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let file = dir.join("data");
+    let s = start("probe: { catalog: biolatency }");
+    workload(&comm("bio"), "write", 20, Some(&file.display().to_string()));
+    let r = s.stop().expect("stops");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(r.histograms.len(), 1, "{:?}", r.totals);
+    assert!(r.histograms[0].count > 0);
+}
+
+#[test]
+fn raw_tracepoint_keys_by_syscall() {
+    let _k = KernelTest::begin();
+    let c = comm("raw");
+    let s = start(&format!(
+        "probe: {{ rawTracepoint: sys_enter }}\naggregate: {{ by: [syscall] }}\nfilter: {{ comm: {c} }}"
+    ));
+    workload(&c, "getppid", 321, None);
+    let r = s.stop().expect("stops");
+    assert_eq!(row_value(&r, "syscall", "getppid"), 321);
+}
+
+#[test]
+fn pid_filter_counts_only_that_process() {
+    let _k = KernelTest::begin();
+    let c = comm("pid");
+    let w = workload_waiting(&c, "getppid", 400, None);
+    let s = start(&format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [pid] }}\nfilter: {{ pids: [{}] }}",
+        w.pid
+    ));
+    let pid = w.pid;
+    w.go();
+    workload(&c, "getppid", 50, None);
+    let r = s.stop().expect("stops");
+    assert_eq!(r.rows.len(), 1);
+    assert_eq!(r.rows[0].keys["pid"], pid.to_string());
+    assert_eq!(r.rows[0].value, 400);
+}
+
+#[test]
+fn tracepoint_field_sum_and_histogram() {
+    let _k = KernelTest::begin();
+    let c = comm("fld");
+    let s = start(&format!(
+        "probe: {{ tracepoint: syscalls/sys_exit_openat }}\naggregate: {{ value: hist(ret) }}\nfilter: {{ comm: {c} }}"
+    ));
+    workload(&c, "open", 6, Some("/etc/hostname"));
+    let r = s.stop().expect("stops");
+    assert_eq!(r.histograms.len(), 1);
+    assert_eq!(r.histograms[0].count, 6, "{:?}", r.histograms);
+}
