@@ -85,16 +85,12 @@ pub struct TargetContainer {
     derive = "PartialEq",
     selectable = ".spec.nodeName",
     doc = "One TraceJob or ClusterTraceJob on one node: written by the operator, executed and reported on by that node's runner.",
-    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
-    printcolumn(name = "Job", type_ = "string", json_path = ".spec.job.name"),
-    printcolumn(name = "Run", type_ = "integer", json_path = ".spec.run"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Hits", type_ = "integer", json_path = ".status.counters.hits"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"}"#,
+    printcolumn = r#"{"name": "Job", "type": "string", "jsonPath": ".spec.job.name"}"#,
+    printcolumn = r#"{"name": "Run", "type": "integer", "jsonPath": ".spec.run"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Hits", "type": "integer", "jsonPath": ".status.counters.hits"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TraceAssignmentSpec {

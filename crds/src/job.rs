@@ -32,32 +32,13 @@ pub const VERSION: &str = "v1alpha1";
     category = "fathom",
     derive = "PartialEq",
     doc = "A probe, its targets (pods of this namespace), a duration and an aggregation. The operator places it on the nodes where the targeted pods run and keeps its status.",
-    printcolumn(name = "Probe", type_ = "string", json_path = ".status.probe"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Nodes",
-        type_ = "string",
-        json_path = ".status.nodesAttached",
-        description = "nodes attached / nodes desired"
-    ),
-    printcolumn(name = "Events", type_ = "integer", json_path = ".status.events"),
-    printcolumn(
-        name = "Run",
-        type_ = "integer",
-        json_path = ".status.run",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.message",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Probe", "type": "string", "jsonPath": ".status.probe"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Nodes", "type": "string", "description": "nodes attached / nodes desired", "jsonPath": ".status.nodesAttached"}"#,
+    printcolumn = r#"{"name": "Events", "type": "integer", "jsonPath": ".status.events"}"#,
+    printcolumn = r#"{"name": "Run", "type": "integer", "jsonPath": ".status.run", "priority": 1}"#,
+    printcolumn = r#"{"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(transparent)]
 pub struct NamespacedJobSpec(pub TraceJobSpec);
@@ -74,32 +55,13 @@ pub struct NamespacedJobSpec(pub TraceJobSpec);
     category = "fathom",
     derive = "PartialEq",
     doc = "A TraceJob for cluster admins: the same spec, and it may observe whole nodes and pods of every namespace.",
-    printcolumn(name = "Probe", type_ = "string", json_path = ".status.probe"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Nodes",
-        type_ = "string",
-        json_path = ".status.nodesAttached",
-        description = "nodes attached / nodes desired"
-    ),
-    printcolumn(name = "Events", type_ = "integer", json_path = ".status.events"),
-    printcolumn(
-        name = "Run",
-        type_ = "integer",
-        json_path = ".status.run",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.message",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Probe", "type": "string", "jsonPath": ".status.probe"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Nodes", "type": "string", "description": "nodes attached / nodes desired", "jsonPath": ".status.nodesAttached"}"#,
+    printcolumn = r#"{"name": "Events", "type": "integer", "jsonPath": ".status.events"}"#,
+    printcolumn = r#"{"name": "Run", "type": "integer", "jsonPath": ".status.run", "priority": 1}"#,
+    printcolumn = r#"{"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(transparent)]
 pub struct ClusterJobSpec(pub TraceJobSpec);

@@ -28,10 +28,10 @@ pub const MAX_RESULT_BYTES: usize = 1000 * 1024;
     category = "fathom",
     derive = "PartialEq",
     doc = "The merged result of a TraceJob or ClusterTraceJob: top rows, histograms, last events and totals, bounded in size.",
-    printcolumn(name = "Job", type_ = "string", json_path = ".spec.job.name"),
-    printcolumn(name = "Rows", type_ = "integer", json_path = ".status.rows"),
-    printcolumn(name = "Total", type_ = "integer", json_path = ".status.total"),
-    printcolumn(name = "Updated", type_ = "date", json_path = ".status.updated")
+    printcolumn = r#"{"name": "Job", "type": "string", "jsonPath": ".spec.job.name"}"#,
+    printcolumn = r#"{"name": "Rows", "type": "integer", "jsonPath": ".status.rows"}"#,
+    printcolumn = r#"{"name": "Total", "type": "integer", "jsonPath": ".status.total"}"#,
+    printcolumn = r#"{"name": "Updated", "type": "date", "jsonPath": ".status.updated"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TraceResultSpec {

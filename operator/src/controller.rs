@@ -126,8 +126,8 @@ pub fn jobs_for_node(
 }
 
 enum Change {
-    Node(watcher::Event<Node>),
-    Pod(watcher::Event<Pod>),
+    Node(Box<watcher::Event<Node>>),
+    Pod(Box<watcher::Event<Pod>>),
 }
 
 /// Runs the controllers until `shutdown` fires.
@@ -147,13 +147,13 @@ pub async fn run_controllers(
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
     )
     .default_backoff()
-    .filter_map(|e| async move { e.ok().map(Change::Node) });
+    .filter_map(|e| async move { e.ok().map(|e| Change::Node(Box::new(e))) });
     let pod_events = reflector::reflector(
         pod_writer,
         watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
     )
     .default_backoff()
-    .filter_map(|e| async move { e.ok().map(Change::Pod) });
+    .filter_map(|e| async move { e.ok().map(|e| Change::Pod(Box::new(e))) });
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -208,38 +208,42 @@ pub async fn run_controllers(
                     _ = shutdown.wait_for(|v| *v) => return,
                 };
                 let (tjs, ctjs) = match change {
-                    Change::Node(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
-                        let fp = node_fingerprint(&n);
-                        if node_seen.insert(n.name_any(), fp) == Some(fp) {
-                            continue;
+                    Change::Node(e) => match *e {
+                        watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
+                            let fp = node_fingerprint(&n);
+                            if node_seen.insert(n.name_any(), fp) == Some(fp) {
+                                continue;
+                            }
+                            jobs_for_node(&tj_store, &ctj_store)
                         }
-                        jobs_for_node(&tj_store, &ctj_store)
-                    }
-                    Change::Node(watcher::Event::Delete(n)) => {
-                        node_seen.remove(&n.name_any());
-                        jobs_for_node(&tj_store, &ctj_store)
-                    }
-                    Change::Pod(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                        let fp = pod_fingerprint(&p);
-                        let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-                        if pod_seen.insert(key, fp) == Some(fp) {
-                            continue;
+                        watcher::Event::Delete(n) => {
+                            node_seen.remove(&n.name_any());
+                            jobs_for_node(&tj_store, &ctj_store)
                         }
-                        jobs_for_pod(&p, &tj_store, &ctj_store)
-                    }
-                    Change::Pod(watcher::Event::Delete(p)) => {
-                        pod_seen.remove(&format!(
-                            "{}/{}",
-                            p.namespace().unwrap_or_default(),
-                            p.name_any()
-                        ));
-                        jobs_for_pod(&p, &tj_store, &ctj_store)
-                    }
-                    Change::Node(watcher::Event::InitDone)
-                    | Change::Pod(watcher::Event::InitDone) => jobs_for_node(&tj_store, &ctj_store),
-                    Change::Node(watcher::Event::Init) | Change::Pod(watcher::Event::Init) => {
-                        continue;
-                    }
+                        watcher::Event::InitDone => jobs_for_node(&tj_store, &ctj_store),
+                        watcher::Event::Init => continue,
+                    },
+                    Change::Pod(e) => match *e {
+                        watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                            let fp = pod_fingerprint(&p);
+                            let key =
+                                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                            if pod_seen.insert(key, fp) == Some(fp) {
+                                continue;
+                            }
+                            jobs_for_pod(&p, &tj_store, &ctj_store)
+                        }
+                        watcher::Event::Delete(p) => {
+                            pod_seen.remove(&format!(
+                                "{}/{}",
+                                p.namespace().unwrap_or_default(),
+                                p.name_any()
+                            ));
+                            jobs_for_pod(&p, &tj_store, &ctj_store)
+                        }
+                        watcher::Event::InitDone => jobs_for_node(&tj_store, &ctj_store),
+                        watcher::Event::Init => continue,
+                    },
                 };
                 for r in tjs {
                     let _ = tj_tx.unbounded_send(r);
@@ -285,9 +289,7 @@ pub async fn run_operator(
     args: RunArgs,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let config = args
-        .reconcile_config()
-        .map_err(|m| Error::MissingField(m, "a valid value"))?;
+    let config = args.reconcile_config().map_err(Error::Config)?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let listener = http::bind(args.http_addr).await?;
@@ -327,11 +329,14 @@ pub async fn run_operator(
             .await
         }
     };
-    let (served, elected, acted) = tokio::join!(serve, elect, act);
-    if let Err(e) = &elected {
-        warn!(error = %e, "leader election ended");
-    }
-    served?;
-    elected?;
-    acted
+    // Losing the lease ends everything at once (the other futures are dropped): a replica
+    // that is not sure it leads must not act.
+    let elect = async move {
+        let r = elect.await;
+        if let Err(e) = &r {
+            warn!(error = %e, "leader election ended");
+        }
+        r
+    };
+    tokio::try_join!(serve, elect, act).map(|_| ())
 }

@@ -9,7 +9,7 @@ pub enum Error {
     Api {
         operation: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// An object lacks a field the API server always sets (name, uid, namespace).
     #[error("{0} has no {1}; was it created by the API server?")]
@@ -21,6 +21,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A flag or environment variable has an invalid value.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// Leadership was lost: another replica may act now, so this one stops.
     #[error("lost the leader lease {0}; stopping so that only one replica acts")]
     LeadershipLost(String),
@@ -45,7 +48,7 @@ impl Error {
     pub fn api(operation: impl Into<String>, source: kube::Error) -> Self {
         Error::Api {
             operation: operation.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -53,7 +56,7 @@ impl Error {
     /// `Unavailable`, `FailedPrecondition`, `Internal`.
     pub fn category(&self) -> &'static str {
         match self {
-            Error::Api { source, .. } => match source {
+            Error::Api { source, .. } => match source.as_ref() {
                 kube::Error::Api(s) => match s.code {
                     404 => "NotFound",
                     409 => "Conflict",
@@ -64,7 +67,7 @@ impl Error {
                 },
                 _ => "Unavailable",
             },
-            Error::MissingField(..) => "InvalidArgument",
+            Error::MissingField(..) | Error::Config(_) => "InvalidArgument",
             Error::Http { .. } => "Unavailable",
             Error::LeadershipLost(_) => "FailedPrecondition",
         }
@@ -72,7 +75,7 @@ impl Error {
 
     /// The API answered 404.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::Api { source: kube::Error::Api(s), .. } if s.code == 404)
+        matches!(self, Error::Api { source, .. } if matches!(source.as_ref(), kube::Error::Api(s) if s.code == 404))
     }
 }
 

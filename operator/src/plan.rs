@@ -343,6 +343,9 @@ pub fn plan_assignments<'a>(job: &PlanInput<'_>, view: &'a ClusterView<'a>) -> P
     match &job.targets {
         Targets::NodeWide => {
             plan.node_wide = true;
+            // Nodes are sorted: collecting a sorted list builds the map in one pass.
+            let mut chosen: Vec<(&'a str, Vec<&'a PodInfo<'a>>)> =
+                Vec::with_capacity(view.nodes.len());
             for node in &view.nodes {
                 let why = match node.eligible {
                     Err(e) => Some(e),
@@ -352,12 +355,11 @@ pub fn plan_assignments<'a>(job: &PlanInput<'_>, view: &'a ClusterView<'a>) -> P
                     Ok(()) => None,
                 };
                 match why {
-                    None => {
-                        plan.nodes.insert(node.name, Vec::new());
-                    }
+                    None => chosen.push((node.name, Vec::new())),
                     Some(e) => plan.excluded.push((node.name, e)),
                 }
             }
+            plan.nodes = chosen.into_iter().collect();
         }
         Targets::Pods(selector) => {
             let mut excluded: BTreeMap<&'a str, Exclusion<'a>> = BTreeMap::new();

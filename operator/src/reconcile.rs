@@ -311,7 +311,7 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
         pods.iter().map(|p| p.as_ref()),
         &ctx.config.runner_tolerations,
     );
-    let workload = resolve_workload::<K>(spec, id.namespace.as_deref(), ctx).await?;
+    let workload = resolve_workload(spec, id.namespace.as_deref(), ctx).await?;
     let intent = intent::<K>(spec, id.namespace.as_deref(), workload, &view);
     let decision = lifecycle::decide(&snapshot, intent, &existing, now, &ctx.config.lifecycle);
     debug!(phase = ?decision.status.phase, run = ?decision.status.run, "decided");
@@ -376,7 +376,7 @@ fn min_duration(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 /// when the workload cannot be read.
 type Workload = Option<Result<LabelSelector, String>>;
 
-async fn resolve_workload<K: JobObject>(
+async fn resolve_workload(
     spec: &TraceJobSpec,
     namespace: Option<&str>,
     ctx: &Context,

@@ -185,7 +185,7 @@ fn labels_match(obj: &Value, selector: &str) -> bool {
     })
 }
 
-fn query_param<'a>(query: &'a str, key: &str) -> Option<String> {
+fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == key).then(|| {
@@ -217,9 +217,9 @@ fn percent_decode(s: &str) -> String {
 /// (key without name, name, subresource)
 fn parse_path(path: &str) -> Option<(Key, Option<String>)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (gv, rest) = match parts.first()? {
-        &"api" => (format!("api/{}", parts.get(1)?), &parts[2..]),
-        &"apis" => (
+    let (gv, rest) = match *parts.first()? {
+        "api" => (format!("api/{}", parts.get(1)?), &parts[2..]),
+        "apis" => (
             format!("apis/{}/{}", parts.get(1)?, parts.get(2)?),
             &parts[3..],
         ),

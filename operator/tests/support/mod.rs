@@ -294,12 +294,18 @@ impl World {
             .await;
     }
 
-    pub async fn runner_status(&self, ns: &str, node: &str, mut status: Value) {
+    pub async fn runner_status(&self, ns: &str, node: &str, status: Value) {
         let a = self
             .assignments(ns)
             .into_iter()
             .find(|a| a.spec.node_name == node)
             .unwrap_or_else(|| panic!("no assignment on {node}"));
+        self.report(&a, status).await;
+    }
+
+    /// The runner of `a`'s node writes `status` on it.
+    pub async fn report(&self, a: &TraceAssignment, mut status: Value) {
+        let ns = a.metadata.namespace.as_deref().expect("namespace");
         status["run"] = json!(a.spec.run);
         if status.get("counters").is_none() {
             status["counters"] = json!(fathom_crds::result::Totals::default());
