@@ -40,6 +40,10 @@ pub struct ResultData {
     /// Why the job stopped before its duration, when it did (a budget, a signal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_reason: Option<String>,
+    /// Ways the result is incomplete (a full map, lost events, a rate limit), each with a
+    /// stable reason for conditions and metrics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<Degradation>,
     /// Rows, histograms or events were cut to fit the bounds.
     #[serde(default)]
     pub truncated: bool,
@@ -114,6 +118,49 @@ pub struct Totals {
     pub unpaired: u64,
     /// Hits rejected by the filters.
     pub filtered: u64,
+}
+
+/// One way a result is incomplete.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct Degradation {
+    /// `MapFull`, `EventsLost` or `RateLimited`.
+    pub reason: String,
+    pub message: String,
+}
+
+impl Totals {
+    /// What the counters say is missing from a result.
+    pub fn degradations(&self) -> Vec<Degradation> {
+        let mut out = Vec::new();
+        if self.map_full > 0 {
+            out.push(Degradation {
+                reason: "MapFull".into(),
+                message: format!(
+                    "the aggregation map was full: {} new keys were dropped; raise spec.limits.mapEntries or aggregate by fewer keys",
+                    self.map_full
+                ),
+            });
+        }
+        if self.events_lost + self.events_dropped > 0 {
+            out.push(Degradation {
+                reason: "EventsLost".into(),
+                message: format!(
+                    "{} events were lost in the kernel and {} dropped in user space; lower the event rate or aggregate instead",
+                    self.events_lost, self.events_dropped
+                ),
+            });
+        }
+        if self.rate_limited > 0 {
+            out.push(Degradation {
+                reason: "RateLimited".into(),
+                message: format!(
+                    "{} hits were dropped by spec.limits.eventsPerSecond",
+                    self.rate_limited
+                ),
+            });
+        }
+        out
+    }
 }
 
 /// What the probes cost.

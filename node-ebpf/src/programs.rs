@@ -594,6 +594,24 @@ pub fn fathom_lsm(ctx: LsmContext) -> i32 {
     0
 }
 
+/// Never loads: it writes through a map lookup result without a null check, which the
+/// verifier rejects. It exists so tests can prove that a verifier rejection is reported with
+/// its log (RELIABILITY E4); no plan ever selects it.
+#[tracepoint]
+pub fn fathom_verifier_canary(_ctx: TracePointContext) -> u32 {
+    let key: u64 = 0;
+    // SAFETY: deliberately unchecked — a hash-map lookup may return null and the verifier
+    // refuses the program for it, so it never runs.
+    unsafe {
+        let p = aya_ebpf::helpers::generated::bpf_map_lookup_elem(
+            (&raw const STASH) as *mut c_void,
+            (&raw const key) as *const c_void,
+        ) as *mut u64;
+        core::ptr::write_volatile(p, 1);
+    }
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

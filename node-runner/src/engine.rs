@@ -24,7 +24,9 @@ use aya::{
 };
 use fathom_common::{AggKey, AggValue, Event, counter, names};
 use fathom_crds::{
+    CheckedSpec,
     result::{Budget, EventRecord, ResultData, Totals},
+    spec::MAX_MAP_ENTRIES,
     verdict::Reason,
 };
 
@@ -83,6 +85,100 @@ pub struct Counters {
     pub stash_misses: u64,
     pub events_emitted: u64,
     pub filtered: u64,
+}
+
+/// An upper bound of the locked kernel memory a job may use with these options: what the
+/// maps' sizes allow, with room for the kernel's per-element overhead (RELIABILITY E6).
+pub fn memlock_budget(plan: &JobPlan, opts: &EngineOptions) -> u64 {
+    let cpus = online_cpus().map(|c| c.len() as u64).unwrap_or(1).max(1);
+    let entries = u64::from(plan.map_entries.clamp(1, MAX_MAP_ENTRIES));
+    let agg = entries * (64 + 64 + 16 * cpus) * 2;
+    let stacks =
+        if plan.config.key_mask & (fathom_common::key::KSTACK | fathom_common::key::USTACK) != 0 {
+            u64::from(opts.stack_entries) * (8 * 127 + 64) * 2
+        } else {
+            4096
+        };
+    let ring = if plan.events.is_some() {
+        u64::from(opts.ringbuf_bytes.max(4096).next_power_of_two()) * 2 + 65536
+    } else {
+        4096 * 4
+    };
+    let stash = u64::from(opts.stash_entries) * (8 + 16 + 64) * 2;
+    let small = 256 * 1024;
+    let programs = plan.attachments.len() as u64 * 64 * 1024;
+    agg + stacks + ring + stash + small + programs
+}
+
+/// What `Engine::apply` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The job was not running; it is now.
+    Started,
+    /// The same spec was already running: nothing changed.
+    Unchanged,
+    /// The spec changed: the old probes were detached and the new ones attached.
+    Restarted,
+}
+
+/// The jobs of one machine by id (an assignment's uid, or a file name): applying the same
+/// job again changes nothing, detaching an absent job succeeds (RELIABILITY E1).
+pub struct Engine {
+    kernel: Kernel,
+    opts: EngineOptions,
+    jobs: std::collections::BTreeMap<String, (CheckedSpec, Session)>,
+}
+
+impl Engine {
+    pub fn new(kernel: Kernel, opts: EngineOptions) -> Engine {
+        Engine {
+            kernel,
+            opts,
+            jobs: Default::default(),
+        }
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// Makes job `id` run `spec`.
+    pub fn apply(&mut self, id: &str, spec: &CheckedSpec) -> Result<Applied, EngineError> {
+        let restarted = match self.jobs.get(id) {
+            Some((running, _)) if running == spec => return Ok(Applied::Unchanged),
+            Some(_) => {
+                self.detach(id)?;
+                true
+            }
+            None => false,
+        };
+        let plan = crate::plan::plan(spec, &self.kernel)?;
+        let session = Session::start(plan, &self.kernel, self.opts.clone())?;
+        self.jobs.insert(id.to_string(), (spec.clone(), session));
+        Ok(if restarted {
+            Applied::Restarted
+        } else {
+            Applied::Started
+        })
+    }
+
+    /// Detaches job `id` and returns its final result; `None` when it was not running.
+    pub fn detach(&mut self, id: &str) -> Result<Option<ResultData>, EngineError> {
+        match self.jobs.remove(id) {
+            Some((_, session)) => session.stop().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The result so far of job `id`.
+    pub fn snapshot(&mut self, id: &str) -> Option<Result<ResultData, EngineError>> {
+        self.jobs.get_mut(id).map(|(_, s)| s.snapshot())
+    }
+
+    /// The ids of the running jobs.
+    pub fn ids(&self) -> Vec<String> {
+        self.jobs.keys().cloned().collect()
+    }
 }
 
 /// A running job: programs loaded and attached.
@@ -197,6 +293,103 @@ pub fn summarize_verifier_log(log: &str, budget: usize) -> String {
     )
 }
 
+/// Loads the verifier canary, a program the verifier always rejects, and returns the error
+/// the engine reports for it: proof that rejections come back as errors with the verifier's
+/// log, not as crashes (RELIABILITY E4).
+pub fn verifier_canary(kernel: &Kernel, budget: usize) -> EngineError {
+    let mut ebpf = match EbpfLoader::new().load(PROGRAMS) {
+        Ok(e) => e,
+        Err(e) => {
+            return kernel_error(
+                "verifier-canary",
+                Reason::AttachKindUnsupported,
+                e.to_string(),
+            );
+        }
+    };
+    let prog = ebpf
+        .program_mut("fathom_verifier_canary")
+        .expect("canary in object");
+    match <&mut TracePoint>::try_from(prog).and_then(|p| p.load()) {
+        Ok(()) => kernel_error(
+            "verifier-canary",
+            Reason::AttachKindUnsupported,
+            "the verifier accepted a program it must reject",
+        ),
+        Err(e) => program_error("verifier-canary", e, kernel, budget),
+    }
+}
+
+/// Loads (without attaching) the program an fentry/fexit/LSM attach point needs, against its
+/// real target, and unloads it: the only reliable way to learn whether this kernel accepts
+/// BPF trampolines. Other attach points are not trial-loaded.
+pub fn trial_load(point: &AttachPoint, kernel: &Kernel) -> Result<(), (Reason, String)> {
+    let (program, target) = match point {
+        AttachPoint::Fentry { function } => ("fathom_fentry", function.as_str()),
+        AttachPoint::Fexit { function } => ("fathom_fexit", function.as_str()),
+        AttachPoint::Lsm { hook } => ("fathom_lsm", hook.as_str()),
+        _ => return Ok(()),
+    };
+    let Some(btf) = kernel.btf() else {
+        return Err((Reason::BTFUnavailable, "kernel BTF is unavailable".into()));
+    };
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(btf));
+    for (name, size) in [
+        (names::AGG, 1),
+        (names::EVENTS, 4096),
+        (names::STACKS, 1),
+        (names::STASH, 1),
+        (names::PIDS, 1),
+        (names::CGROUPS, 1),
+    ] {
+        loader.map_max_entries(name, size);
+    }
+    let mut ebpf = loader.load(PROGRAMS).map_err(|e| {
+        (
+            Reason::AttachKindUnsupported,
+            format!("creating maps failed: {e}"),
+        )
+    })?;
+    let prog = ebpf.program_mut(program).expect("program in object");
+    let result = match point {
+        AttachPoint::Fentry { .. } => {
+            <&mut FEntry>::try_from(prog).and_then(|p| p.load(target, btf))
+        }
+        AttachPoint::Fexit { .. } => <&mut FExit>::try_from(prog).and_then(|p| p.load(target, btf)),
+        _ => <&mut Lsm>::try_from(prog).and_then(|p| p.load(target, btf)),
+    };
+    result.map_err(|e| {
+        let errno = match &e {
+            ProgramError::LoadError { io_error, .. } => io_error.raw_os_error(),
+            ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
+            _ => None,
+        };
+        let kind = match point {
+            AttachPoint::Lsm { .. } => "LSM programs",
+            _ => "fentry/fexit programs",
+        };
+        match errno {
+            Some(libc::EPERM) if kernel.lockdown().as_deref() == Some("confidentiality") => (
+                Reason::KernelLockdown,
+                format!("kernel lockdown (confidentiality) refuses {kind}; use a tracepoint or raw tracepoint"),
+            ),
+            // 524 is the kernel-internal ENOTSUPP some program types return.
+            Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(524) => (
+                Reason::AttachKindUnsupported,
+                format!(
+                    "this kernel refuses BPF trampolines ({kind} fail to load: {}) although this process has the privileges; use a kprobe, a tracepoint or a raw tracepoint",
+                    std::io::Error::from_raw_os_error(errno.unwrap_or(libc::EPERM))
+                ),
+            ),
+            _ => (
+                Reason::VerifierRejected,
+                format!("loading the {kind} for {target} failed: {e}"),
+            ),
+        }
+    })
+}
+
 impl Session {
     /// Loads and attaches every program of `plan`. Either all attach or none remain: on any
     /// error everything already attached is detached before the error is returned.
@@ -221,11 +414,16 @@ impl Session {
         } else {
             1
         };
+        // The spec's bound is checked by validation; the engine enforces it again so that no
+        // caller (a stale operator, a hand-made plan) can size a map past it.
+        let map_entries = plan.map_entries.clamp(1, MAX_MAP_ENTRIES);
         let mut loader = EbpfLoader::new();
+        // The kernel's BTF, parsed once per Kernel, instead of once per load.
+        loader.btf(kernel.btf());
         loader
             .override_global(names::CONFIG, &plan.config, true)
             .override_global(names::STASH_CONFIG, &plan.stash, true)
-            .map_max_entries(names::AGG, plan.map_entries)
+            .map_max_entries(names::AGG, map_entries)
             .map_max_entries(names::EVENTS, ringbuf)
             .map_max_entries(names::STACKS, stack_entries)
             .map_max_entries(names::STASH, stash_entries)
@@ -608,6 +806,19 @@ impl Session {
             },
             memlock_bytes: self.memlock_bytes(),
         };
+        let totals = Totals {
+            hits: counters.hits,
+            distinct_keys: entries.len() as u64,
+            events_emitted: counters.events_emitted,
+            events_delivered: self.delivered,
+            events_lost: counters.ringbuf_lost,
+            events_dropped: self.dropped,
+            map_full: counters.map_full,
+            rate_limited: counters.rate_limited,
+            stack_errors: counters.stack_errors,
+            unpaired: counters.stash_misses,
+            filtered: counters.filtered,
+        };
         Ok(ResultData {
             probe: self.plan.label.clone(),
             value: self.plan.value_label.clone(),
@@ -616,19 +827,8 @@ impl Session {
             other,
             histograms,
             events: self.events.iter().cloned().collect(),
-            totals: Totals {
-                hits: counters.hits,
-                distinct_keys: entries.len() as u64,
-                events_emitted: counters.events_emitted,
-                events_delivered: self.delivered,
-                events_lost: counters.ringbuf_lost,
-                events_dropped: self.dropped,
-                map_full: counters.map_full,
-                rate_limited: counters.rate_limited,
-                stack_errors: counters.stack_errors,
-                unpaired: counters.stash_misses,
-                filtered: counters.filtered,
-            },
+            degraded: totals.degradations(),
+            totals,
             budget: Some(budget),
             stopped_reason: None,
             truncated,

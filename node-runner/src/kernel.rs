@@ -25,6 +25,7 @@ pub struct Kernel {
 impl Kernel {
     /// The running kernel; mounts tracefs when needed.
     pub fn running() -> Kernel {
+        Kernel::mount_securityfs();
         let (tracefs, tracefs_error) = match TraceFs::locate_or_mount() {
             Ok(t) => (Some(t), None),
             Err(e) => (None, Some(e)),
@@ -39,6 +40,21 @@ impl Kernel {
             btf: OnceLock::new(),
             btf_index: OnceLock::new(),
             kallsyms: OnceLock::new(),
+        }
+    }
+
+    /// Mounts securityfs when it is not (the LSM list and lockdown mode live there).
+    fn mount_securityfs() {
+        let dir = std::path::Path::new("/sys/kernel/security");
+        if dir.is_dir()
+            && fs::read_dir(dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false)
+        {
+            let _ = std::process::Command::new("mount")
+                .args(["-t", "securityfs", "securityfs", "/sys/kernel/security"])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 

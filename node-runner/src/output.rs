@@ -199,19 +199,8 @@ pub fn summary(r: &ResultData) -> String {
         );
     }
     s.push('\n');
-    if t.map_full > 0 {
-        let _ = writeln!(
-            s,
-            "warning: the aggregation map was full; {} new keys were dropped (raise spec.limits.mapEntries)",
-            t.map_full
-        );
-    }
-    if t.rate_limited > 0 {
-        let _ = writeln!(
-            s,
-            "note: {} hits were dropped by spec.limits.eventsPerSecond",
-            t.rate_limited
-        );
+    for d in &r.degraded {
+        let _ = writeln!(s, "degraded ({}): {}", d.reason, d.message);
     }
     if t.stack_errors > 0 {
         let _ = writeln!(s, "note: {} stack walks failed", t.stack_errors);

@@ -885,6 +885,9 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
                     );
                 }
             }
+            if let Err((reason, message)) = crate::engine::trial_load(point, kernel) {
+                return no(reason, message);
+            }
         }
         AttachPoint::Lsm { hook } => {
             if !kernel.has_btf() {
@@ -923,6 +926,9 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
                     Reason::SymbolNotFound,
                     format!("LSM hook {hook} does not exist on this kernel ({func} is not in BTF)"),
                 );
+            }
+            if let Err((reason, message)) = crate::engine::trial_load(point, kernel) {
+                return no(reason, message);
             }
         }
         AttachPoint::Uprobe { binary, target, .. } => {

@@ -106,7 +106,11 @@ fn main() -> ExitCode {
             output,
             quiet,
         } => run(&file, duration.as_deref(), output, quiet),
-        Command::Check { file, json } => check(&file, json),
+        Command::Check { file, json } => match check(&file, json) {
+            // The verdict is printed already; its reasons need no second "error:" line.
+            Ok(false) => return ExitCode::from(3),
+            other => other.map(|_| ()),
+        },
         Command::List { pattern, verbose } => {
             let kernel = Kernel::running();
             list::list(pattern.as_deref(), verbose, &kernel).map(|lines| {
@@ -141,7 +145,8 @@ fn load(
     Ok((job, checked))
 }
 
-fn check(file: &std::path::Path, json: bool) -> Result<(), EngineError> {
+/// Prints the verdict; Ok(true) when every probe is feasible.
+fn check(file: &std::path::Path, json: bool) -> Result<bool, EngineError> {
     let (_, checked) = load(file)?;
     let kernel = Kernel::running();
     let verdict = match plan::plan(&checked, &kernel) {
@@ -169,11 +174,7 @@ fn check(file: &std::path::Path, json: bool) -> Result<(), EngineError> {
             }
         }
     }
-    if verdict.feasible {
-        Ok(())
-    } else {
-        Err(EngineError::NotFeasible(verdict))
-    }
+    Ok(verdict.feasible)
 }
 
 fn run(

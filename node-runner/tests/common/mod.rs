@@ -116,10 +116,16 @@ pub fn start(yaml: &str) -> Session {
     start_with(yaml, EngineOptions::default()).expect("job starts")
 }
 
+/// The running kernel, probed once per test binary (BTF and kallsyms are parsed lazily and
+/// kept), as a long-lived runner would.
+pub fn kernel() -> &'static Kernel {
+    static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    KERNEL.get_or_init(Kernel::running)
+}
+
 pub fn start_with(yaml: &str, opts: EngineOptions) -> Result<Session, EngineError> {
-    let kernel = Kernel::running();
-    let plan = plan::plan(&spec(yaml), &kernel)?;
-    Session::start(plan, &kernel, opts)
+    let plan = plan::plan(&spec(yaml), kernel())?;
+    Session::start(plan, kernel(), opts)
 }
 
 /// Plans and starts a job, returning the error it fails with.

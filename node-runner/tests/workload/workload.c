@@ -12,6 +12,7 @@
  *   getppid      N getppid() syscalls
  *   spin         busy loop in fathom_hot_loop() for N milliseconds (a profile target)
  *   write PATH   N 4 KiB writes + fdatasync of PATH (block I/O)
+ *   pace SECS    getppid() at N calls per second for SECS seconds (a steady flood)
  * and prints "done N".
  */
 #define _GNU_SOURCE
@@ -134,6 +135,24 @@ int main(int argc, char **argv) {
     for (long i = 0; i < n; i++) syscall(SYS_getppid);
   } else if (!strcmp(mode, "spin")) {
     fathom_hot_loop(n);
+  } else if (!strcmp(mode, "pace")) {
+    long secs = atol(arg);
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    long done = 0;
+    for (;;) {
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      double t = (now.tv_sec - start.tv_sec) + (now.tv_nsec - start.tv_nsec) / 1e9;
+      if (t >= secs) break;
+      long due = (long)(t * n);
+      while (done < due) {
+        syscall(SYS_getppid);
+        done++;
+      }
+      struct timespec nap = {0, 200000};
+      nanosleep(&nap, NULL);
+    }
+    n = done;
   } else if (!strcmp(mode, "write")) {
     int fd = open(arg, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (fd < 0) return die("open");

@@ -1,0 +1,391 @@
+//! RELIABILITY.md E1–E8, against the running kernel. Needs root and scripts/setup.sh.
+
+mod common;
+
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use common::*;
+use fathom_crds::verdict::Reason;
+use fathom_node::{
+    EngineError,
+    engine::{self, Applied, Engine, EngineOptions, Session},
+    kernel::Kernel,
+    plan::{self, AttachPoint},
+    run::run_session,
+};
+
+fn our_links() -> usize {
+    residue().links
+}
+
+/// Programs named fathom_* in the kernel, asked directly (BPF_PROG_GET_NEXT_ID), which is
+/// much faster than bpftool for a check in every cycle.
+fn our_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("fathom_")))
+        .count()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("fd dir").count()
+}
+
+#[test]
+fn e1_apply_and_detach_are_idempotent() {
+    let _k = KernelTest::begin();
+    let mut engine = Engine::new(Kernel::running(), EngineOptions::default());
+    let job = spec("probe: { catalog: syscalls }\naggregate: { by: [comm] }");
+    assert_eq!(
+        engine.apply("job-a", &job).expect("apply 1"),
+        Applied::Started
+    );
+    assert_eq!(
+        engine.apply("job-a", &job).expect("apply 2"),
+        Applied::Unchanged
+    );
+    assert_eq!(
+        engine.apply("job-a", &job).expect("apply 3"),
+        Applied::Unchanged
+    );
+    assert_eq!(our_links(), 1, "exactly one link for the one probe");
+    let changed = spec("probe: { catalog: syscalls }\naggregate: { by: [pid] }");
+    assert_eq!(
+        engine.apply("job-a", &changed).expect("apply changed"),
+        Applied::Restarted
+    );
+    assert_eq!(our_links(), 1, "a changed spec replaces, never adds");
+    assert!(engine.detach("job-a").expect("detach 1").is_some());
+    assert!(engine.detach("job-a").expect("detach 2").is_none());
+    assert!(engine.detach("job-a").expect("detach 3").is_none());
+    assert_eq!(our_links(), 0);
+}
+
+#[test]
+fn e2_detach_is_synchronous_and_leaks_nothing() {
+    let _k = KernelTest::begin();
+    let yaml = "probe: { catalog: syscalls }\naggregate: { by: [comm] }";
+    // The first start loads lazily cached state (BTF, kallsyms); measure after it.
+    start(yaml).stop().expect("warm-up");
+    let fds = open_fds();
+    for i in 0..1000 {
+        let s = start(yaml);
+        assert_eq!(our_programs(), 1, "cycle {i}: loaded");
+        s.stop().expect("stops");
+        // No waiting: when stop returns, the program is gone, and with it every link (a link
+        // holds its program). bpftool confirms links and maps every 100 cycles.
+        assert_eq!(
+            our_programs(),
+            0,
+            "cycle {i}: program left after stop returned"
+        );
+        if i % 100 == 0 {
+            let r = residue();
+            assert_eq!((r.links, r.programs), (0, 0), "cycle {i}: {r:?}");
+        }
+    }
+    assert_eq!(
+        open_fds(),
+        fds,
+        "file descriptors back to baseline after 1000 cycles"
+    );
+}
+
+#[test]
+fn e3_a_job_whose_third_probe_fails_leaves_nothing_and_others_keep_running() {
+    let _k = KernelTest::begin();
+    let c = comm("e3");
+    let other = start(&format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {c} }}"
+    ));
+    let kernel = Kernel::running();
+    let mut p = plan::plan(&spec("probe: { catalog: runqlat }"), &kernel).expect("plans");
+    assert_eq!(p.attachments.len(), 3);
+    p.attachments[2].point = AttachPoint::Tracepoint {
+        category: "sched".into(),
+        name: "no_such_tracepoint".into(),
+    };
+    let err = match Session::start(p, &kernel, EngineOptions::default()) {
+        Ok(_) => panic!("a job with a missing attach point must not start"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tracepoint:sched/no_such_tracepoint"),
+        "names the probe: {msg}"
+    );
+    assert_eq!(err.reason(), Some(Reason::SymbolNotFound), "{msg}");
+    assert_eq!(our_links(), 1, "only the other job's link remains");
+    workload(&c, "getppid", 25, None);
+    let r = other.stop().expect("other job still works");
+    assert_eq!(r.totals.hits, 25);
+}
+
+#[test]
+fn e4_verifier_rejection_is_reported_not_fatal() {
+    let _k = KernelTest::begin();
+    let err = engine::verifier_canary(&Kernel::running(), 4096);
+    assert_eq!(err.reason(), Some(Reason::VerifierRejected), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("invalid mem access") || msg.contains("map_value_or_null"),
+        "the verifier's reason: {msg}"
+    );
+    assert!(
+        msg.contains("processed"),
+        "the verifier's summary line: {msg}"
+    );
+    assert!(msg.len() < 4096 + 512, "bounded: {} bytes", msg.len());
+    // The process goes on: a real job still runs.
+    start("probe: { catalog: syscalls }")
+        .stop()
+        .expect("still works");
+}
+
+#[test]
+fn e5_unsupported_kernel_conditions_degrade_clearly() {
+    let _k = KernelTest::begin();
+    let reason_of = |kernel: &Kernel, yaml: &str| -> (Reason, String) {
+        match plan::plan(&spec(yaml), kernel) {
+            Err(EngineError::NotFeasible(v)) => {
+                let p = v.first_problem().expect("a problem").clone();
+                (p.reason.expect("reason"), p.message)
+            }
+            Ok(_) => panic!("{yaml} should not be feasible"),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    };
+    // Missing BTF.
+    let mut no_btf = Kernel::running();
+    no_btf.btf_path = "/nonexistent/vmlinux".into();
+    let (r, m) = reason_of(&no_btf, "probe: { fentry: vfs_read }");
+    assert_eq!(r, Reason::BTFUnavailable, "{m}");
+    assert!(m.contains("/nonexistent/vmlinux"), "{m}");
+    // A missing tracepoint, a missing user symbol, a missing binary.
+    let kernel = Kernel::running();
+    let (r, m) = reason_of(&kernel, "probe: { tracepoint: sched/no_such_event }");
+    assert_eq!(r, Reason::SymbolNotFound, "{m}");
+    let (r, m) = reason_of(
+        &kernel,
+        &format!(
+            "probe: {{ uprobe: '{}:no_such_fn' }}",
+            workload_path().display()
+        ),
+    );
+    assert_eq!(r, Reason::SymbolNotFound, "{m}");
+    let (r, _) = reason_of(&kernel, "probe: { uprobe: '/no/such/binary:main' }");
+    assert_eq!(r, Reason::BinaryNotFound);
+    // This kernel: no kprobes, trampolines refused (both reported before anything loads).
+    if !kernel.has_kprobes() {
+        let (r, m) = reason_of(&kernel, "probe: { kprobe: vfs_read }");
+        assert_eq!(r, Reason::AttachKindUnsupported, "{m}");
+        assert!(m.contains("kprobes are not built into this kernel"), "{m}");
+    }
+    // EPERM injected: the same binary without capabilities.
+    let dir = std::env::temp_dir().join(format!("fathom-e5-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let job = dir.join("job.yaml");
+    std::fs::write(
+        &job,
+        "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\nmetadata: { name: e5 }\nspec:\n  probe: { catalog: syscalls }\n  duration: 1s\n",
+    )
+    .expect("write job");
+    let out = Command::new("setpriv")
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(env!("CARGO_BIN_EXE_fathom"))
+        .arg("run")
+        .arg(&job)
+        .output()
+        .expect("setpriv runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn e6_map_caps_are_enforced_twice_and_a_full_map_degrades() {
+    let _k = KernelTest::begin();
+    // Validation refuses a map above the cap.
+    let s: fathom_crds::TraceJobSpec =
+        serde_yaml::from_str("probe: { catalog: syscalls }\nlimits: { mapEntries: 2000000 }")
+            .expect("yaml");
+    let errs = s.validate().expect_err("over the cap");
+    assert!(errs[0].to_string().starts_with("spec.limits.mapEntries"));
+    // The engine clamps a plan that skipped validation.
+    let kernel = Kernel::running();
+    let mut p = plan::plan(&spec("probe: { catalog: syscalls }"), &kernel).expect("plans");
+    p.map_entries = u32::MAX;
+    let s = Session::start(p, &kernel, EngineOptions::default()).expect("starts clamped");
+    let agg = residue_map_max_entries("AGG");
+    assert_eq!(
+        agg,
+        Some(fathom_crds::spec::MAX_MAP_ENTRIES),
+        "clamped to the cap"
+    );
+    s.stop().expect("stops");
+    // A saturated map: 4 entries, many distinct pids.
+    let c = comm("e6");
+    let yaml = format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [pid] }}\nfilter: {{ comm: {c} }}\nlimits: {{ mapEntries: 4 }}"
+    );
+    let opts = EngineOptions::default();
+    let plan = plan::plan(&spec(&yaml), &kernel).expect("plans");
+    let budget = engine::memlock_budget(&plan, &opts);
+    let mut s = Session::start(plan, &kernel, opts).expect("starts");
+    for _ in 0..10 {
+        workload(&c, "getppid", 3, None);
+    }
+    let r = s.snapshot().expect("reads");
+    assert!(r.rows.len() <= 4);
+    assert_eq!(
+        r.totals.map_full,
+        6 * 3,
+        "each hit of the 6 processes that found no room"
+    );
+    assert!(
+        r.degraded.iter().any(|d| d.reason == "MapFull"),
+        "{:?}",
+        r.degraded
+    );
+    let memlock = r.budget.as_ref().expect("budget").memlock_bytes;
+    assert!(
+        memlock > 0 && memlock <= budget,
+        "memlock {memlock} within budget {budget}"
+    );
+    s.stop().expect("stops");
+}
+
+fn residue_map_max_entries(name: &str) -> Option<u32> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show"])
+        .output()
+        .ok()?;
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    maps.iter()
+        .filter(|m| m["name"] == name)
+        .filter_map(|m| m["max_entries"].as_u64())
+        .map(|v| v as u32)
+        .next_back()
+}
+
+#[test]
+fn e7_loss_is_accounted_exactly() {
+    let _k = KernelTest::begin();
+    let c = comm("e7");
+    let yaml = format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {c} }}\nevents: {{ last: 10 }}"
+    );
+    let opts = EngineOptions {
+        ringbuf_bytes: 4096,
+        ..EngineOptions::default()
+    };
+    let mut s = start_with(&yaml, opts.clone()).expect("starts");
+    // A flood against a one-page ring buffer and a consumer that reads every 20 ms.
+    let wc = c.clone();
+    let t = std::thread::spawn(move || workload(&wc, "getppid", 20000, None));
+    while !t.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
+        s.poll_events(Duration::ZERO);
+    }
+    t.join().expect("workload");
+    let r = s.stop().expect("stops");
+    let t = &r.totals;
+    assert_eq!(t.hits, 20000);
+    assert!(t.events_lost > 0, "the small buffer overflowed: {t:?}");
+    assert_eq!(
+        t.hits,
+        t.events_delivered + t.events_lost + t.events_dropped,
+        "{t:?}"
+    );
+    assert_eq!(
+        t.events_emitted,
+        t.events_delivered + t.events_dropped,
+        "{t:?}"
+    );
+    // Zero load, zero loss.
+    let quiet = comm("e7q");
+    let s = start_with(
+        &format!("probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {quiet} }}\nevents: {{ last: 10 }}"),
+        opts,
+    )
+    .expect("starts");
+    std::thread::sleep(Duration::from_millis(200));
+    let r = s.stop().expect("stops");
+    assert_eq!(
+        (r.totals.hits, r.totals.events_lost, r.totals.events_dropped),
+        (0, 0, 0)
+    );
+}
+
+fn cpu_seconds_of_self() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .expect("fields")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code, reason = "sysconf(3)")]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+#[test]
+fn e8_rate_limits_hold_and_are_counted_apart_from_loss() {
+    let _k = KernelTest::begin();
+    let c = comm("e8");
+    let yaml = format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [comm] }}\nfilter: {{ comm: {c} }}\nevents: {{ last: 10 }}\nlimits: {{ eventsPerSecond: 1000 }}"
+    );
+    let s = start(&yaml);
+    let cpu0 = cpu_seconds_of_self();
+    let stop = Arc::new(AtomicBool::new(false));
+    let wc = c.clone();
+    let flood = std::thread::spawn(move || workload(&wc, "pace", 20000, Some("30")));
+    let stopper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let out = flood.join().expect("flood");
+            stop.store(true, Ordering::Relaxed);
+            out
+        })
+    };
+    let r = run_session(s, Some(Duration::from_secs(60)), &stop, |_| {}).expect("runs");
+    let out = stopper.join().expect("stopper");
+    let calls: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("done "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("done line");
+    let cpu = cpu_seconds_of_self() - cpu0;
+    let t = &r.totals;
+    assert!(calls > 500_000, "the flood ran: {calls}");
+    assert!(t.hits <= 31_500, "at most ~1000/s over ~30 s: {t:?}");
+    assert!(t.hits >= 25_000, "the limit admits about the limit: {t:?}");
+    assert_eq!(
+        t.hits + t.rate_limited,
+        calls,
+        "every call either counted or rate-limited: {t:?}"
+    );
+    assert_eq!(t.events_lost, 0, "rate-limited drops are not loss: {t:?}");
+    assert!(r.degraded.iter().any(|d| d.reason == "RateLimited"));
+    assert!(
+        cpu < r.elapsed_seconds,
+        "the engine stayed under one core: {cpu:.1}s CPU in {:.1}s",
+        r.elapsed_seconds
+    );
+}
