@@ -54,6 +54,10 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
         "outgoing TCP connects by comm, address and port (sock:inet_sock_set_state → SYN_SENT)",
     ),
     (
+        "tcp-connect-kprobe",
+        "outgoing IPv4 TCP connects by comm and result, without the sock tracepoint (kretprobe tcp_v4_connect; ret 0: SYN sent, <0: -errno)",
+    ),
+    (
         "tcp-retransmit",
         "TCP retransmissions by address and port (tcp:tcp_retransmit_skb)",
     ),
@@ -132,6 +136,20 @@ pub fn template(name: &str, spec: &CheckedSpec) -> Result<Template, ProbeVerdict
                     EventSource::Named(Named::Field("dport".into())),
                 ),
             ];
+            t
+        }
+        "tcp-connect-kprobe" => {
+            // For kernels without sock:inet_sock_set_state (before 4.16), or where a
+            // tracepoint is not wanted: the function every IPv4 connect() goes through.
+            let mut t = base(
+                name,
+                AttachPoint::Kretprobe {
+                    function: "tcp_v4_connect".into(),
+                },
+            );
+            t.default_by = vec![KeySpec::Comm, KeySpec::Ret];
+            t.event_value = Some(Named::Ret);
+            t.event_columns = vec![("result".into(), EventSource::Value)];
             t
         }
         "tcp-retransmit" => {

@@ -59,7 +59,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             ringbuf_bytes: 1 << 20,
-            stack_entries: 16384,
+            stack_entries: 4096,
             stash_entries: 16384,
             verifier_log_budget: 4096,
             node: hostname(),

@@ -34,9 +34,39 @@ pub fn render(r: &ResultData, format: Format) -> String {
     }
 }
 
+fn is_stack(key: &str) -> bool {
+    key == "kstack" || key == "ustack"
+}
+
+/// Rows keyed by stacks, one block per row like bpftrace's `@[kstack]`: the other keys and
+/// the value on a line, then each stack leaf first, indented.
+fn stack_rows(out: &mut String, r: &ResultData) {
+    for row in &r.rows {
+        let head: Vec<String> = r
+            .keys
+            .iter()
+            .filter(|k| !is_stack(k))
+            .map(|k| format!("{k}={}", row.keys.get(k).map_or("", String::as_str)))
+            .collect();
+        let _ = writeln!(out, "[{}]: {}", head.join(", "), row.value);
+        for k in r.keys.iter().filter(|k| is_stack(k)) {
+            let stack = row.keys.get(k).map_or("", String::as_str);
+            let _ = writeln!(out, "    {k}:");
+            for frame in stack.split(';').rev() {
+                let _ = writeln!(out, "        {frame}");
+            }
+        }
+    }
+    if let Some(o) = &r.other {
+        let _ = writeln!(out, "[other: {} rows]: {}", o.rows, o.value);
+    }
+}
+
 fn table(r: &ResultData) -> String {
     let mut out = String::new();
-    if !r.rows.is_empty() || r.other.is_some() {
+    if r.keys.iter().any(|k| is_stack(k)) && !r.rows.is_empty() {
+        stack_rows(&mut out, r);
+    } else if !r.rows.is_empty() || r.other.is_some() {
         let value_col = r.value.to_uppercase();
         let mut headers: Vec<String> = r.keys.iter().map(|k| k.to_uppercase()).collect();
         headers.push(value_col);
@@ -150,9 +180,8 @@ fn hist(out: &mut String, h: &Histogram, value: &str) {
     let _ = writeln!(out, "{title}");
     let max = h.buckets.iter().map(|b| b.count).max().unwrap_or(0).max(1);
     for b in &h.buckets {
-        let range = if b.high == 1 {
-            format!("[{}]", b.low)
-        } else if b.low + 1 == b.high {
+        // A one-value bucket ([0, 1), [1, 2)) prints as that value, like bpftrace's.
+        let range = if b.low + 1 == b.high {
             format!("[{}]", b.low)
         } else {
             format!("[{}, {})", human(b.low), human(b.high))
@@ -171,7 +200,7 @@ fn hist(out: &mut String, h: &Histogram, value: &str) {
 /// Powers of two as bpftrace prints them: 1K, 2M, 4G.
 fn human(v: u64) -> String {
     for (unit, shift) in [("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
-        if v >= 1 << shift && v % (1 << shift) == 0 {
+        if v >= 1 << shift && v.is_multiple_of(1 << shift) {
             return format!("{}{unit}", v >> shift);
         }
     }
@@ -243,6 +272,26 @@ mod tests {
         assert_eq!(lines[0], "COMM                COUNT");
         assert_eq!(lines[1], "bash                   42");
         assert_eq!(lines[2], "(other: 3 rows)         5");
+    }
+
+    #[test]
+    fn stack_rows_print_as_blocks_leaf_first() {
+        let r = ResultData {
+            keys: vec!["reason".into(), "kstack".into()],
+            rows: vec![Row {
+                keys: BTreeMap::from([
+                    ("reason".into(), "NO_SOCKET".into()),
+                    ("kstack".into(), "root_fn;mid_fn;leaf_fn".into()),
+                ]),
+                value: 3,
+            }],
+            ..Default::default()
+        };
+        let t = render(&r, Format::Table);
+        assert!(
+            t.starts_with("[reason=NO_SOCKET]: 3\n    kstack:\n        leaf_fn\n        mid_fn\n        root_fn\n"),
+            "{t}"
+        );
     }
 
     #[test]

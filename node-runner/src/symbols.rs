@@ -120,7 +120,7 @@ impl Symbols {
     }
 
     /// Resolves `addr` of an exited process through its remembered mappings.
-    fn from_remembered(&self, pid: u32, addr: u64) -> Option<String> {
+    fn resolve_remembered(&self, pid: u32, addr: u64) -> Option<String> {
         let m = self
             .maps
             .get(&pid)?
@@ -167,7 +167,7 @@ impl Symbols {
                 let name = match resolved.as_ref().and_then(|r| r.get(i)) {
                     Some(Symbolized::Sym(s)) => s.name.to_string(),
                     _ => self
-                        .from_remembered(pid, *a)
+                        .resolve_remembered(pid, *a)
                         .unwrap_or_else(|| format!("{a:#x}")),
                 };
                 self.cache.insert((pid, *a), name);

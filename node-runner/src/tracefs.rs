@@ -197,10 +197,10 @@ impl TracepointFormat {
                 f.id = id.trim().parse().unwrap_or(0);
             } else if let Some(p) = line.strip_prefix("print fmt:") {
                 f.print_fmt = p.trim().to_string();
-            } else if let Some(rest) = line.strip_prefix("field:") {
-                if let Some(field) = parse_field(rest) {
-                    f.fields.push(field);
-                }
+            } else if let Some(rest) = line.strip_prefix("field:")
+                && let Some(field) = parse_field(rest)
+            {
+                f.fields.push(field);
             }
         }
         f

@@ -231,7 +231,7 @@ impl Bpftrace {
     }
 
     /// Stops bpftrace (SIGINT) and returns its maps as JSON objects.
-    pub fn stop(mut self) -> Vec<serde_json::Value> {
+    pub fn stop(self) -> Vec<serde_json::Value> {
         // SAFETY: sending a signal to our own child.
         #[allow(unsafe_code, reason = "kill(2) to stop the child")]
         unsafe {
