@@ -43,7 +43,8 @@ pub fn parse(text: &str, origin: &str) -> Result<JobFile, EngineError> {
     let de = serde_yaml::Deserializer::from_str(text);
     let mut unknown = Vec::new();
     let manifest: Manifest = serde_ignored::deserialize(de, |path| {
-        let p = path.to_string();
+        // serde_ignored writes `?` for an Option it stepped into; users think in fields.
+        let p = path.to_string().replace(".?", "");
         // metadata carries labels, annotations and more that a local run does not use.
         if !p.starts_with("metadata") {
             unknown.push(p);
