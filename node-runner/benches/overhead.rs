@@ -1,0 +1,159 @@
+//! Benchmarks against bpftrace, printed as ratios (DESIGN.md §6): not tests.
+//!
+//!   cargo bench -p fathom-node --bench overhead            (as root, after scripts/setup.sh)
+//!
+//! B1: a syscall-heavy loop (N getppid calls) run bare, under Fathom counting syscalls by
+//! comm, and under `bpftrace -e 'tracepoint:raw_syscalls:sys_enter { @[comm] = count(); }'`;
+//! R = (fathom − bare) / (bpftrace − bare), the share of bpftrace's added cost that Fathom adds.
+//! B3/ring buffer: events/s delivered and lost when every getppid is an event.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use fathom_crds::TraceJobSpec;
+use fathom_node::{
+    engine::{EngineOptions, Session},
+    kernel::Kernel,
+    plan,
+};
+
+const CALLS: u64 = 2_000_000;
+const ROUNDS: usize = 5;
+
+fn workload(comm: &str, mode: &str, n: u64) -> Duration {
+    let t = Instant::now();
+    let out = Command::new(env!("FATHOM_WORKLOAD"))
+        .args([comm, mode, &n.to_string()])
+        .output()
+        .expect("workload runs");
+    assert!(out.status.success());
+    t.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn session(kernel: &Kernel, yaml: &str, opts: EngineOptions) -> Session {
+    let spec: TraceJobSpec = serde_yaml::from_str(yaml).expect("spec");
+    let plan = plan::plan(&spec.validate().expect("valid"), kernel).expect("feasible");
+    Session::start(plan, kernel, opts).expect("starts")
+}
+
+struct Bpftrace(std::process::Child);
+
+impl Bpftrace {
+    fn start(program: &str) -> Bpftrace {
+        let program = format!("BEGIN {{ printf(\"ready\\n\"); }} {program}");
+        let mut child = Command::new("bpftrace")
+            .args(["-e", &program])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bpftrace");
+        let mut r = BufReader::new(child.stdout.as_mut().expect("stdout"));
+        let mut line = String::new();
+        while r.read_line(&mut line).expect("read") > 0 && !line.contains("ready") {
+            line.clear();
+        }
+        Bpftrace(child)
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        #[allow(unsafe_code, reason = "kill(2)")]
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGINT);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn ratio(ours: Duration, peer: Duration, bare: Duration) -> f64 {
+    let o = ours.as_secs_f64() - bare.as_secs_f64();
+    let p = peer.as_secs_f64() - bare.as_secs_f64();
+    o / p
+}
+
+fn b1(kernel: &Kernel) {
+    let per = |d: Duration| d.as_nanos() as f64 / CALLS as f64;
+    let mut bare = Vec::new();
+    let mut ours_tp = Vec::new();
+    let mut ours_raw = Vec::new();
+    let mut peer = Vec::new();
+    for _ in 0..ROUNDS {
+        bare.push(workload("benchbare", "getppid", CALLS));
+
+        let s = session(kernel, "probe: { catalog: syscalls }\naggregate: { by: [comm] }", EngineOptions::default());
+        ours_tp.push(workload("benchtp", "getppid", CALLS));
+        s.stop().expect("stops");
+
+        let s = session(kernel, "probe: { rawTracepoint: sys_enter }\naggregate: { by: [comm] }", EngineOptions::default());
+        ours_raw.push(workload("benchraw", "getppid", CALLS));
+        s.stop().expect("stops");
+
+        let bt = Bpftrace::start("tracepoint:raw_syscalls:sys_enter { @[comm] = count(); }");
+        peer.push(workload("benchbt", "getppid", CALLS));
+        bt.stop();
+    }
+    let (bare, tp, raw, bt) = (median(bare), median(ours_tp), median(ours_raw), median(peer));
+    println!("B1 count syscalls by comm, {CALLS} getppid calls, median of {ROUNDS} rounds:");
+    println!("  bare                               {:7.1} ns/call", per(bare));
+    println!("  bpftrace raw_syscalls:sys_enter    {:7.1} ns/call (+{:.1})", per(bt), per(bt) - per(bare));
+    println!("  fathom   raw_syscalls:sys_enter    {:7.1} ns/call (+{:.1})", per(tp), per(tp) - per(bare));
+    println!("  fathom   raw tracepoint sys_enter  {:7.1} ns/call (+{:.1})", per(raw), per(raw) - per(bare));
+    println!("  R (same tracepoint as bpftrace)    {:.2}   (target ≤ 1.0, stretch ≤ 0.7)", ratio(tp, bt, bare));
+    println!("  R (raw tracepoint)                 {:.2}", ratio(raw, bt, bare));
+}
+
+fn ring_buffer(kernel: &Kernel) {
+    let n = 1_000_000;
+    let comm = "benchring";
+    let mut s = session(
+        kernel,
+        &format!("probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {comm} }}\nevents: {{ last: 1 }}"),
+        EngineOptions::default(),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let t = std::thread::spawn(move || {
+        let e = workload(comm, "getppid", n);
+        d.store(true, Ordering::Relaxed);
+        e
+    });
+    let start = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        s.poll_events(Duration::from_millis(10));
+    }
+    let elapsed = t.join().expect("workload");
+    s.poll_events(Duration::ZERO);
+    let wall = start.elapsed();
+    let r = s.stop().expect("stops");
+    let t = &r.totals;
+    println!("Ring buffer: every getppid an event ({n} calls, 1 MiB buffer, one consumer thread):");
+    println!(
+        "  {} emitted, {} delivered, {} lost in kernel, {} dropped; {:.0} events/s delivered over {:.2}s (workload {:.2}s)",
+        t.events_emitted,
+        t.events_delivered,
+        t.events_lost,
+        t.events_dropped,
+        t.events_delivered as f64 / wall.as_secs_f64(),
+        wall.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    let kernel = Kernel::running();
+    b1(&kernel);
+    ring_buffer(&kernel);
+}
