@@ -427,7 +427,8 @@ impl Session {
             .map_max_entries(names::EVENTS, ringbuf)
             .map_max_entries(names::STACKS, stack_entries)
             .map_max_entries(names::STASH, stash_entries)
-            .map_max_entries(names::PIDS, (plan.pids.len() as u32).max(1));
+            .map_max_entries(names::PIDS, (plan.pids.len() as u32).max(1))
+            .map_max_entries(names::CGROUPS, (plan.cgroups.len() as u32).max(1));
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| {
             let errno = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<std::io::Error>())
@@ -448,6 +449,19 @@ impl Session {
                     })?;
             for pid in &plan.pids {
                 pids.insert(pid, 1, 0).map_err(|e| {
+                    kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
+                })?;
+            }
+        }
+
+        if !plan.cgroups.is_empty() {
+            let mut cgroups: BpfHashMap<_, u64, u8> =
+                BpfHashMap::try_from(ebpf.map_mut(names::CGROUPS).expect("CGROUPS map in object"))
+                    .map_err(|e| {
+                        kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
+                    })?;
+            for id in &plan.cgroups {
+                cgroups.insert(id, 1, 0).map_err(|e| {
                     kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
                 })?;
             }

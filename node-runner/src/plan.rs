@@ -231,6 +231,8 @@ pub struct JobPlan {
     pub aggregate: bool,
     pub events: Option<EventPlan>,
     pub pids: Vec<u32>,
+    /// cgroup ids the probes are limited to (the node runner's pods); empty: no filter.
+    pub cgroups: Vec<u64>,
     pub map_entries: u32,
     pub duration: Option<Duration>,
     pub cpu_percent: Option<u32>,
@@ -238,6 +240,17 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
+    /// Limits the probes to tasks of these cgroups (enforced in the kernel): how a namespaced
+    /// job sees only its own pods.
+    pub fn limit_to_cgroups(&mut self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.config.filter_flags |= filter::CGROUP;
+        self.stash.filter_flags |= filter::CGROUP;
+        self.cgroups = ids;
+    }
+
     /// Every attach point's label.
     pub fn probe_labels(&self) -> Vec<String> {
         self.attachments.iter().map(|a| a.point.label()).collect()
@@ -644,6 +657,7 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
         aggregate: spec.aggregate,
         events,
         pids: spec.pids.clone(),
+        cgroups: Vec::new(),
         map_entries: spec.map_entries,
         duration: spec.duration,
         cpu_percent: spec.cpu_percent,

@@ -106,6 +106,12 @@ impl Cgroups {
     }
 }
 
+/// The cgroup (v2) id of a cgroup directory: its inode number.
+pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata(dir)?.ino())
+}
+
 /// Everything needed to turn keys into text.
 pub struct Renderer<'a> {
     pub plan: &'a JobPlan,

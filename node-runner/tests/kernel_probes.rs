@@ -357,3 +357,33 @@ fn tracepoint_field_sum_and_histogram() {
     assert_eq!(r.histograms.len(), 1);
     assert_eq!(r.histograms[0].count, 6, "{:?}", r.histograms);
 }
+
+#[test]
+fn cgroup_filter_counts_only_tasks_of_the_listed_cgroups() {
+    let _k = KernelTest::begin();
+    let c = comm("cg");
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/cgroup/fathom-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("cgroup v2 directory");
+    let inside = workload_waiting(&c, "getppid", 300, None);
+    std::fs::write(dir.join("cgroup.procs"), inside.pid.to_string()).expect("move into cgroup");
+    let id = fathom_node::render::cgroup_id(&dir).expect("cgroup id");
+    let mut plan = fathom_node::plan::plan(
+        &spec(&format!("probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [comm, cgroup] }}\nfilter: {{ comm: {c} }}")),
+        kernel(),
+    )
+    .expect("plans");
+    plan.limit_to_cgroups(vec![id]);
+    let s =
+        fathom_node::engine::Session::start(plan, kernel(), Default::default()).expect("starts");
+    inside.go();
+    workload(&c, "getppid", 50, None); // same comm, outside the cgroup: not counted
+    let r = s.stop().expect("stops");
+    let _ = std::fs::remove_dir(&dir);
+    assert_eq!(r.rows.len(), 1, "{:?}", r.rows);
+    assert_eq!(r.rows[0].value, 300);
+    assert_eq!(
+        r.rows[0].keys["cgroup"],
+        format!("/fathom-test-{}", std::process::id())
+    );
+}
