@@ -92,11 +92,19 @@ fn b1(kernel: &Kernel) {
     for _ in 0..ROUNDS {
         bare.push(workload("benchbare", "getppid", CALLS));
 
-        let s = session(kernel, "probe: { catalog: syscalls }\naggregate: { by: [comm] }", EngineOptions::default());
+        let s = session(
+            kernel,
+            "probe: { catalog: syscalls }\naggregate: { by: [comm] }",
+            EngineOptions::default(),
+        );
         ours_tp.push(workload("benchtp", "getppid", CALLS));
         s.stop().expect("stops");
 
-        let s = session(kernel, "probe: { rawTracepoint: sys_enter }\naggregate: { by: [comm] }", EngineOptions::default());
+        let s = session(
+            kernel,
+            "probe: { rawTracepoint: sys_enter }\naggregate: { by: [comm] }",
+            EngineOptions::default(),
+        );
         ours_raw.push(workload("benchraw", "getppid", CALLS));
         s.stop().expect("stops");
 
@@ -104,14 +112,40 @@ fn b1(kernel: &Kernel) {
         peer.push(workload("benchbt", "getppid", CALLS));
         bt.stop();
     }
-    let (bare, tp, raw, bt) = (median(bare), median(ours_tp), median(ours_raw), median(peer));
+    let (bare, tp, raw, bt) = (
+        median(bare),
+        median(ours_tp),
+        median(ours_raw),
+        median(peer),
+    );
     println!("B1 count syscalls by comm, {CALLS} getppid calls, median of {ROUNDS} rounds:");
-    println!("  bare                               {:7.1} ns/call", per(bare));
-    println!("  bpftrace raw_syscalls:sys_enter    {:7.1} ns/call (+{:.1})", per(bt), per(bt) - per(bare));
-    println!("  fathom   raw_syscalls:sys_enter    {:7.1} ns/call (+{:.1})", per(tp), per(tp) - per(bare));
-    println!("  fathom   raw tracepoint sys_enter  {:7.1} ns/call (+{:.1})", per(raw), per(raw) - per(bare));
-    println!("  R (same tracepoint as bpftrace)    {:.2}   (target ≤ 1.0, stretch ≤ 0.7)", ratio(tp, bt, bare));
-    println!("  R (raw tracepoint)                 {:.2}", ratio(raw, bt, bare));
+    println!(
+        "  bare                               {:7.1} ns/call",
+        per(bare)
+    );
+    println!(
+        "  bpftrace raw_syscalls:sys_enter    {:7.1} ns/call (+{:.1})",
+        per(bt),
+        per(bt) - per(bare)
+    );
+    println!(
+        "  fathom   raw_syscalls:sys_enter    {:7.1} ns/call (+{:.1})",
+        per(tp),
+        per(tp) - per(bare)
+    );
+    println!(
+        "  fathom   raw tracepoint sys_enter  {:7.1} ns/call (+{:.1})",
+        per(raw),
+        per(raw) - per(bare)
+    );
+    println!(
+        "  R (same tracepoint as bpftrace)    {:.2}   (target ≤ 1.0, stretch ≤ 0.7)",
+        ratio(tp, bt, bare)
+    );
+    println!(
+        "  R (raw tracepoint)                 {:.2}",
+        ratio(raw, bt, bare)
+    );
 }
 
 fn ring_buffer(kernel: &Kernel) {
@@ -119,7 +153,9 @@ fn ring_buffer(kernel: &Kernel) {
     let comm = "benchring";
     let mut s = session(
         kernel,
-        &format!("probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {comm} }}\nevents: {{ last: 1 }}"),
+        &format!(
+            "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {comm} }}\nevents: {{ last: 1 }}"
+        ),
         EngineOptions::default(),
     );
     let done = Arc::new(AtomicBool::new(false));
