@@ -54,6 +54,12 @@ install_bpf_linker() {
   bpf-linker --version >/dev/null
 }
 
+# The VM kernels of the kernel matrix, fetched once into /var/cache/fathom/kernels (outside
+# git); scripts/kernel-matrix.sh lists them.
+fetch_matrix_kernels() {
+  "$(dirname "${BASH_SOURCE[0]}")/kernel-matrix.sh" --fetch
+}
+
 need_root
 apt_install bpftrace bpftool libbpf-tools qemu-system-x86 busybox-static cpio python3 linux-perf
 rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
@@ -61,4 +67,5 @@ rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^ru
 install_bpf_linker
 mount_fs tracefs /sys/kernel/tracing
 mount_fs bpf /sys/fs/bpf
+fetch_matrix_kernels
 log "ready: $(bpf-linker --version 2>&1 | head -n1), $(bpftrace --version 2>&1 | head -n1)"

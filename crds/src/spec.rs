@@ -92,8 +92,8 @@ pub struct TraceJobSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProbeSpec {
-    /// A named preset: syscalls, exec, open, tcp-connect, tcp-retransmit, packet-drops,
-    /// profile, runqlat, biolatency, oom-kill.
+    /// A named preset: syscalls, exec, open, tcp-connect, tcp-connect-kprobe, tcp-retransmit,
+    /// packet-drops, profile, runqlat, biolatency, oom-kill.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<String>,
     /// A kernel tracepoint, `category/name` (or `category:name`), e.g. `skb/kfree_skb`.
@@ -296,6 +296,7 @@ pub const CATALOG_NAMES: &[&str] = &[
     "exec",
     "open",
     "tcp-connect",
+    "tcp-connect-kprobe",
     "tcp-retransmit",
     "packet-drops",
     "profile",

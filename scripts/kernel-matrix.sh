@@ -1,0 +1,610 @@
+#!/usr/bin/env bash
+# The kernel matrix: Fathom's kernel tests on this machine's kernel and inside QEMU VMs booted
+# from distribution kernels, with the results side by side.
+#
+#   scripts/kernel-matrix.sh [--only NAME]... [-- TEST-ARGS...]
+#   scripts/kernel-matrix.sh --fetch          # fetch and cache the VM kernels only (setup.sh)
+#
+# Builds the kernel test binaries once (every integration test target of fathom-node), runs
+# them directly on the host kernel, packs them with busybox, their shared libraries, the test
+# workload, bpftool, bpftrace and setpriv into an initramfs, boots each VM kernel with QEMU
+# (TCG), runs them there, streams all output and keeps it under target/kernel-matrix/.
+# TEST-ARGS go to every test binary (libtest filters, e.g. `-- kprobe`).
+# Exit status: 0 when every test of every kernel passed or was skipped with a reason; 1 on a
+# test failure, a kernel panic, a VM that hangs past FATHOM_VM_TIMEOUT, a binary that
+# crashes; 2 on a usage or setup error. Needs root and scripts/setup.sh.
+#
+# Environment: CARGO_TARGET_DIR (as for cargo), FATHOM_KERNEL_CACHE (default
+# /var/cache/fathom/kernels), FATHOM_VM_TIMEOUT (seconds per VM, default 540),
+# FATHOM_VM_MEMORY (MiB, default 2048), FATHOM_VM_CPUS (default 2),
+# FATHOM_HOST_EXPECT (overrides the host row's expectations).
+set -euo pipefail
+
+# The matrix: one kernel per line.
+#   name | kernel | extra kernel command line ("-": none) | FATHOM_KERNEL_EXPECT [| test args]
+# kernel:  host                 this machine's running kernel, no VM
+#          deb:PACKAGE[@PREFIX] a Debian kernel package (a meta package such as linux-image-amd64
+#                               resolves to the image it depends on, which must start with
+#                               linux-image-PREFIX); fetched with apt-get by --fetch
+#          file:/path/vmlinuz   a kernel image you provide (no modules: no block device)
+# FATHOM_KERNEL_EXPECT tells node-runner/tests/kernel_functions.rs what this kernel offers:
+# `full`, or kprobes=available|absent, fentry=available|refused, lsm=available|refused|disabled
+# (see docs/kernel-matrix.md). Test args, when given, are libtest arguments for that row only
+# (a filter there limits the row to the matching tests).
+KERNELS=(
+  "host              | host                       | -                                                  | kprobes=absent,fentry=refused,lsm=refused"
+  "debian-6.1        | deb:linux-image-amd64@6.1. | lsm=lockdown,capability,landlock,yama,apparmor,bpf | full"
+  "debian-6.1-no-lsm | deb:linux-image-amd64@6.1. | lsm=lockdown,capability,landlock,yama,apparmor     | kprobes=available,fentry=available,lsm=disabled | lsm_"
+)
+
+# Host tools the tests run, copied into the initramfs with their libraries.
+VM_TOOLS=(bpftool bpftrace setpriv)
+# Kernel modules loaded in the VM, in order: a loop device with an ext2 file system (through
+# the ext4 driver) gives the block-I/O tests a real block device.
+VM_MODULES=(drivers/block/loop crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4)
+
+# Tests that do not run in the VMs, each with its reason (printed in the summary as skipped);
+# they still run on the host.
+#   binary::test | reason
+VM_SKIP=(
+  "reliability::e2_detach_is_synchronous_and_leaks_nothing | 1000 load/attach/detach cycles, each with bpftool sweeps, take over 9 minutes under TCG emulation (no KVM here)"
+)
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
+OUT=$TARGET_DIR/kernel-matrix
+CACHE=${FATHOM_KERNEL_CACHE:-/var/cache/fathom/kernels}
+VM_TIMEOUT=${FATHOM_VM_TIMEOUT:-540}
+VM_MEMORY=${FATHOM_VM_MEMORY:-2048}
+VM_CPUS=${FATHOM_VM_CPUS:-2}
+
+log() { printf '[kernel-matrix] %s\n' "$*" >&2; }
+die() {
+  printf '[kernel-matrix] error: %s\n' "$*" >&2
+  exit 2
+}
+
+trim() {
+  local s=$1
+  s=${s#"${s%%[![:space:]]*}"}
+  printf '%s' "${s%"${s##*[![:space:]]}"}"
+}
+
+# row_field LINE N: the N-th |-separated field of a matrix line, trimmed.
+row_field() {
+  local IFS='|'
+  # shellcheck disable=SC2206
+  local f=($1)
+  trim "${f[$2]:-}"
+}
+
+# --- kernels -------------------------------------------------------------------------------
+
+# resolve_deb SPEC: the concrete package a deb: spec names.
+resolve_deb() {
+  local spec=$1 pkg prefix dep
+  pkg=${spec%@*}
+  prefix=
+  [[ $spec == *@* ]] && prefix=${spec#*@}
+  dep=$(apt-cache depends --important "$pkg" 2>/dev/null |
+    awk '/^ *Depends: linux-image-/ { print $2; exit }')
+  [ -n "$dep" ] || dep=$pkg
+  if ! apt-cache show "$dep" >/dev/null 2>&1; then
+    return 1
+  fi
+  if [ -n "$prefix" ] && [[ $dep != linux-image-$prefix* ]]; then
+    die "$spec resolves to $dep, not linux-image-$prefix*; fix the row in KERNELS"
+  fi
+  printf '%s\n' "$dep"
+}
+
+# cached DIR: the kernel and every module the VM loads are in the cache.
+cached() {
+  local m
+  [ -f "$1/vmlinuz" ] || return 1
+  for m in "${VM_MODULES[@]}"; do
+    [ -f "$1/modules/$m.ko" ] || return 1
+  done
+}
+
+# fetch_row LINE: makes $CACHE/<name> point at the row's extracted kernel (idempotent).
+fetch_row() {
+  local line=$1 name kernel spec pkg dir tmp
+  name=$(row_field "$line" 0)
+  kernel=$(row_field "$line" 1)
+  case $kernel in
+    host | file:*) return 0 ;;
+    deb:*) spec=${kernel#deb:} ;;
+    *) die "row $name: unknown kernel kind $kernel" ;;
+  esac
+  if ! pkg=$(resolve_deb "$spec"); then
+    log "apt-get update (to find $spec)"
+    apt-get update -qq >&2
+    pkg=$(resolve_deb "$spec") || die "row $name: no package $spec in the apt sources"
+  fi
+  dir=$CACHE/$pkg
+  if ! cached "$dir"; then
+    log "fetching $pkg for $name into $dir"
+    mkdir -p "$CACHE"
+    tmp=$(mktemp -d "$CACHE/.fetch.XXXXXX")
+    (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
+      { rm -rf "$tmp"; die "apt-get download $pkg failed"; }
+    dpkg-deb -x "$tmp"/*.deb "$tmp/x"
+    mkdir -p "$tmp/k"
+    cp "$tmp"/x/boot/vmlinuz-* "$tmp/k/vmlinuz"
+    cp "$tmp"/x/boot/config-* "$tmp/k/config"
+    local rel
+    rel=$(basename "$(echo "$tmp"/x/lib/modules/*)")
+    echo "$rel" >"$tmp/k/release"
+    # Only the modules the VM loads are kept (the package has ~400 MB of them).
+    for m in "${VM_MODULES[@]}"; do
+      mkdir -p "$tmp/k/modules/$(dirname "$m")"
+      cp "$tmp/x/lib/modules/$rel/kernel/$m.ko" "$tmp/k/modules/$m.ko"
+    done
+    rm -rf "$dir"
+    mv "$tmp/k" "$dir"
+    rm -rf "$tmp"
+  fi
+  ln -sfn "$pkg" "$CACHE/$name"
+}
+
+# kernel_dir LINE: the cached kernel directory of a VM row (fetching it when missing).
+kernel_dir() {
+  local line=$1 name kernel
+  name=$(row_field "$line" 0)
+  kernel=$(row_field "$line" 1)
+  case $kernel in
+    file:*)
+      local d=$OUT/$name/kernel
+      mkdir -p "$d"
+      cp "${kernel#file:}" "$d/vmlinuz"
+      echo "$d"
+      return
+      ;;
+  esac
+  cached "$CACHE/$name" || fetch_row "$line"
+  readlink -f "$CACHE/$name"
+}
+
+# --- build ---------------------------------------------------------------------------------
+
+# Builds the test binaries; writes $OUT/tests.tsv (name, path) and $OUT/extra.tsv (host paths
+# baked into the tests: the fathom binary, the workload).
+build_tests() {
+  log "building the kernel test binaries (cargo test -p fathom-node --no-run)"
+  mkdir -p "$OUT"
+  (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo test -p fathom-node --no-run \
+    --message-format=json-render-diagnostics) >"$OUT/cargo.json" ||
+    die "building the tests failed"
+  python3 - "$OUT/cargo.json" "$OUT/tests.tsv" "$OUT/extra.tsv" <<'EOF'
+import json, re, sys
+tests, extra = [], []
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if not re.search(r"[#/]fathom-node[@#]", m.get("package_id", "")):
+        continue
+    r = m.get("reason")
+    if r == "compiler-artifact" and m.get("executable"):
+        kinds = m["target"]["kind"]
+        if m["profile"]["test"] and kinds == ["test"]:
+            tests.append((m["target"]["name"], m["executable"]))
+        elif kinds == ["bin"] and not m["profile"]["test"]:
+            extra.append(("bin", m["executable"]))
+    elif r == "build-script-executed" and m.get("out_dir"):
+        # The workload keeps its debug info: the profile test symbolizes its stacks.
+        extra.append(("workload", m["out_dir"] + "/fathom-workload"))
+if not tests:
+    sys.exit("no integration test targets found in cargo's output")
+with open(sys.argv[2], "w") as f:
+    for name, path in sorted(set(tests)):
+        f.write(f"{name}\t{path}\n")
+with open(sys.argv[3], "w") as f:
+    for kind, p in sorted(set(extra)):
+        f.write(f"{kind}\t{p}\n")
+EOF
+  log "test binaries: $(cut -f1 "$OUT/tests.tsv" | tr '\n' ' ')"
+}
+
+# row_args LINE: the libtest arguments of a row, one per line: the command line's, then the
+# row's own (fifth column).
+row_args() {
+  local extra
+  [ ${#TEST_ARGS[@]} -gt 0 ] && printf '%s\n' "${TEST_ARGS[@]}"
+  extra=$(row_field "$1" 4)
+  # shellcheck disable=SC2086
+  [ -n "$extra" ] && printf '%s\n' $extra
+  return 0
+}
+
+# row_lists LINE: the tests each binary runs with the row's arguments, what the row must
+# report on, in $OUT/<name>/lists/<binary>.
+row_lists() {
+  local line=$1 name b path args=()
+  name=$(row_field "$line" 0)
+  mapfile -t args < <(row_args "$line")
+  rm -rf "$OUT/$name/lists"
+  mkdir -p "$OUT/$name/lists"
+  while IFS=$'\t' read -r b path; do
+    "$path" --list --format terse "${args[@]}" | sed -n 's/: test$//p' >"$OUT/$name/lists/$b"
+  done <"$OUT/tests.tsv"
+}
+
+# --- initramfs -----------------------------------------------------------------------------
+
+# copy_elf STAGE PATH [DEST]: an executable and the shared libraries ldd lists.
+copy_elf() {
+  local stage=$1 src=$2 dest=${3:-$2} lib
+  mkdir -p "$stage$(dirname "$dest")"
+  cp -L "$src" "$stage$dest"
+  ldd "$src" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+    if [ ! -e "$stage$lib" ]; then
+      mkdir -p "$stage$(dirname "$lib")"
+      cp -L "$lib" "$stage$lib"
+    fi
+  done
+}
+
+# The shared part of every VM's initramfs: busybox, tools, tests, workload, /init.
+build_base_initramfs() {
+  local stage=$OUT/initramfs base=$OUT/base.cpio name path tool
+  log "packing the initramfs"
+  rm -rf "$stage"
+  mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,etc,root,run,mnt,fathom/tests}
+  chmod 1777 "$stage/tmp"
+  cp /bin/busybox "$stage/bin/busybox"
+  for tool in "${VM_TOOLS[@]}"; do
+    path=$(command -v "$tool") || die "$tool is missing; run scripts/setup.sh"
+    copy_elf "$stage" "$(readlink -f "$path")" "$path"
+  done
+  while IFS=$'\t' read -r name path; do
+    copy_elf "$stage" "$path" "/fathom/tests/$name"
+    strip --strip-debug "$stage/fathom/tests/$name"
+    echo "$name" >>"$stage/fathom/tests.list"
+  done <"$OUT/tests.tsv"
+  # Paths baked into the tests at build time exist at the same place in the VM.
+  while IFS=$'\t' read -r kind path; do
+    [ -e "$path" ] || continue
+    copy_elf "$stage" "$path"
+    if [ "$kind" = bin ]; then strip --strip-debug "$stage$path"; fi
+  done <"$OUT/extra.tsv"
+  mkdir -p "$stage/fathom/skip"
+  for entry in "${VM_SKIP[@]}"; do
+    name=$(row_field "$entry" 0)
+    printf -- '--skip\n%s\n' "${name#*::}" >>"$stage/fathom/skip/${name%%::*}"
+  done
+  echo fathom-vm >"$stage/etc/hostname"
+  printf 'root:x:0:0:root:/root:/bin/sh\n' >"$stage/etc/passwd"
+  printf 'root:x:0:\n' >"$stage/etc/group"
+  printf '127.0.0.1 localhost fathom-vm\n' >"$stage/etc/hosts"
+  write_init >"$stage/init"
+  chmod 755 "$stage/init"
+  (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$base"
+  log "initramfs: $(du -h "$base" | cut -f1)"
+}
+
+# The VM's /init: mounts, a block device, the tests, a result line, power off.
+write_init() {
+  cat <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tracefs tracefs /sys/kernel/tracing
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t bpf bpf /sys/fs/bpf
+mount -t securityfs securityfs /sys/kernel/security
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+hostname fathom-vm
+ip link set lo up
+say() { echo "=== fathom-matrix $*"; }
+say "kernel $(uname -r)"
+say "cmdline $(cat /proc/cmdline)"
+# A block device: ext2 on a loop device over a file in RAM, the tests' TMPDIR.
+if [ -d /lib/modules/fathom ]; then
+  for m in $(cat /lib/modules/fathom/order); do
+    insmod "/lib/modules/fathom/$m.ko" || say "warning: insmod $m failed"
+  done
+  dd if=/dev/zero of=/disk.img bs=1M count=96 2>/dev/null
+  mknod -m 660 /dev/loop0 b 7 0 2>/dev/null
+  if losetup /dev/loop0 /disk.img && mke2fs -q /dev/loop0 >/dev/null && mount -t ext2 /dev/loop0 /mnt; then
+    mkdir -p /mnt/tmp && chmod 1777 /mnt/tmp
+    export TMPDIR=/mnt/tmp
+    say "block device: /dev/loop0 (ext2) at /mnt, TMPDIR=$TMPDIR"
+  else
+    say "warning: no block device; block I/O tests will fail"
+  fi
+fi
+cd /fathom
+for t in $(cat /fathom/tests.list); do
+  say "begin $t"
+  start=$(date +%s)
+  /fathom/tests/$t --test-threads=1 $(cat /fathom/test-args) $(cat /fathom/skip/$t 2>/dev/null) 2>&1
+  rc=$?
+  say "end $t rc=$rc seconds=$(( $(date +%s) - start ))"
+done
+say "done"
+sync
+poweroff -f
+INIT
+}
+
+# row_initramfs LINE KDIR: the base plus the row's kernel modules.
+row_initramfs() {
+  local line=$1 kdir=$2 name stage img m
+  name=$(row_field "$line" 0)
+  img=$OUT/$name/initrd.cpio
+  stage=$OUT/$name/initramfs
+  rm -rf "$stage"
+  mkdir -p "$stage/fathom"
+  row_args "$line" >"$stage/fathom/test-args"
+  if [ -d "$kdir/modules" ]; then
+    mkdir -p "$stage/lib/modules/fathom"
+    (cd "$kdir/modules" && cp -r . "$stage/lib/modules/fathom/")
+    for m in "${VM_MODULES[@]}"; do echo "$m"; done >"$stage/lib/modules/fathom/order"
+  fi
+  (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$img.row"
+  cat "$OUT/base.cpio" "$img.row" >"$img"
+  rm -f "$img.row"
+  echo "$img"
+}
+
+# --- runs ----------------------------------------------------------------------------------
+
+# run_host LINE: the tests on the running kernel, output in the same shape as a VM's console.
+run_host() {
+  local line=$1 name expect logf t path rc start args=()
+  name=$(row_field "$line" 0)
+  mapfile -t args < <(row_args "$line")
+  expect=${FATHOM_HOST_EXPECT:-$(row_field "$line" 3)}
+  mkdir -p "$OUT/$name"
+  logf=$OUT/$name/console.log
+  log "== $name: kernel $(uname -r), FATHOM_KERNEL_EXPECT=$expect"
+  {
+    echo "=== fathom-matrix kernel $(uname -r)"
+    while IFS=$'\t' read -r t path; do
+      echo "=== fathom-matrix begin $t"
+      start=$(date +%s)
+      set +e
+      FATHOM_KERNEL_EXPECT=$expect FATHOM_MATRIX_ROW=$name RUST_BACKTRACE=1 \
+        timeout -k 10 "$VM_TIMEOUT" "$path" --test-threads=1 "${args[@]}" 2>&1
+      rc=$?
+      set -e
+      echo "=== fathom-matrix end $t rc=$rc seconds=$(($(date +%s) - start))"
+    done <"$OUT/tests.tsv"
+    echo "=== fathom-matrix done"
+  } 2>&1 | tee "$logf"
+  echo 0 >"$OUT/$name/qemu.rc"
+}
+
+# run_vm LINE: boots the row's kernel with the initramfs and streams its console.
+run_vm() {
+  local line=$1 name cmdline expect kdir img logf rc start
+  name=$(row_field "$line" 0)
+  cmdline=$(row_field "$line" 2)
+  [ "$cmdline" = - ] && cmdline=
+  expect=$(row_field "$line" 3)
+  kdir=$(kernel_dir "$line")
+  mkdir -p "$OUT/$name"
+  img=$(row_initramfs "$line" "$kdir")
+  logf=$OUT/$name/console.log
+  log "== $name: booting $(cat "$kdir/release" 2>/dev/null || echo "$kdir/vmlinuz") under QEMU (TCG), timeout ${VM_TIMEOUT}s"
+  start=$(date +%s)
+  set +e
+  timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp "$VM_CPUS" \
+    -m "$VM_MEMORY" -nographic -no-reboot -monitor none -serial stdio \
+    -kernel "$kdir/vmlinuz" -initrd "$img" \
+    -append "console=ttyS0 quiet panic=-1 $cmdline FATHOM_KERNEL_EXPECT=$expect FATHOM_MATRIX_ROW=$name" \
+    </dev/null 2>&1 | tee "$logf"
+  rc=${PIPESTATUS[0]}
+  set -e
+  echo "$rc" >"$OUT/$name/qemu.rc"
+  echo "$(($(date +%s) - start))" >"$OUT/$name/seconds"
+  log "== $name: QEMU exited with $rc after $(cat "$OUT/$name/seconds") s"
+}
+
+# --- report --------------------------------------------------------------------------------
+
+report() {
+  FATHOM_VM_TIMEOUT=$VM_TIMEOUT python3 - "$OUT" "$@" <<'EOF'
+import os, re, sys
+
+out = sys.argv[1]
+rows = [a.split("=")[0] for a in sys.argv[2:]]
+is_vm = {a.split("=")[0]: a.endswith("=vm") for a in sys.argv[2:]}
+vm_skip = {}
+for line in open(os.path.join(out, "vm-skip.tsv")):
+    if "\t" in line:
+        k, why = line.rstrip("\n").split("\t", 1)
+        vm_skip[k] = why
+RESULT = re.compile(r"^test (\S+) \.\.\. (?:.*?)(ok|FAILED|ignored)\s*$")
+START = re.compile(r"^test (\S+) \.\.\. ")
+SKIP = re.compile(r"^fathom-skip: (\S+): (.*)$")
+BANNER = re.compile(r"=== fathom-matrix (begin|end|done|kernel)\b ?(.*)$")
+
+def parse(name):
+    d = os.path.join(out, name)
+    text = open(os.path.join(d, "console.log"), errors="replace").read().replace("\r", "")
+    lines = text.split("\n")
+    rc = int(open(os.path.join(d, "qemu.rc")).read().strip() or 1)
+    res = {"kernel": "?", "tests": {}, "problems": [], "skips": {}, "order": [], "binaries": set()}
+    binary, pending, done, ended = None, [], False, set()
+    for line in lines:
+        m = BANNER.search(line)
+        if m:
+            kind, rest = m.groups()
+            if kind == "kernel":
+                res["kernel"] = rest.strip()
+            elif kind == "begin":
+                binary, pending = rest.strip(), []
+                res["binaries"].add(binary)
+            elif kind == "end":
+                b, _, tail = rest.partition(" ")
+                code = int(re.search(r"rc=(\d+)", tail).group(1))
+                ended.add(b)
+                for t in pending:
+                    res["tests"][t] = "unfinished"
+                if code != 0 and not any(
+                    k.startswith(b + "::") and v == "FAIL" for k, v in res["tests"].items()
+                ):
+                    res["problems"].append(f"{b} exited with {code} without a failing test")
+                binary = None
+            elif kind == "done":
+                done = True
+            continue
+        if binary is None:
+            continue
+        s = SKIP.match(line.strip())
+        if s:
+            res["skips"][f"{binary}::{s.group(1)}"] = s.group(2)
+            continue
+        m = RESULT.match(line)
+        if m:
+            t, r = m.groups()
+            key = f"{binary}::{t}"
+            res["tests"][key] = {"ok": "pass", "FAILED": "FAIL", "ignored": "ignored"}[r]
+            res["order"].append(key)
+            pending = [p for p in pending if p != key]
+            continue
+        m = START.match(line)
+        if m:
+            key = f"{binary}::{m.group(1)}"
+            res["order"].append(key)
+            pending.append(key)
+            continue
+        # A result on a line of its own, after output the test wrote straight to stderr.
+        if pending and line.strip() in ("ok", "FAILED", "ignored"):
+            key = pending.pop(0)
+            res["tests"][key] = {"ok": "pass", "FAILED": "FAIL", "ignored": "ignored"}[line.strip()]
+    if binary is not None:
+        res["problems"].append(f"{binary} never finished (crash or hang)")
+        for t in pending:
+            res["tests"][t] = "unfinished"
+    for k, why in res["skips"].items():
+        if res["tests"].get(k) == "pass":
+            res["tests"][k] = "skip"
+    for b in sorted(os.listdir(os.path.join(d, "lists"))):
+        for t in open(os.path.join(d, "lists", b)).read().split():
+            k = f"{b}::{t}"
+            if k in res["tests"]:
+                continue
+            if is_vm[name] and k in vm_skip:
+                res["tests"][k] = "skip"
+                res["skips"][k] = f"not run in VMs (VM_SKIP): {vm_skip[k]}"
+            else:
+                res["tests"][k] = "NOT RUN"
+            res["order"].append(k)
+    if rc == 124 or rc == 137:
+        res["problems"].append(f"hung: killed after FATHOM_VM_TIMEOUT={os.environ.get('FATHOM_VM_TIMEOUT', '540')} s")
+    elif rc != 0:
+        res["problems"].append(f"QEMU exited with {rc}")
+    if re.search(r"Kernel panic|BUG: |Oops: ", text):
+        res["problems"].append("kernel panic/BUG/Oops in the console log")
+    if not done:
+        res["problems"].append("the run did not reach its end")
+    res["log"] = os.path.join(d, "console.log")
+    sec = os.path.join(d, "seconds")
+    res["seconds"] = int(open(sec).read()) if os.path.exists(sec) else None
+    return res
+
+results = {r: parse(r) for r in rows}
+order = []
+for r in rows:
+    for k in results[r]["order"]:
+        if k not in order:
+            order.append(k)
+width = max([len(k) for k in order] + [10])
+heads = [f"{r} ({results[r]['kernel']})" for r in rows]
+colw = max(len(h) for h in heads) + 2
+print()
+print("kernel matrix".ljust(width + 2) + "".join(h.ljust(colw) for h in heads))
+for k in order:
+    cells = [results[r]["tests"].get(k, "-") for r in rows]
+    print(k.ljust(width + 2) + "".join(c.ljust(colw) for c in cells))
+print()
+failed = False
+for r in rows:
+    res = results[r]
+    counts = {}
+    for v in res["tests"].values():
+        counts[v] = counts.get(v, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    secs = f", VM {res['seconds']} s" if res["seconds"] is not None else ""
+    bad = sum(counts.get(s, 0) for s in ("FAIL", "NOT RUN", "unfinished")) > 0 or res["problems"]
+    failed |= bool(bad)
+    print(f"{r}: {'FAILED' if bad else 'ok'} — {summary}{secs}; log: {res['log']}")
+    for p in res["problems"]:
+        print(f"  problem: {p}")
+    for k, why in sorted(res["skips"].items()):
+        print(f"  skipped {k}: {why}")
+sys.exit(1 if failed else 0)
+EOF
+}
+
+# --- main ----------------------------------------------------------------------------------
+
+ONLY=()
+FETCH_ONLY=0
+TEST_ARGS=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --fetch) FETCH_ONLY=1 ;;
+    --only) ONLY+=("$2"); shift ;;
+    --) shift; TEST_ARGS=("$@"); break ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+  shift
+done
+[ "$(id -u)" = 0 ] || die "must run as root (loads eBPF programs)"
+
+selected=()
+for line in "${KERNELS[@]}"; do
+  name=$(row_field "$line" 0)
+  if [ ${#ONLY[@]} -eq 0 ] || printf '%s\n' "${ONLY[@]}" | grep -qx "$name"; then
+    selected+=("$line")
+  fi
+done
+[ ${#selected[@]} -gt 0 ] || die "no kernel row matches ${ONLY[*]}"
+
+if [ "$FETCH_ONLY" = 1 ]; then
+  for line in "${selected[@]}"; do fetch_row "$line"; done
+  exit 0
+fi
+
+for t in qemu-system-x86_64 cpio python3 strip; do
+  command -v "$t" >/dev/null || die "$t is missing; run scripts/setup.sh"
+done
+total_start=$(date +%s)
+build_tests
+vms=0
+for line in "${selected[@]}"; do
+  [ "$(row_field "$line" 1)" = host ] || vms=1
+done
+if [ "$vms" = 1 ]; then build_base_initramfs; fi
+for entry in "${VM_SKIP[@]}"; do
+  printf '%s\t%s\n' "$(row_field "$entry" 0)" "$(row_field "$entry" 1)"
+done >"$OUT/vm-skip.tsv"
+names=()
+for line in "${selected[@]}"; do
+  name=$(row_field "$line" 0)
+  if [ "$(row_field "$line" 1)" = host ]; then names+=("$name=host"); else names+=("$name=vm"); fi
+  rm -f "$OUT/$name/console.log" "$OUT/$name/qemu.rc" "$OUT/$name/seconds"
+  row_lists "$line"
+  if [ "$(row_field "$line" 1)" = host ]; then
+    run_host "$line"
+  else
+    run_vm "$line"
+  fi
+done
+set +e
+report "${names[@]}"
+rc=$?
+set -e
+log "total $(($(date +%s) - total_start)) s"
+exit $rc
