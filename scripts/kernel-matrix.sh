@@ -46,9 +46,11 @@ VM_MODULES=(drivers/block/loop crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd
 # Tests that do not run in the VMs, each with its reason (printed in the summary as skipped);
 # they still run on the host.
 #   binary::test | reason
-VM_SKIP=(
-  "reliability::e2_detach_is_synchronous_and_leaks_nothing | 1000 load/attach/detach cycles, each with bpftool sweeps, take over 9 minutes under TCG emulation (no KVM here)"
-)
+VM_SKIP=()
+
+# Under TCG emulation (no KVM here) 1000 load/attach/detach cycles of E2 take over 9 minutes;
+# the VMs run 100 of them (the test prints how many it ran). The host runs all 1000.
+VM_E2_CYCLES=100
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -399,7 +401,7 @@ run_vm() {
   timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp "$VM_CPUS" \
     -m "$VM_MEMORY" -nographic -no-reboot -monitor none -serial stdio \
     -kernel "$kdir/vmlinuz" -initrd "$img" \
-    -append "console=ttyS0 quiet panic=-1 $cmdline FATHOM_KERNEL_EXPECT=$expect FATHOM_MATRIX_ROW=$name" \
+    -append "console=ttyS0 quiet panic=-1 $cmdline FATHOM_KERNEL_EXPECT=$expect FATHOM_MATRIX_ROW=$name FATHOM_E2_CYCLES=$VM_E2_CYCLES" \
     </dev/null 2>&1 | tee "$logf"
   rc=${PIPESTATUS[0]}
   set -e

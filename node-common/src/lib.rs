@@ -105,6 +105,10 @@ pub mod flags {
     /// Pair with the stash program: look up (and remove) the entry stashed under
     /// `StashConfig::exit_key_src`, skip the hit when there is none.
     pub const PAIRED: u32 = 1 << 2;
+    /// Read the clock (rate limit, pairing, events); skipped otherwise, it costs a helper call.
+    pub const TIME: u32 = 1 << 3;
+    /// Read the task's comm (a comm key or filter, events); skipped otherwise.
+    pub const COMM: u32 = 1 << 4;
 }
 
 /// A number's source: see [`source`].
@@ -144,6 +148,9 @@ pub struct ProbeConfig {
     /// With `filter::FIELD`: a number the hit must carry (a TCP state, an event type).
     pub match_src: Source,
     pub match_value: u64,
+    /// Wake the consumer only once this many bytes wait in the ring buffer (it also polls
+    /// on a timer); 0 wakes it for every event.
+    pub wakeup_bytes: u64,
 }
 
 impl Source {
@@ -172,6 +179,7 @@ impl ProbeConfig {
         comm: [0; 16],
         match_src: Source::NONE,
         match_value: 0,
+        wakeup_bytes: 0,
     };
 }
 

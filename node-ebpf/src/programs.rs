@@ -7,7 +7,10 @@ use core::{
 
 use aya_ebpf::{
     EbpfContext, Global,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, bpf_raw_tracepoint_args, pt_regs},
+    bindings::{
+        BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        bpf_raw_tracepoint_args, pt_regs,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -437,15 +440,27 @@ fn emit<C: Hook>(ctx: &C, hit: &Hit, comm: &[u8; 16]) {
         };
         (*e).payload_len = len as u32;
     }
-    entry.submit(0);
+    // Batched wakeups: one per `wakeup_bytes` of waiting events instead of one per event.
+    let wakeup = probe_cfg!(wakeup_bytes);
+    let flags = if wakeup == 0 || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
     bump(counter::EVENTS_EMITTED);
 }
 
 /// The main role: filters, pairing, rate limit, then aggregate and/or emit.
 fn on_hit<C: Hook>(ctx: &C) -> u32 {
+    let cfg_flags = probe_cfg!(flags);
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = if cfg_flags & flags::TIME != 0 {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     let mut hit = Hit {
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
@@ -453,7 +468,11 @@ fn on_hit<C: Hook>(ctx: &C) -> u32 {
         latency: 0,
         stashed: 0,
     };
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let comm = if cfg_flags & flags::COMM != 0 {
+        bpf_get_current_comm().unwrap_or([0; 16])
+    } else {
+        [0; 16]
+    };
     if !passes_filters(probe_cfg!(filter_flags), hit.pid, &comm) {
         bump(counter::FILTERED);
         return 0;
@@ -464,7 +483,6 @@ fn on_hit<C: Hook>(ctx: &C) -> u32 {
         bump(counter::FILTERED);
         return 0;
     }
-    let cfg_flags = probe_cfg!(flags);
     if cfg_flags & flags::PAIRED != 0 {
         let k = read_source(ctx, &stash_cfg!(exit_key_src), &hit);
         // SAFETY: the value is copied out before the entry is removed.

@@ -51,6 +51,7 @@ pub fn resolve_binary(binary: &Path) -> Result<PathBuf, ElfError> {
             let Ok(entries) = fs::read_dir(dir) else {
                 continue;
             };
+            // `libc.so` is often a linker script; only real ELF files qualify.
             let mut found: Vec<PathBuf> = entries
                 .flatten()
                 .map(|e| e.path())
@@ -60,6 +61,7 @@ pub fn resolve_binary(binary: &Path) -> Result<PathBuf, ElfError> {
                         f == name || f.starts_with(&format!("{name}.so"))
                     })
                 })
+                .filter(|p| is_elf(p))
                 .collect();
             found.sort();
             if let Some(p) = found.into_iter().next() {
@@ -68,6 +70,15 @@ pub fn resolve_binary(binary: &Path) -> Result<PathBuf, ElfError> {
         }
     }
     Err(ElfError::Missing(name.into_owned()))
+}
+
+fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
 }
 
 fn read(binary: &Path) -> Result<(PathBuf, Vec<u8>), ElfError> {

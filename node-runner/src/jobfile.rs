@@ -16,10 +16,12 @@ pub struct JobFile {
     pub spec: TraceJobSpec,
 }
 
+/// apiVersion and kind are checked by [`check_kind`] and only ignored here.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Manifest {
-    api_version: Option<String>,
+    #[serde(rename = "apiVersion")]
+    _api_version: Option<String>,
     kind: Option<String>,
     #[serde(default)]
     metadata: Metadata,
@@ -40,6 +42,11 @@ pub fn parse(text: &str, origin: &str) -> Result<JobFile, EngineError> {
         path: origin.to_string(),
         message,
     };
+    // What kind of object this is comes first: a Pod manifest should hear that it is not a
+    // TraceJob, not that its spec lacks a probe.
+    let head: serde_yaml::Value = serde_yaml::from_str(text)
+        .map_err(|e| err(format!("not a valid TraceJob manifest: {e}")))?;
+    check_kind(&head).map_err(err)?;
     let de = serde_yaml::Deserializer::from_str(text);
     let mut unknown = Vec::new();
     let manifest: Manifest = serde_ignored::deserialize(de, |path| {
@@ -56,25 +63,7 @@ pub fn parse(text: &str, origin: &str) -> Result<JobFile, EngineError> {
             "unknown field `{first}`; check its spelling against `kubectl explain tracejob.spec` or the examples/ folder"
         )));
     }
-    match manifest.api_version.as_deref() {
-        Some(API_VERSION) => {}
-        Some(other) => {
-            return Err(err(format!(
-                "apiVersion is {other:?}; a TraceJob's apiVersion is {API_VERSION}"
-            )));
-        }
-        None => {
-            return Err(err(format!(
-                "apiVersion is missing; set apiVersion: {API_VERSION}"
-            )));
-        }
-    }
     let kind = manifest.kind.unwrap_or_default();
-    if kind != "TraceJob" && kind != "ClusterTraceJob" {
-        return Err(err(format!(
-            "kind is {kind:?}; fathom runs kind TraceJob or ClusterTraceJob"
-        )));
-    }
     let spec = manifest
         .spec
         .ok_or_else(|| err("spec is missing; a TraceJob needs at least spec.probe".into()))?;
@@ -84,6 +73,29 @@ pub fn parse(text: &str, origin: &str) -> Result<JobFile, EngineError> {
         namespace: manifest.metadata.namespace,
         spec,
     })
+}
+
+fn check_kind(head: &serde_yaml::Value) -> Result<(), String> {
+    match head.get("apiVersion").and_then(|v| v.as_str()) {
+        Some(API_VERSION) => {}
+        Some(other) => {
+            return Err(format!(
+                "apiVersion is {other:?}; a TraceJob's apiVersion is {API_VERSION}"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "apiVersion is missing; set apiVersion: {API_VERSION}"
+            ));
+        }
+    }
+    match head.get("kind").and_then(|v| v.as_str()) {
+        Some("TraceJob" | "ClusterTraceJob") => Ok(()),
+        other => Err(format!(
+            "kind is {:?}; fathom runs kind TraceJob or ClusterTraceJob",
+            other.unwrap_or("")
+        )),
+    }
 }
 
 /// Reads and parses a manifest file.

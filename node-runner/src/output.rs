@@ -269,9 +269,9 @@ mod tests {
     fn table_has_header_rows_and_other() {
         let t = render(&result(), Format::Table);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines[0], "COMM                COUNT");
-        assert_eq!(lines[1], "bash                   42");
-        assert_eq!(lines[2], "(other: 3 rows)         5");
+        assert_eq!(lines[0], "COMM             COUNT");
+        assert_eq!(lines[1], "bash                42");
+        assert_eq!(lines[2], "(other: 3 rows)      5");
     }
 
     #[test]

@@ -643,6 +643,13 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
     }
     stash.filter_flags = config.filter_flags & (filter::PID | filter::COMM | filter::CGROUP);
     config.rate_limit = spec.events_per_second.map_or(0, u64::from);
+    // Helper calls only where something reads their result.
+    if config.rate_limit > 0 || config.flags & (flags::PAIRED | flags::EMIT) != 0 {
+        config.flags |= flags::TIME;
+    }
+    if mask & key::COMM != 0 || config.filter_flags & filter::COMM != 0 || events.is_some() {
+        config.flags |= flags::COMM;
+    }
 
     Ok(JobPlan {
         label: template.label.clone(),

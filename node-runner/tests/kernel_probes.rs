@@ -363,7 +363,7 @@ fn cgroup_filter_counts_only_tasks_of_the_listed_cgroups() {
     let _k = KernelTest::begin();
     let c = comm("cg");
     let dir =
-        std::path::PathBuf::from(format!("/sys/fs/cgroup/fathom-test-{}", std::process::id()));
+        fathom_node::render::cgroup2_root().join(format!("fathom-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("cgroup v2 directory");
     let inside = workload_waiting(&c, "getppid", 300, None);
     std::fs::write(dir.join("cgroup.procs"), inside.pid.to_string()).expect("move into cgroup");
