@@ -17,19 +17,15 @@ fn tp(category: &str, name: &str) -> AttachPoint {
 }
 
 fn base(label: &str, main: AttachPoint) -> Template {
-    Template {
-        label: format!("catalog:{label}"),
-        main,
-        stash: Vec::new(),
-        stash_key: None,
-        stash_value: None,
-        default_by: Vec::new(),
-        default_value: ValueSpec::Count,
-        event_columns: Vec::new(),
-        payload: None,
-        matches: None,
-        event_value: None,
-    }
+    Template::new(format!("catalog:{label}"), main)
+}
+
+/// Event columns of the TCP entries: the tracepoint's destination address and port.
+fn destination_columns() -> Vec<(String, EventSource)> {
+    ["daddr", "dport"]
+        .into_iter()
+        .map(|f| (f.to_string(), EventSource::Named(Named::Field(f.into()))))
+        .collect()
 }
 
 /// TCP_SYN_SENT in `sock:inet_sock_set_state`'s `newstate`: the state `connect()` enters.
@@ -126,16 +122,7 @@ pub fn template(name: &str, spec: &CheckedSpec) -> Result<Template, ProbeVerdict
                 KeySpec::Field("daddr".into()),
                 KeySpec::Field("dport".into()),
             ];
-            t.event_columns = vec![
-                (
-                    "daddr".into(),
-                    EventSource::Named(Named::Field("daddr".into())),
-                ),
-                (
-                    "dport".into(),
-                    EventSource::Named(Named::Field("dport".into())),
-                ),
-            ];
+            t.event_columns = destination_columns();
             t
         }
         "tcp-connect-kprobe" => {
@@ -158,16 +145,7 @@ pub fn template(name: &str, spec: &CheckedSpec) -> Result<Template, ProbeVerdict
                 KeySpec::Field("daddr".into()),
                 KeySpec::Field("dport".into()),
             ];
-            t.event_columns = vec![
-                (
-                    "daddr".into(),
-                    EventSource::Named(Named::Field("daddr".into())),
-                ),
-                (
-                    "dport".into(),
-                    EventSource::Named(Named::Field("dport".into())),
-                ),
-            ];
+            t.event_columns = destination_columns();
             t
         }
         "packet-drops" => {

@@ -514,31 +514,10 @@ impl Session {
             )
         })?;
 
-        if !plan.pids.is_empty() {
-            let mut pids: BpfHashMap<_, u32, u8> =
-                BpfHashMap::try_from(ebpf.map_mut(names::PIDS).expect("PIDS map in object"))
-                    .map_err(|e| {
-                        kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
-                    })?;
-            for pid in &plan.pids {
-                pids.insert(pid, 1, 0).map_err(|e| {
-                    kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
-                })?;
-            }
-        }
-
-        if !plan.cgroups.is_empty() {
-            let mut cgroups: BpfHashMap<_, u64, u8> =
-                BpfHashMap::try_from(ebpf.map_mut(names::CGROUPS).expect("CGROUPS map in object"))
-                    .map_err(|e| {
-                        kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
-                    })?;
-            for id in &plan.cgroups {
-                cgroups.insert(id, 1, 0).map_err(|e| {
-                    kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
-                })?;
-            }
-        }
+        fill_set(&mut ebpf, names::PIDS, &plan.pids)
+            .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
+        fill_set(&mut ebpf, names::CGROUPS, &plan.cgroups)
+            .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
 
         // Run-time statistics for the CPU budget; the kernel keeps them on while the fd lives.
         let stats = RunTimeSampler::start(opts.stats_duty);
@@ -574,25 +553,19 @@ impl Session {
                     p.attach(function, 0).map_err(perr)?;
                 }
                 AttachPoint::Fentry { function } => {
-                    let btf = kernel.btf().ok_or_else(|| {
-                        kernel_error(&probe, Reason::BTFUnavailable, "kernel BTF is unavailable")
-                    })?;
+                    let btf = need_btf(kernel, &probe)?;
                     let p: &mut FEntry = prog.try_into().map_err(perr)?;
                     p.load(function, btf).map_err(perr)?;
                     p.attach().map_err(perr)?;
                 }
                 AttachPoint::Fexit { function } => {
-                    let btf = kernel.btf().ok_or_else(|| {
-                        kernel_error(&probe, Reason::BTFUnavailable, "kernel BTF is unavailable")
-                    })?;
+                    let btf = need_btf(kernel, &probe)?;
                     let p: &mut FExit = prog.try_into().map_err(perr)?;
                     p.load(function, btf).map_err(perr)?;
                     p.attach().map_err(perr)?;
                 }
                 AttachPoint::Lsm { hook } => {
-                    let btf = kernel.btf().ok_or_else(|| {
-                        kernel_error(&probe, Reason::BTFUnavailable, "kernel BTF is unavailable")
-                    })?;
+                    let btf = need_btf(kernel, &probe)?;
                     let p: &mut Lsm = prog.try_into().map_err(perr)?;
                     p.load(hook, btf).map_err(perr)?;
                     p.attach().map_err(perr)?;
@@ -943,6 +916,28 @@ impl Session {
         drop(self);
         result
     }
+}
+
+fn need_btf<'k>(kernel: &'k Kernel, probe: &str) -> Result<&'k aya::Btf, EngineError> {
+    kernel
+        .btf()
+        .ok_or_else(|| kernel_error(probe, Reason::BTFUnavailable, "kernel BTF is unavailable"))
+}
+
+/// Puts every item into a filter set map (`PIDS`, `CGROUPS`).
+fn fill_set<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, items: &[K]) -> Result<(), String> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| format!("map {name} missing"))?;
+    let mut set: BpfHashMap<_, K, u8> = BpfHashMap::try_from(map).map_err(|e| e.to_string())?;
+    for item in items {
+        set.insert(item, 1, 0)
+            .map_err(|e| format!("filling {name}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Detaches every link of a program (the program stays loaded until the session drops).

@@ -278,6 +278,25 @@ pub struct Template {
     pub event_value: Option<Named>,
 }
 
+impl Template {
+    /// One attach point, counted, nothing else.
+    pub fn new(label: String, main: AttachPoint) -> Template {
+        Template {
+            label,
+            main,
+            stash: Vec::new(),
+            stash_key: None,
+            stash_value: None,
+            default_by: Vec::new(),
+            default_value: ValueSpec::Count,
+            event_columns: Vec::new(),
+            payload: None,
+            matches: None,
+            event_value: None,
+        }
+    }
+}
+
 /// A number by name, resolved against the attach point: a tracepoint field, `argN`, `ret`,
 /// `tid`, `pid`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -683,19 +702,7 @@ fn infeasible(probe: &str, message: String) -> ProbeVerdict {
 
 /// The template of a user probe or catalog entry.
 fn template_for(probe: &Probe, spec: &CheckedSpec) -> Result<Template, ProbeVerdict> {
-    let simple = |main: AttachPoint| Template {
-        label: probe.display_name(),
-        main,
-        stash: Vec::new(),
-        stash_key: None,
-        stash_value: None,
-        default_by: Vec::new(),
-        default_value: ValueSpec::Count,
-        event_columns: Vec::new(),
-        payload: None,
-        matches: None,
-        event_value: None,
-    };
+    let simple = |main: AttachPoint| Template::new(probe.display_name(), main);
     let latency = spec.value == ValueSpec::Latency;
     Ok(match probe {
         Probe::Catalog(name) => catalog::template(name, spec)?,
