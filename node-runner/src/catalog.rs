@@ -85,13 +85,21 @@ pub fn template(name: &str, spec: &CheckedSpec) -> Result<Template, ProbeVerdict
     Ok(match name {
         "syscalls" => {
             if latency {
+                // Pairs sys_enter with sys_exit; the tracepoint's `id` field names the syscall.
                 let mut t = base(name, tp("raw_syscalls", "sys_exit"));
                 t.stash = vec![tp("raw_syscalls", "sys_enter")];
                 t.stash_key = Some((Named::Tid, Named::Tid));
                 t.default_by = vec![KeySpec::Syscall];
                 t
             } else {
-                let mut t = base(name, tp("raw_syscalls", "sys_enter"));
+                // The raw tracepoint: the same hook as raw_syscalls:sys_enter without the
+                // tracepoint's record assembly, so each syscall costs less.
+                let mut t = base(
+                    name,
+                    AttachPoint::RawTracepoint {
+                        name: "sys_enter".into(),
+                    },
+                );
                 t.default_by = vec![KeySpec::Syscall];
                 t
             }

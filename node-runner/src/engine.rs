@@ -908,14 +908,40 @@ impl Session {
         // Detach first so the final read is the final count, then read what remains.
         self.final_run_time = Some(self.run_time());
         self.final_elapsed = Some(self.started.elapsed().as_secs_f64());
+        let ids: Vec<u32> = self
+            .ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
+            .collect();
         for (_, p) in self.ebpf.programs_mut() {
             detach_all(p);
         }
         let result = self.snapshot();
-        tracing::info!(job = %self.plan.label, "detached");
         drop(self);
+        wait_until_released(&ids);
+        tracing::info!("detached");
         result
     }
+}
+
+/// Some links (raw tracepoints) free their program after an RCU grace period rather than
+/// when their fd closes. Waits (bounded) until the kernel no longer knows these programs, so
+/// that "stopped" means gone, whatever the attach kind.
+fn wait_until_released(ids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let alive = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .any(|p| ids.contains(&p.id()));
+        if !alive {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    tracing::warn!(
+        ?ids,
+        "programs still loaded 2 s after their links were closed"
+    );
 }
 
 fn need_btf<'k>(kernel: &'k Kernel, probe: &str) -> Result<&'k aya::Btf, EngineError> {

@@ -243,8 +243,7 @@ fn run_prints_each_output_format() {
     );
     assert!(out.stdout.contains("\n0 hits in"), "{}", out.stdout);
     assert!(
-        out.stderr
-            .contains("attached tracepoint:raw_syscalls/sys_enter"),
+        out.stderr.contains("attached raw_tracepoint:sys_enter"),
         "{}",
         out.stderr
     );

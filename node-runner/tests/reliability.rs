@@ -71,7 +71,7 @@ fn e1_apply_and_detach_are_idempotent() {
 #[test]
 fn e2_detach_is_synchronous_and_leaks_nothing() {
     let _k = KernelTest::begin();
-    let yaml = "probe: { catalog: syscalls }\naggregate: { by: [comm] }";
+    let yaml = "probe: { tracepoint: raw_syscalls/sys_enter }\naggregate: { by: [comm] }";
     // The first start loads lazily cached state (BTF, kallsyms); measure after it.
     start(yaml).stop().expect("warm-up");
     let fds = open_fds();
