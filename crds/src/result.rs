@@ -167,9 +167,10 @@ impl Totals {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Budget {
-    /// Nanoseconds the programs ran, per the kernel's BPF run-time statistics.
+    /// Nanoseconds the programs ran, per the kernel's BPF run-time statistics (sampled for a
+    /// part of each second and scaled to the whole run).
     pub cpu_ns: u64,
-    /// Program runs.
+    /// Program runs (sampled and scaled likewise).
     pub runs: u64,
     /// Average percent of one CPU over the run.
     pub cpu_percent: f64,

@@ -221,9 +221,8 @@ pub fn summary(r: &ResultData) -> String {
     if let Some(b) = &r.budget {
         let _ = write!(
             s,
-            "; probes used {:.3}% of a CPU ({} runs), {} KiB locked memory",
+            "; probes used ~{:.3}% of a CPU, {} KiB locked memory",
             b.cpu_percent,
-            b.runs,
             b.memlock_bytes / 1024
         );
     }
