@@ -147,7 +147,7 @@ fn b1(kernel: &Kernel) {
         per(tp) - per(bare)
     );
     println!(
-        "  fathom   raw tracepoint sys_enter  {:7.1} ns/call (+{:.1})",
+        "  fathom   catalog syscalls (raw tp)  {:7.1} ns/call (+{:.1})",
         per(raw),
         per(raw) - per(bare)
     );
