@@ -109,6 +109,9 @@ pub mod flags {
     pub const TIME: u32 = 1 << 3;
     /// Read the task's comm (a comm key or filter, events); skipped otherwise.
     pub const COMM: u32 = 1 << 4;
+    /// Aggregate into `AGG_SMALL` with the key packed by `ProbeConfig::compact_slots`
+    /// (a 32-byte key hashes in about half the time of the full 64-byte [`super::AggKey`]).
+    pub const COMPACT: u32 = 1 << 5;
 }
 
 /// A number's source: see [`source`].
@@ -151,6 +154,13 @@ pub struct ProbeConfig {
     /// Wake the consumer only once this many bytes wait in the ring buffer (it also polls
     /// on a timer); 0 wakes it for every event.
     pub wakeup_bytes: u64,
+    /// With `flags::COMPACT`: the word of the packed key each [`compact`] part goes to
+    /// ([`compact::NO_SLOT`]: not in the key).
+    pub compact_slots: [u8; compact::PARTS],
+    /// With `flags::COMPACT`: how many words the packed key uses (at most
+    /// [`compact::TINY_WORDS`]: `AGG_TINY`, else `AGG_SMALL`).
+    pub compact_words: u32,
+    pub _pad: u32,
 }
 
 impl Source {
@@ -180,6 +190,9 @@ impl ProbeConfig {
         match_src: Source::NONE,
         match_value: 0,
         wakeup_bytes: 0,
+        compact_slots: [compact::NO_SLOT; compact::PARTS],
+        compact_words: 0,
+        _pad: 0,
     };
 }
 
@@ -271,11 +284,115 @@ pub struct Event {
     pub payload: [u8; PAYLOAD_LEN],
 }
 
+/// Packed aggregation keys: the parts of an [`AggKey`] a job uses, one 64-bit word each, in
+/// [`compact::WORDS`] words. The same functions pack in the kernel and unpack in user space.
+pub mod compact {
+    use super::{AggKey, key};
+
+    /// Words of a packed key (`AGG_SMALL`); keys of at most [`TINY_WORDS`] go to `AGG_TINY`,
+    /// whose 16-byte key hashes faster still.
+    pub const WORDS: usize = 4;
+    pub const TINY_WORDS: usize = 2;
+    /// Parts of a key: comm (2 words), pid|tid, cgroup, kstack|ustack, field 0, field 1,
+    /// cpu|bucket.
+    pub const PARTS: usize = 8;
+    pub const NO_SLOT: u8 = 0xff;
+
+    /// The slot of each part for this key mask and how many words they take, or None when
+    /// they do not fit in `WORDS`.
+    pub fn slots(mask: u32, histogram: bool) -> Option<([u8; PARTS], usize)> {
+        let needed = [
+            mask & key::COMM != 0,
+            mask & key::COMM != 0,
+            mask & (key::PID | key::TID) != 0,
+            mask & key::CGROUP != 0,
+            mask & (key::KSTACK | key::USTACK) != 0,
+            mask & key::FIELD0 != 0,
+            mask & key::FIELD1 != 0,
+            mask & key::CPU != 0 || histogram,
+        ];
+        let mut slots = [NO_SLOT; PARTS];
+        let mut next = 0u8;
+        let mut i = 0;
+        while i < PARTS {
+            if needed[i] {
+                if next as usize >= WORDS {
+                    return None;
+                }
+                slots[i] = next;
+                next += 1;
+            }
+            i += 1;
+        }
+        Some((slots, next as usize))
+    }
+
+    #[inline(always)]
+    fn part(k: &AggKey, p: usize) -> u64 {
+        let c = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k.comm[at..at + 8]);
+            u64::from_ne_bytes(b)
+        };
+        match p {
+            0 => c(0),
+            1 => c(8),
+            2 => ((k.pid as u64) << 32) | k.tid as u64,
+            3 => k.cgroup,
+            4 => ((k.kstack as u32 as u64) << 32) | k.ustack as u32 as u64,
+            5 => k.fields[0],
+            6 => k.fields[1],
+            _ => ((k.cpu as u64) << 32) | k.bucket as u64,
+        }
+    }
+
+    /// Packs the parts of `k` into their slots (constant indices only, for the verifier).
+    #[inline(always)]
+    pub fn pack(k: &AggKey, slots: &[u8; PARTS]) -> [u64; WORDS] {
+        let mut w = [0u64; WORDS];
+        let mut p = 0;
+        while p < PARTS {
+            let v = part(k, p);
+            match slots[p] {
+                0 => w[0] = v,
+                1 => w[1] = v,
+                2 => w[2] = v,
+                3 => w[3] = v,
+                _ => {}
+            }
+            p += 1;
+        }
+        w
+    }
+
+    /// The key `pack` packed (parts not in the key are zero).
+    pub fn unpack(w: &[u64; WORDS], slots: &[u8; PARTS]) -> AggKey {
+        let get = |p: usize| match slots[p] {
+            s if (s as usize) < WORDS => w[s as usize],
+            _ => 0,
+        };
+        let mut k = AggKey::default();
+        k.comm[..8].copy_from_slice(&get(0).to_ne_bytes());
+        k.comm[8..].copy_from_slice(&get(1).to_ne_bytes());
+        k.pid = (get(2) >> 32) as u32;
+        k.tid = get(2) as u32;
+        k.cgroup = get(3);
+        k.kstack = (get(4) >> 32) as u32 as i32;
+        k.ustack = get(4) as u32 as i32;
+        k.fields = [get(5), get(6)];
+        k.cpu = (get(7) >> 32) as u32;
+        k.bucket = get(7) as u32;
+        k
+    }
+}
+
 /// Names of the programs, maps and globals in the object, shared so they cannot drift.
 pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const STASH_CONFIG: &str = "STASH_CONFIG";
     pub const AGG: &str = "AGG";
+    pub const AGG_SMALL: &str = "AGG_SMALL";
+    pub const AGG_TINY: &str = "AGG_TINY";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const STACKS: &str = "STACKS";
@@ -323,6 +440,27 @@ mod tests {
         assert_eq!(log2_bucket(3), 2);
         assert_eq!(log2_bucket(4), 3);
         assert_eq!(log2_bucket(u64::MAX), 64);
+    }
+
+    #[test]
+    fn compact_keys_round_trip_the_parts_they_hold() {
+        let mut k = AggKey::default();
+        k.comm[..4].copy_from_slice(b"bash");
+        k.pid = 42;
+        k.tid = 43;
+        k.kstack = -14;
+        k.ustack = 7;
+        let mask = key::COMM | key::PID | key::TID | key::KSTACK | key::USTACK;
+        let (slots, words) = compact::slots(mask, false).expect("fits in 4 words");
+        assert_eq!(words, 4);
+        assert_eq!(compact::unpack(&compact::pack(&k, &slots), &slots), k);
+        // Parts outside the mask do not survive.
+        let (slots, words) = compact::slots(key::COMM, true).expect("fits");
+        assert_eq!(words, 3);
+        k.bucket = 9;
+        let back = compact::unpack(&compact::pack(&k, &slots), &slots);
+        assert_eq!((back.comm, back.bucket, back.pid), (k.comm, 9, 0));
+        assert!(compact::slots(key::COMM | key::PID | key::CGROUP | key::FIELD0, false).is_none());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use fathom_common::{
     AggKey, AggValue, Event, PAYLOAD_LEN, ProbeConfig, RateState, Source, Stash, StashConfig,
-    counter, filter, flags, key, log2_bucket, source, strsrc, value,
+    compact, counter, filter, flags, key, log2_bucket, source, strsrc, value,
 };
 
 #[unsafe(no_mangle)]
@@ -40,6 +40,12 @@ static STASH_CONFIG: Global<StashConfig> = Global::new(StashConfig::EMPTY);
 // Sizes here are defaults; the loader sets the real ones from the job's limits.
 #[map]
 static AGG: PerCpuHashMap<AggKey, AggValue> = PerCpuHashMap::with_max_entries(16384, 0);
+#[map]
+static AGG_TINY: PerCpuHashMap<[u64; compact::TINY_WORDS], AggValue> =
+    PerCpuHashMap::with_max_entries(16384, 0);
+#[map]
+static AGG_SMALL: PerCpuHashMap<[u64; compact::WORDS], AggValue> =
+    PerCpuHashMap::with_max_entries(16384, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 #[map]
@@ -329,44 +335,122 @@ fn stack_id<C: Hook>(ctx: &C, user: bool) -> i32 {
 
 fn aggregate<C: Hook>(ctx: &C, hit: &Hit, comm: &[u8; 16]) {
     let mask = probe_cfg!(key_mask);
-    let mut k = AggKey::default();
-    if mask & key::PID != 0 {
-        k.pid = hit.pid;
-    }
-    if mask & key::TID != 0 {
-        k.tid = hit.tid;
-    }
-    if mask & key::COMM != 0 {
-        k.comm = *comm;
-    }
-    if mask & key::CGROUP != 0 {
-        // SAFETY: helper without arguments.
-        k.cgroup = unsafe { bpf_get_current_cgroup_id() };
-    }
-    if mask & key::KSTACK != 0 {
-        k.kstack = stack_id(ctx, false);
-    }
-    if mask & key::USTACK != 0 {
-        k.ustack = stack_id(ctx, true);
-    }
-    if mask & key::FIELD0 != 0 {
-        k.fields[0] = read_source(ctx, &probe_cfg!(key_fields[0]), hit);
-    }
-    if mask & key::FIELD1 != 0 {
-        k.fields[1] = read_source(ctx, &probe_cfg!(key_fields[1]), hit);
-    }
-    if mask & key::CPU != 0 {
-        // SAFETY: helper without arguments.
-        k.cpu = unsafe { bpf_get_smp_processor_id() };
-    }
     let mut add = 0;
+    let mut bucket = 0;
     match probe_cfg!(value_kind) {
         value::SUM => add = read_source(ctx, &probe_cfg!(value_src), hit),
-        value::HIST => k.bucket = log2_bucket(read_source(ctx, &probe_cfg!(value_src), hit)),
+        value::HIST => bucket = log2_bucket(read_source(ctx, &probe_cfg!(value_src), hit)),
         _ => {}
     }
+    let pid = if mask & key::PID != 0 { hit.pid } else { 0 };
+    let tid = if mask & key::TID != 0 { hit.tid } else { 0 };
+    let cgroup = || {
+        if mask & key::CGROUP != 0 {
+            // SAFETY: helper without arguments.
+            unsafe { bpf_get_current_cgroup_id() }
+        } else {
+            0
+        }
+    };
+    let kstack = || {
+        if mask & key::KSTACK != 0 {
+            stack_id(ctx, false)
+        } else {
+            0
+        }
+    };
+    let ustack = || {
+        if mask & key::USTACK != 0 {
+            stack_id(ctx, true)
+        } else {
+            0
+        }
+    };
+    let field = |i: usize, bit: u32| {
+        if mask & bit != 0 {
+            read_source(ctx, &probe_cfg!(key_fields[i]), hit)
+        } else {
+            0
+        }
+    };
+    let cpu = || {
+        if mask & key::CPU != 0 {
+            // SAFETY: helper without arguments.
+            unsafe { bpf_get_smp_processor_id() }
+        } else {
+            0
+        }
+    };
+    if probe_cfg!(flags) & flags::COMPACT != 0 {
+        // Only the parts the job keys by, straight into their words (compact::pack's layout).
+        let slots = probe_cfg!(compact_slots);
+        let mut w = [0u64; compact::WORDS];
+        let mut put = |slot: u8, v: u64| match slot {
+            0 => w[0] = v,
+            1 => w[1] = v,
+            2 => w[2] = v,
+            3 => w[3] = v,
+            _ => {}
+        };
+        if slots[0] != compact::NO_SLOT {
+            let mut lo = [0u8; 8];
+            let mut hi = [0u8; 8];
+            lo.copy_from_slice(&comm[..8]);
+            hi.copy_from_slice(&comm[8..]);
+            put(slots[0], u64::from_ne_bytes(lo));
+            put(slots[1], u64::from_ne_bytes(hi));
+        }
+        if slots[2] != compact::NO_SLOT {
+            put(slots[2], ((pid as u64) << 32) | tid as u64);
+        }
+        if slots[3] != compact::NO_SLOT {
+            put(slots[3], cgroup());
+        }
+        if slots[4] != compact::NO_SLOT {
+            put(
+                slots[4],
+                ((kstack() as u32 as u64) << 32) | ustack() as u32 as u64,
+            );
+        }
+        if slots[5] != compact::NO_SLOT {
+            put(slots[5], field(0, key::FIELD0));
+        }
+        if slots[6] != compact::NO_SLOT {
+            put(slots[6], field(1, key::FIELD1));
+        }
+        if slots[7] != compact::NO_SLOT {
+            put(slots[7], ((cpu() as u64) << 32) | bucket as u64);
+        }
+        if probe_cfg!(compact_words) as usize <= compact::TINY_WORDS {
+            add_to(&AGG_TINY, &[w[0], w[1]], add);
+        } else {
+            add_to(&AGG_SMALL, &w, add);
+        }
+    } else {
+        let k = AggKey {
+            pid,
+            tid,
+            cgroup: cgroup(),
+            kstack: kstack(),
+            ustack: ustack(),
+            fields: [field(0, key::FIELD0), field(1, key::FIELD1)],
+            cpu: cpu(),
+            bucket,
+            comm: if mask & key::COMM != 0 {
+                *comm
+            } else {
+                [0; 16]
+            },
+        };
+        add_to(&AGG, &k, add);
+    }
+}
+
+/// Adds one hit (and `add`) to the entry of `k`, creating it when new; a full map is counted.
+#[inline(always)]
+fn add_to<K>(map: &PerCpuHashMap<K, AggValue>, k: &K, add: u64) {
     for _ in 0..2 {
-        if let Some(v) = AGG.get_ptr_mut(&k) {
+        if let Some(v) = map.get_ptr_mut(k) {
             // SAFETY: per-CPU value, no other writer on this CPU.
             unsafe {
                 (*v).count += 1;
@@ -375,7 +459,7 @@ fn aggregate<C: Hook>(ctx: &C, hit: &Hit, comm: &[u8; 16]) {
             return;
         }
         let first = AggValue { count: 1, sum: add };
-        match AGG.insert(&k, &first, BPF_NOEXIST as u64) {
+        match map.insert(k, &first, BPF_NOEXIST as u64) {
             Ok(()) => return,
             // Inserted meanwhile (this key on another CPU's slot): add to it on the next turn.
             Err(EEXIST) => continue,

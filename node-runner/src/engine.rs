@@ -22,7 +22,7 @@ use aya::{
     sys::{Stats, SyscallError, enable_stats},
     util::online_cpus,
 };
-use fathom_common::{AggKey, AggValue, Event, counter, names};
+use fathom_common::{AggKey, AggValue, Event, compact, counter, names};
 use fathom_crds::{
     CheckedSpec,
     result::{Budget, EventRecord, ResultData, Totals},
@@ -408,6 +408,8 @@ pub fn trial_load(point: &AttachPoint, kernel: &Kernel) -> Result<(), (Reason, S
     loader.btf(Some(btf));
     for (name, size) in [
         (names::AGG, 1),
+        (names::AGG_SMALL, 1),
+        (names::AGG_TINY, 1),
         (names::EVENTS, 4096),
         (names::STACKS, 1),
         (names::STASH, 1),
@@ -490,13 +492,17 @@ impl Session {
         // The spec's bound is checked by validation; the engine enforces it again so that no
         // caller (a stale operator, a hand-made plan) can size a map past it.
         let map_entries = plan.map_entries.clamp(1, MAX_MAP_ENTRIES);
+        // Exactly one aggregation map is sized for the job; the others get one entry.
+        let (tiny, small, full) = agg_sizes(&plan.config, map_entries);
         let mut loader = EbpfLoader::new();
         // The kernel's BTF, parsed once per Kernel, instead of once per load.
         loader.btf(kernel.btf());
         loader
             .override_global(names::CONFIG, &plan.config, true)
             .override_global(names::STASH_CONFIG, &plan.stash, true)
-            .map_max_entries(names::AGG, map_entries)
+            .map_max_entries(names::AGG, full)
+            .map_max_entries(names::AGG_SMALL, small)
+            .map_max_entries(names::AGG_TINY, tiny)
             .map_max_entries(names::EVENTS, ringbuf)
             .map_max_entries(names::STACKS, stack_entries)
             .map_max_entries(names::STASH, stash_entries)
@@ -727,14 +733,10 @@ impl Session {
             return;
         }
         self.last_remember = Instant::now();
-        let Some(map) = self.ebpf.map(names::AGG) else {
-            return;
-        };
-        let Ok(agg) = PerCpuHashMap::<_, AggKey, AggValue>::try_from(map) else {
-            return;
-        };
-        for k in agg.keys().flatten() {
-            self.symbols.remember(k.pid);
+        if let Ok(entries) = self.aggregate_entries() {
+            for (k, _) in entries {
+                self.symbols.remember(k.pid);
+            }
         }
     }
 
@@ -797,19 +799,45 @@ impl Session {
     }
 
     fn aggregate_entries(&self) -> Result<Vec<(AggKey, AggValue)>, EngineError> {
-        let map = self.ebpf.map(names::AGG).expect("AGG in object");
-        let agg: PerCpuHashMap<_, AggKey, AggValue> =
-            PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
-        let mut out = Vec::new();
-        for item in agg.iter() {
-            // A key deleted between listing and lookup is skipped, not an error.
-            let Ok((k, per_cpu)) = item else { continue };
+        let sum = |per_cpu: &aya::maps::PerCpuValues<AggValue>| {
             let mut v = AggValue::default();
             for c in per_cpu.iter() {
                 v.count += c.count;
                 v.sum = v.sum.wrapping_add(c.sum);
             }
-            out.push((k, v));
+            v
+        };
+        let mut out = Vec::new();
+        // A key deleted between listing and lookup is skipped, not an error.
+        let cfg = &self.plan.config;
+        let slots = cfg.compact_slots;
+        if cfg.flags & fathom_common::flags::COMPACT != 0
+            && cfg.compact_words as usize <= compact::TINY_WORDS
+        {
+            let map = self.ebpf.map(names::AGG_TINY).expect("AGG_TINY in object");
+            let agg: PerCpuHashMap<_, [u64; compact::TINY_WORDS], AggValue> =
+                PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
+            for (k, per_cpu) in agg.iter().flatten() {
+                let w = [k[0], k[1], 0, 0];
+                out.push((compact::unpack(&w, &slots), sum(&per_cpu)));
+            }
+        } else if cfg.flags & fathom_common::flags::COMPACT != 0 {
+            let map = self
+                .ebpf
+                .map(names::AGG_SMALL)
+                .expect("AGG_SMALL in object");
+            let agg: PerCpuHashMap<_, [u64; compact::WORDS], AggValue> =
+                PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
+            for (k, per_cpu) in agg.iter().flatten() {
+                out.push((compact::unpack(&k, &slots), sum(&per_cpu)));
+            }
+        } else {
+            let map = self.ebpf.map(names::AGG).expect("AGG in object");
+            let agg: PerCpuHashMap<_, AggKey, AggValue> =
+                PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
+            for (k, per_cpu) in agg.iter().flatten() {
+                out.push((k, sum(&per_cpu)));
+            }
         }
         Ok(out)
     }
@@ -921,6 +949,17 @@ impl Session {
         wait_until_released(&ids);
         tracing::info!("detached");
         result
+    }
+}
+
+/// Entries of (AGG_TINY, AGG_SMALL, AGG): the map the job's key layout uses gets them all.
+fn agg_sizes(cfg: &fathom_common::ProbeConfig, entries: u32) -> (u32, u32, u32) {
+    if cfg.flags & fathom_common::flags::COMPACT == 0 {
+        (1, 1, entries)
+    } else if cfg.compact_words as usize <= compact::TINY_WORDS {
+        (entries, 1, 1)
+    } else {
+        (1, entries, 1)
     }
 }
 

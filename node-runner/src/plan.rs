@@ -641,6 +641,12 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
         hidden.push(KeyPart::Pid);
     }
     config.key_mask = mask;
+    if let Some((slots, words)) = fathom_common::compact::slots(mask, value_kind == ValueKind::Hist)
+    {
+        config.flags |= flags::COMPACT;
+        config.compact_slots = slots;
+        config.compact_words = words as u32;
+    }
     config.value_kind = match value_kind {
         ValueKind::Count => value::COUNT,
         ValueKind::Sum => value::SUM,

@@ -387,3 +387,32 @@ fn cgroup_filter_counts_only_tasks_of_the_listed_cgroups() {
         format!("/fathom-test-{}", std::process::id())
     );
 }
+
+#[test]
+fn wide_keys_beyond_the_packed_layout_use_the_full_key() {
+    let _k = KernelTest::begin();
+    let c = comm("wide");
+    // comm (2 words) + pid|tid + cgroup + syscall = 5 words: more than a packed key holds.
+    let s = start(&format!(
+        "probe: {{ catalog: syscalls }}\naggregate: {{ by: [comm, pid, tid, cgroup, syscall], top: 500 }}\nfilter: {{ comm: {c} }}"
+    ));
+    assert_eq!(
+        s.plan().config.flags & fathom_common::flags::COMPACT,
+        0,
+        "this job needs the full key"
+    );
+    let w = workload_waiting(&c, "getppid", 123, None);
+    let pid = w.pid.to_string();
+    w.go();
+    let r = s.stop().expect("stops");
+    let row = r
+        .rows
+        .iter()
+        .find(|row| row.keys["syscall"] == "getppid")
+        .expect("getppid row");
+    assert_eq!(row.value, 123);
+    assert_eq!(row.keys["comm"], c);
+    assert_eq!(row.keys["pid"], pid);
+    assert_eq!(row.keys["tid"], pid, "single-threaded: tid = pid");
+    assert!(row.keys["cgroup"].starts_with('/'), "{:?}", row.keys);
+}

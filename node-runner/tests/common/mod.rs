@@ -62,7 +62,16 @@ fn bpftool(what: &str) -> Vec<serde_json::Value> {
 }
 
 const OUR_MAPS: &[&str] = &[
-    "AGG", "COUNTERS", "EVENTS", "STACKS", "STASH", "RATE", "PIDS", "CGROUPS",
+    "AGG",
+    "AGG_SMALL",
+    "AGG_TINY",
+    "COUNTERS",
+    "EVENTS",
+    "STACKS",
+    "STASH",
+    "RATE",
+    "PIDS",
+    "CGROUPS",
 ];
 
 pub fn residue() -> Residue {
