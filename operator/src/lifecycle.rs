@@ -360,20 +360,15 @@ pub fn decide(
     };
 
     let (plan, probe, duration) = match intent {
-        Intent::Invalid(errors) => {
-            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            let message = format!("invalid spec: {}", all.join("; "));
-            fail(&mut st, &mut conds, &mut events, "InvalidSpec", message);
-            st.conditions = merge_conditions(&old.conditions, conds.list);
-            return Decision {
-                status: st,
-                assignments: empty,
-                events,
-                requeue_after: None,
-                delete_job: false,
+        Intent::Invalid(_) | Intent::Rejected(..) => {
+            let (reason, message) = match intent {
+                Intent::Invalid(errors) => {
+                    let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                    ("InvalidSpec", format!("invalid spec: {}", all.join("; ")))
+                }
+                Intent::Rejected(reason, message) => (reason, message),
+                _ => unreachable!("matched above"),
             };
-        }
-        Intent::Rejected(reason, message) => {
             fail(&mut st, &mut conds, &mut events, reason, message);
             st.conditions = merge_conditions(&old.conditions, conds.list);
             return Decision {
