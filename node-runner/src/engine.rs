@@ -309,6 +309,30 @@ fn errno_reason(errno: Option<i32>, kernel: &Kernel) -> (Reason, &'static str) {
     }
 }
 
+/// The errno somewhere in an error's source chain.
+fn source_errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(errno) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(errno);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The errno of a failed load or attach.
+fn program_errno(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::LoadError { io_error, .. }
+        | ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
+        other => source_errno(other),
+    }
+}
+
 fn program_error(probe: &str, e: ProgramError, kernel: &Kernel, budget: usize) -> EngineError {
     match e {
         ProgramError::LoadError {
@@ -335,12 +359,8 @@ fn program_error(probe: &str, e: ProgramError, kernel: &Kernel, budget: usize) -
             kernel_error(probe, reason, format!("{call} failed: {io_error}; {fix}"))
         }
         other => {
-            let text = other.to_string();
-            let errno = std::error::Error::source(&other)
-                .and_then(|s| s.downcast_ref::<std::io::Error>())
-                .and_then(std::io::Error::raw_os_error);
-            let (reason, fix) = errno_reason(errno, kernel);
-            kernel_error(probe, reason, format!("{text}; {fix}"))
+            let (reason, fix) = errno_reason(program_errno(&other), kernel);
+            kernel_error(probe, reason, format!("{other}; {fix}"))
         }
     }
 }
@@ -433,11 +453,7 @@ pub fn trial_load(point: &AttachPoint, kernel: &Kernel) -> Result<(), (Reason, S
         _ => <&mut Lsm>::try_from(prog).and_then(|p| p.load(target, btf)),
     };
     result.map_err(|e| {
-        let errno = match &e {
-            ProgramError::LoadError { io_error, .. } => io_error.raw_os_error(),
-            ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
-            _ => None,
-        };
+        let errno = program_errno(&e);
         let kind = match point {
             AttachPoint::Lsm { .. } => "LSM programs",
             _ => "fentry/fexit programs",
@@ -509,10 +525,7 @@ impl Session {
             .map_max_entries(names::PIDS, (plan.pids.len() as u32).max(1))
             .map_max_entries(names::CGROUPS, (plan.cgroups.len() as u32).max(1));
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| {
-            let errno = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<std::io::Error>())
-                .and_then(std::io::Error::raw_os_error);
-            let (reason, fix) = errno_reason(errno, kernel);
+            let (reason, fix) = errno_reason(source_errno(&e), kernel);
             kernel_error(
                 &label,
                 reason,
