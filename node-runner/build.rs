@@ -5,6 +5,9 @@
 
 use std::{env, path::PathBuf, process::Command};
 
+/// The nightly toolchain that builds the kernel programs; `scripts/setup.sh` installs it.
+const NIGHTLY: &str = "nightly-2026-05-19";
+
 fn main() -> anyhow::Result<()> {
     let manifest_dir = env::var("CARGO_MANIFEST_DIR")?;
     let root_dir = format!("{manifest_dir}/../node-ebpf");
@@ -14,7 +17,8 @@ fn main() -> anyhow::Result<()> {
             root_dir: &root_dir,
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        // Pinned: the LLVM of this nightly matches bpf-linker (scripts/setup.sh, NIGHTLY).
+        aya_build::Toolchain::Custom(NIGHTLY),
     )?;
     build_workload(&manifest_dir)
 }

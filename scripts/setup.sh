@@ -5,6 +5,10 @@ set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*"; }
 
+# The eBPF build's toolchain, pinned: its LLVM (22) must match bpf-linker's `llvm-22`, and a
+# newer "nightly" drifts to another LLVM. node-runner/build.rs names the same toolchain.
+NIGHTLY=nightly-2026-05-19
+
 need_root() {
   if [ "$(id -u)" != 0 ]; then
     echo "[setup] must run as root (installs packages, mounts tracefs/bpffs)" >&2
@@ -36,21 +40,26 @@ mount_fs() {
   fi
 }
 
+install_nightly() {
+  rustup run "$NIGHTLY" rustc --version >/dev/null 2>&1 \
+    || { log "rustup toolchain install $NIGHTLY"; rustup toolchain install "$NIGHTLY" --profile minimal; }
+  rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src' \
+    || rustup component add rust-src --toolchain "$NIGHTLY"
+}
 install_bpf_linker() {
   if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version >/dev/null 2>&1; then
     return
   fi
-  rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
   local prefix=/usr/local/fathom-llvm
   local d
-  d="$(rustc +nightly --print sysroot)/lib"
+  d="$(rustc +"$NIGHTLY" --print sysroot)/lib"
   mkdir -p "$prefix/lib"
   ln -sf "$d"/libLLVM.so.* "$prefix/lib/"
   ln -sf "$d"/libLLVM.so.* "$prefix/lib/libLLVM.so"
   echo "$prefix/lib" >/etc/ld.so.conf.d/fathom-llvm.conf
   ldconfig
   log "cargo install bpf-linker (links the nightly toolchain's own LLVM; takes a few minutes)"
-  LLVM_PREFIX="$prefix" cargo +nightly install --locked bpf-linker --no-default-features --features llvm-22
+  LLVM_PREFIX="$prefix" cargo +"$NIGHTLY" install --locked bpf-linker --no-default-features --features llvm-22
   bpf-linker --version >/dev/null
 }
 
@@ -62,8 +71,9 @@ fetch_matrix_kernels() {
 
 need_root
 apt_install bpftrace bpftool libbpf-tools qemu-system-x86 busybox-static cpio python3 linux-perf
-rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
-  || rustup component add rust-src --toolchain nightly
+# The local cluster's node (scripts/cluster.sh): container runtime, CNI plugins, iptables.
+apt_install containerd runc containernetworking-plugins iptables conntrack ethtool socat openssl
+install_nightly
 install_bpf_linker
 mount_fs tracefs /sys/kernel/tracing
 mount_fs bpf /sys/fs/bpf

@@ -1,20 +1,50 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, unit tests, the operator against an
-# in-memory API, and the kernel matrix — the kernel tests, which really load and attach eBPF
-# programs, on this machine's kernel and in VMs booted from Debian's kernel (run as root).
+# in-memory API, the kernel matrix — the kernel tests, which really load and attach eBPF
+# programs, on this machine's kernel and in VMs booted from Debian's kernel — and the e2e
+# suite against a real local Kubernetes cluster (scripts/cluster.sh), run as root.
 # .ci/run calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t_start=$SECONDS
+stamp() { echo "   ($1: $((SECONDS - t_start)) s since start)"; }
 
 bash scripts/setup.sh
+
+# The cluster's binaries build (Go, cached under /var/cache/fathom/k8s) beside the Rust build
+# and the kernel matrix, whose QEMU VMs keep one core busy at most.
+mkdir -p target
+bash scripts/cluster.sh build >target/cluster-build.log 2>&1 &
+cluster_build=$!
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 (cd node-ebpf && cargo fmt -- --check)
+(cd e2e/cluster/launcher && test -z "$(gofmt -l .)") || { echo "gofmt: $(cd e2e/cluster/launcher && gofmt -l .)"; exit 1; }
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== unit and API tests"
-cargo test --workspace --exclude fathom-node
+cargo test --workspace --exclude fathom-node --exclude fathom-e2e
 cargo test -p fathom-node --lib --bins
+stamp "unit tests done"
 echo "== kernel tests: host kernel and VMs (scripts/kernel-matrix.sh)"
 bash scripts/kernel-matrix.sh
+stamp "kernel matrix done"
+
+echo "== e2e: a real cluster on this machine (scripts/cluster.sh)"
+if ! wait "$cluster_build"; then
+  cat target/cluster-build.log
+  exit 1
+fi
+cat target/cluster-build.log
+cargo build -p fathom-operator --bin fathom-operator
+cargo test -p fathom-e2e --no-run
+trap 'bash scripts/cluster.sh down' EXIT
+bash scripts/cluster.sh up
+eval "$(bash scripts/cluster.sh env)"
+kubectl version
+kubectl get nodes -o wide
+cargo test -p fathom-e2e -- --test-threads=1
+trap - EXIT
+bash scripts/cluster.sh down
+stamp "all tests passed"
