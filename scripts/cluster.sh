@@ -15,7 +15,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAUNCHER=$HERE/e2e/cluster/launcher
-K8S_VERSION=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" { print $3 }' "$LAUNCHER/go.mod")
+K8S_VERSION=$(awk 'NF >= 2 && $(NF-1) == "k8s.io/kubernetes" && $NF ~ /^v1\./ { print $NF }' "$LAUNCHER/go.mod")
+[ -n "$K8S_VERSION" ] || { echo "[cluster] error: no k8s.io/kubernetes version in $LAUNCHER/go.mod" >&2; exit 1; }
 CACHE=${FATHOM_CLUSTER_CACHE:-/var/cache/fathom/k8s/$K8S_VERSION}
 STATE=${FATHOM_CLUSTER_STATE:-/var/lib/fathom-cluster}
 BIN=$CACHE/fathom-k8s
@@ -27,6 +28,7 @@ BRIDGE=fathom0                         # the pod network's bridge; its address i
 NODE_IP=10.244.0.1
 POD_CIDR=10.244.0.0/24
 SERVICE_CIDR=10.96.0.0/16
+SERVICE_IP=10.96.0.1                   # the `kubernetes` Service, first address of SERVICE_CIDR
 ETCD_PORT=12379
 ETCD_PEER_PORT=12380
 API_PORT=16443
@@ -94,7 +96,8 @@ cert() {
     [ -n "$sans" ] && echo "subjectAltName=$sans"
   } >"$PKI/$name.ext"
   openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 30 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
+    -days 30 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>"$PKI/openssl.err" \
+    || die "signing the $name certificate failed: $(cat "$PKI/openssl.err")"
   rm -f "$PKI/$name.csr" "$PKI/$name.ext"
 }
 
@@ -134,7 +137,7 @@ make_pki() {
   openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=fathom-local-ca" -days 30 -sha256 \
     -out "$PKI/ca.crt" 2>/dev/null
   cert apiserver kube-apiserver "" \
-    "IP:127.0.0.1,IP:${SERVICE_CIDR%.0/*}.0.1,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    "IP:127.0.0.1,IP:$SERVICE_IP,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
   cert admin fathom-admin system:masters
   cert controller-manager system:kube-controller-manager
@@ -370,8 +373,23 @@ save_sysctls() {
   done >"$STATE/sysctls.saved"
 }
 
+# The kubelet's cgroup root (cgroupRoot: /fathom) in every v1 hierarchy, made here because the
+# kubelet only checks it; `down` removes it. Nothing else of the host's cgroups is touched.
+make_cgroup_root() {
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    mountpoint -q "$h" || continue
+    mkdir -p "$h/fathom"
+  done
+  if [ -f /sys/fs/cgroup/cpuset/fathom/cpuset.cpus ]; then
+    cat /sys/fs/cgroup/cpuset/cpuset.cpus >/sys/fs/cgroup/cpuset/fathom/cpuset.cpus
+    cat /sys/fs/cgroup/cpuset/cpuset.mems >/sys/fs/cgroup/cpuset/fathom/cpuset.mems
+  fi
+}
+
 start_kubelet() {
   local d=$STATE/kubelet
+  make_cgroup_root
   mkdir -p "$d"
   cat >"$STATE/kubelet-config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -486,8 +504,9 @@ cmd_up() {
   start_kubelet
   start_simnodes
   local n
-  for n in "$NODE" ${SIM_NODES//,/ }; do
-    wait_for "node $n Ready" 90 kubelet node_ready "$n"
+  wait_for "node $NODE Ready" 90 kubelet node_ready "$NODE"
+  for n in ${SIM_NODES//,/ }; do
+    wait_for "simulated node $n Ready" 60 simnodes node_ready "$n"
   done
   make_identities
   echo "Kubernetes $K8S_VERSION, up in $((SECONDS - t0)) s, $(date -u +%FT%TZ)" >"$STATE/up"
@@ -557,10 +576,11 @@ remove_iptables() {
   for tool in iptables ip6tables iptables-legacy ip6tables-legacy; do
     command -v "$tool" >/dev/null || continue
     for table in filter nat mangle; do
-      "$tool" -t "$table" -S 2>/dev/null | grep -E '^-A .* -j (KUBE|CNI)-' | while read -r rule; do
-        # shellcheck disable=SC2086
-        "$tool" -t "$table" ${rule/#-A/-D} 2>/dev/null || true
-      done
+      { "$tool" -t "$table" -S 2>/dev/null || true; } | { grep -E '^-A .* -j (KUBE|CNI)-' || true; } |
+        while read -r rule; do
+          # shellcheck disable=SC2086
+          "$tool" -t "$table" ${rule/#-A/-D} 2>/dev/null || true
+        done
       for chain in $("$tool" -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^(KUBE|CNI)-/ { print $2 }'); do
         "$tool" -t "$table" -F "$chain" 2>/dev/null || true
       done
