@@ -23,7 +23,7 @@ BIN=$CACHE/fathom-k8s
 PAUSE_BIN=$CACHE/pause
 
 NODE=fathom-node                       # the real node (kubelet)
-SIM_NODES=${FATHOM_SIM_NODES:-fathom-sim-1,fathom-sim-2,fathom-sim-3}
+SIM_NODES=${FATHOM_SIM_NODES-fathom-sim-1,fathom-sim-2,fathom-sim-3}
 BRIDGE=fathom0                         # the pod network's bridge; its address is the node IP
 NODE_IP=10.244.0.1
 POD_CIDR=10.244.0.0/24
