@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Toleration;
 
 use crate::{
+    leader::{self, Timings},
     lifecycle::{CleanupSettings, Settings},
     plan::daemonset_default_tolerations,
     reconcile::ReconcileConfig,
@@ -40,9 +41,10 @@ pub struct RunArgs {
     /// leader Lease lives here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "fathom-system")]
     pub namespace: String,
-    /// This replica's identity in the leader Lease.
-    #[arg(long, env = "POD_NAME", default_value = "fathom-operator")]
-    pub identity: String,
+    /// This replica's identity in the leader Lease; unique per replica. Default: the host name,
+    /// `_` and a suffix unique to this process.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// Name of the leader Lease.
     #[arg(
         long,
@@ -50,9 +52,18 @@ pub struct RunArgs {
         default_value = "fathom-operator-leader"
     )]
     pub lease_name: String,
-    /// Seconds a leader Lease is valid without renewal.
+    /// Seconds a follower waits, after it last saw the leader Lease change, before taking it
+    /// over.
     #[arg(long, env = "FATHOM_LEASE_SECONDS", default_value_t = 15)]
     pub lease_seconds: u64,
+    /// Seconds a leader goes on leading without a successful renewal of its Lease; shorter
+    /// than --lease-seconds. Default: two thirds of --lease-seconds (10 for 15).
+    #[arg(long, env = "FATHOM_RENEW_DEADLINE_SECONDS")]
+    pub renew_deadline_seconds: Option<u64>,
+    /// Seconds between two attempts to acquire or renew the leader Lease; shorter than the
+    /// renew deadline. Default: 2, or half the renew deadline if that is shorter.
+    #[arg(long, env = "FATHOM_RETRY_PERIOD_SECONDS")]
+    pub retry_period_seconds: Option<u64>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "FATHOM_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -79,6 +90,35 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// This replica's identity in the leader Lease: `--identity`/`$POD_NAME`, else
+    /// [`leader::default_identity`].
+    pub fn identity(&self) -> String {
+        self.identity
+            .as_deref()
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .map_or_else(leader::default_identity, str::to_string)
+    }
+
+    /// The leader election's timings, or why the flags are wrong.
+    pub fn leader_timings(&self) -> Result<Timings, String> {
+        let lease_duration = Duration::from_secs(self.lease_seconds.max(1));
+        let renew_deadline = self
+            .renew_deadline_seconds
+            .map_or(lease_duration * 2 / 3, Duration::from_secs);
+        let retry_period = self.retry_period_seconds.map_or(
+            Duration::from_secs(2).min(renew_deadline / 2),
+            Duration::from_secs,
+        );
+        let timings = Timings {
+            lease_duration,
+            renew_deadline,
+            retry_period,
+        };
+        timings.validate()?;
+        Ok(timings)
+    }
+
     /// The reconciler's configuration, or why the flags are wrong.
     pub fn reconcile_config(&self) -> Result<ReconcileConfig, String> {
         let extra: Vec<Toleration> = serde_json::from_str(&self.runner_tolerations)
@@ -130,5 +170,57 @@ mod tests {
                 .unwrap_err()
                 .contains("--runner-tolerations")
         );
+    }
+
+    #[test]
+    fn leader_timings_default_to_15_10_2_and_follow_the_lease() {
+        let cli = Cli::parse_from(["fathom-operator"]);
+        assert_eq!(cli.run.leader_timings(), Ok(Timings::default()));
+        let short = Cli::parse_from(["fathom-operator", "--lease-seconds", "6"]);
+        let t = short
+            .run
+            .leader_timings()
+            .expect("derived defaults are valid");
+        assert_eq!(t.renew_deadline, Duration::from_secs(4));
+        assert_eq!(t.retry_period, Duration::from_secs(2));
+        let set = Cli::parse_from([
+            "fathom-operator",
+            "--lease-seconds",
+            "30",
+            "--renew-deadline-seconds",
+            "20",
+            "--retry-period-seconds",
+            "5",
+        ]);
+        let t = set.run.leader_timings().expect("valid");
+        assert_eq!(
+            (t.lease_duration, t.renew_deadline, t.retry_period),
+            (
+                Duration::from_secs(30),
+                Duration::from_secs(20),
+                Duration::from_secs(5)
+            )
+        );
+        let bad = Cli::parse_from([
+            "fathom-operator",
+            "--lease-seconds",
+            "10",
+            "--renew-deadline-seconds",
+            "12",
+        ]);
+        let err = bad.run.leader_timings().unwrap_err();
+        assert!(
+            err.contains("--renew-deadline-seconds") && err.contains("--lease-seconds"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_identity_flag_wins_and_the_default_is_unique_per_process() {
+        let cli = Cli::parse_from(["fathom-operator", "--identity", "replica-a"]);
+        assert_eq!(cli.run.identity(), "replica-a");
+        let cli = Cli::parse_from(["fathom-operator"]);
+        assert_eq!(cli.run.identity(), leader::default_identity());
+        assert_ne!(cli.run.identity(), "fathom-operator");
     }
 }

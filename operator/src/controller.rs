@@ -20,7 +20,6 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Config as ControllerConfig,
-        events::{Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -32,6 +31,7 @@ use tracing::{info, warn};
 use crate::{
     config::RunArgs,
     error::{Error, Result},
+    events::EventRecorder,
     http::{self, Health},
     leader::{self, LeaseLock},
     metrics::Metrics,
@@ -160,15 +160,10 @@ pub async fn run_controllers(
         nodes: nodes.clone(),
         pods: pods.clone(),
         config: config.clone(),
-        events: Box::new(Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: reconcile::MANAGER.into(),
-                instance: Some(identity),
-            },
-        )),
+        events: Box::new(EventRecorder::new(client.clone(), &identity)),
         metrics,
         clock: Arc::new(SystemClock),
+        conflicts: Default::default(),
     });
 
     let (tj_tx, tj_rx) = mpsc::unbounded::<ObjectRef<TraceJob>>();
@@ -290,6 +285,8 @@ pub async fn run_operator(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let config = args.reconcile_config().map_err(Error::Config)?;
+    let timings = args.leader_timings().map_err(Error::Config)?;
+    let identity = args.identity();
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let listener = http::bind(args.http_addr).await?;
@@ -303,15 +300,14 @@ pub async fn run_operator(
     let lock = LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), &args.namespace),
         &args.lease_name,
-        &args.identity,
-        Duration::from_secs(args.lease_seconds.max(1)),
+        &identity,
+        timings,
     );
     let (leading_tx, mut leading_rx) = watch::channel(false);
     let elect = leader::run(lock, leading_tx, shutdown.clone());
 
     let act = {
         let (metrics, health, mut shutdown) = (metrics.clone(), health.clone(), shutdown.clone());
-        let identity = args.identity.clone();
         let debounce = Duration::from_millis(args.debounce_ms);
         async move {
             // A follower is ready: it serves its endpoints and waits for the lease.

@@ -3,7 +3,9 @@
 //!
 //! - [`plan`]: (job, nodes, pods) → nodes and pods, a pure function;
 //! - [`lifecycle`]: (job, plan, assignments, now) → status, writes, events; pure;
-//! - [`reconcile`]: the I/O around them (server-side apply, finalizers, events);
+//! - [`reconcile`]: the I/O around them (server-side apply without force, events);
+//! - [`finalizers`]: the one finalizer patch, safe against concurrent writers;
+//! - [`events`]: Kubernetes Events under the operator's field manager;
 //! - [`controller`]: the kube-runtime controllers, caches and watches;
 //! - [`leader`]: leader election with a coordination Lease;
 //! - [`http`], [`metrics`]: `/metrics`, `/healthz`, `/readyz`;
@@ -12,6 +14,8 @@
 pub mod config;
 pub mod controller;
 pub mod error;
+pub mod events;
+pub mod finalizers;
 pub mod http;
 pub mod leader;
 pub mod lifecycle;

@@ -238,7 +238,8 @@ fn node_list(nodes: &[String]) -> String {
     s
 }
 
-fn cut(mut s: String, max: usize) -> String {
+/// `s` cut to at most `max` bytes (on a character boundary), marked with `…` when cut.
+pub fn cut(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {

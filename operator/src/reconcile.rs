@@ -1,11 +1,22 @@
 //! The reconciler: reads a job, its assignments and the cluster caches, asks
 //! [`lifecycle::decide`] what to do, and writes only what differs.
 //!
-//! Writes: server-side apply under the field manager [`MANAGER`] for assignments, results
-//! and status; a merge patch guarded by `resourceVersion` for finalizers; deletes for stale
-//! assignments. Reconciling an unchanged job makes no mutating call.
+//! Writes, each under the field manager [`MANAGER`] (deletes excepted: they take none):
+//! - server-side apply for assignments, results and status, without force: when another field
+//!   manager owns a field with another value the API server answers 409 and nothing is taken
+//!   from it; the conflict is logged, published as a Warning Event `ApplyConflict` on the job,
+//!   shown as the job's `ApplyConflict` condition, and retried with a growing backoff;
+//! - one finalizer added or removed at a time by a guarded JSON patch ([`crate::finalizers`]);
+//! - deletes for stale assignments and for jobs past their TTL.
+//!
+//! Reconciling an unchanged job makes no mutating call.
 
-use std::{collections::BTreeMap, fmt::Debug, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Debug,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use fathom_crds::{
     ClusterTraceJob, TraceAssignment, TraceAssignmentSpec, TraceJob, TraceJobSpec, TraceJobStatus,
@@ -24,7 +35,7 @@ use k8s_openapi::{
         batch::v1::Job,
         core::v1::{Node, ObjectReference, Pod, Toleration},
     },
-    apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference, Time},
+    apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, OwnerReference, Time},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -41,7 +52,8 @@ use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
-    error::{Error, Result},
+    error::{ApplyConflict, Error, Result},
+    finalizers::{Change, change_finalizer},
     lifecycle::{
         self, AssignmentPlan, CleanupSettings, Decision, Intent, JobEvent, Settings, Snapshot,
     },
@@ -53,6 +65,13 @@ use crate::{
 pub const MANAGER: &str = "fathom-operator";
 /// The finalizer the operator puts on jobs: held until every assignment is gone.
 pub const JOB_FINALIZER: &str = "fathom.dev/cleanup";
+/// The job's condition (True while some apply is refused by a field-manager conflict), and the
+/// reason of the Warning Event that reports a new conflict.
+pub const APPLY_CONFLICT: &str = "ApplyConflict";
+/// The first retry after an apply conflict; each further one in a row waits twice as long…
+pub const CONFLICT_BACKOFF_START: Duration = Duration::from_secs(1);
+/// …up to this.
+pub const CONFLICT_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// A TraceJob or a ClusterTraceJob.
 pub trait JobObject:
@@ -157,6 +176,32 @@ impl EventSink for Recorder {
     }
 }
 
+/// Per job (by uid): how many reconciles in a row met apply conflicts, and the conflicts last
+/// reported, so that a conflict is published once and retried with a growing backoff.
+#[derive(Debug, Default)]
+pub struct ConflictBackoff(Mutex<HashMap<String, (u32, String)>>);
+
+impl ConflictBackoff {
+    /// Records a reconcile of job `uid` that met the conflicts `message` describes: returns the
+    /// delay before the next try, and whether `message` differs from the last one reported.
+    pub fn hit(&self, uid: &str, message: &str) -> (Duration, bool) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(uid.to_string()).or_insert((0, String::new()));
+        let delay = CONFLICT_BACKOFF_START
+            .saturating_mul(1u32 << entry.0.min(16))
+            .min(CONFLICT_BACKOFF_MAX);
+        entry.0 = entry.0.saturating_add(1);
+        let new = entry.1 != message;
+        entry.1 = message.to_string();
+        (delay, new)
+    }
+
+    /// Forgets job `uid`: a reconcile met no conflict, or the job is gone.
+    pub fn clear(&self, uid: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    }
+}
+
 /// What a reconcile needs.
 pub struct Context {
     pub client: Client,
@@ -166,6 +211,7 @@ pub struct Context {
     pub events: Box<dyn EventSink>,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
+    pub conflicts: ConflictBackoff,
 }
 
 impl Context {
@@ -271,21 +317,8 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
     }
 
     // The finalizer goes on before the first assignment exists.
-    let has_finalizer = job.finalizers().iter().any(|f| f == JOB_FINALIZER);
-    if !has_finalizer {
-        let mut finalizers = job.finalizers().to_vec();
-        finalizers.push(JOB_FINALIZER.to_string());
-        K::api(ctx.client.clone(), id.namespace.as_deref())
-            .patch(
-                &id.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {
-                    "finalizers": finalizers,
-                    "resourceVersion": job.resource_version(),
-                }})),
-            )
-            .await
-            .map_err(|e| Error::api("adding the job's finalizer", e))?;
+    let jobs = K::api(ctx.client.clone(), id.namespace.as_deref());
+    if change_finalizer(&jobs, job, Change::Add, JOB_FINALIZER).await? {
         ctx.metrics.wrote("patch", K::KIND);
     }
 
@@ -295,9 +328,12 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
         name: result_name(&id.job_ref),
         namespace: id.assign_ns.clone(),
     };
+    // The lifecycle never sees the conflict condition: it is this function's to set or clear.
+    let old_status = job.job_status().cloned().unwrap_or_default();
+    let seen_status = job.job_status().map(without_conflict);
     let snapshot = Snapshot {
         generation: id.generation,
-        status: job.job_status(),
+        status: seen_status.as_ref(),
         suspend: spec.suspend == Some(true),
         dry_run: spec.dry_run == Some(true),
         ttl_seconds_after_finished: spec.ttl_seconds_after_finished,
@@ -317,6 +353,7 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
     debug!(phase = ?decision.status.phase, run = ?decision.status.run, "decided");
 
     let mut requeue = Some(ctx.config.resync);
+    let mut conflicts = Vec::new();
     let run = decision.status.run.unwrap_or(1);
     if let AssignmentPlan::Set {
         desired,
@@ -328,17 +365,28 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
             .iter()
             .map(|d| build_assignment::<K>(&id, spec, run, d, *suspend, deadline.clone()))
             .collect();
-        let r = sync_assignments(&assignments_api, &existing, &wanted, ctx).await?;
+        let r = sync_assignments(&assignments_api, &existing, &wanted, &mut conflicts, ctx).await?;
         requeue = min_duration(requeue, r);
     }
 
-    sync_result::<K>(job, &id, &decision, &existing, ctx).await?;
+    sync_result::<K>(job, &id, &decision, &existing, &mut conflicts, ctx).await?;
 
-    let old_status = job.job_status().cloned().unwrap_or_default();
-    if decision.status != old_status {
-        write_status::<K>(&id, &decision.status, ctx).await?;
+    let status = with_conflicts(
+        decision.status.clone(),
+        &old_status,
+        &conflicts,
+        id.generation,
+        now,
+    );
+    if status != old_status {
+        match write_status::<K>(&id, &status, ctx).await {
+            Ok(()) => {}
+            Err(Error::ApplyConflict(c)) => conflicts.push(c),
+            Err(e) => return Err(e),
+        }
     }
     publish_events::<K>(job, &decision.events, ctx).await;
+    requeue = min_duration(requeue, report_conflicts(job, &id, &conflicts, ctx).await);
     let phase = decision.status.phase;
     let active = matches!(phase, Some(JobPhase::Pending | JobPhase::Running));
     let assigned = match &decision.assignments {
@@ -573,6 +621,121 @@ fn build_assignment<K: JobObject>(
     a
 }
 
+/// Server-side applies `patch` to `name` (its status when `status`) under [`MANAGER`] without
+/// force: a field another manager owns with another value is not taken, and the API server's
+/// 409 comes back as [`Error::ApplyConflict`] naming the managers and fields. `what` names the
+/// object, e.g. `TraceAssignment shop/web-drops-1a2b`.
+async fn apply<T>(
+    api: &Api<T>,
+    name: &str,
+    status: bool,
+    patch: &(impl Serialize + Debug),
+    what: &str,
+) -> Result<()>
+where
+    T: Resource + Clone + DeserializeOwned + Debug,
+{
+    let params = PatchParams::apply(MANAGER);
+    let patch = Patch::Apply(patch);
+    let written = if status {
+        api.patch_status(name, &params, &patch).await.map(drop)
+    } else {
+        api.patch(name, &params, &patch).await.map(drop)
+    };
+    match written {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Err(Error::ApplyConflict(ApplyConflict::from_status(what, &s)))
+        }
+        Err(e) => Err(Error::api(format!("applying {what}"), e)),
+    }
+}
+
+/// `status` without the [`APPLY_CONFLICT`] condition.
+fn without_conflict(status: &TraceJobStatus) -> TraceJobStatus {
+    let mut s = status.clone();
+    s.conditions.retain(|c| c.type_ != APPLY_CONFLICT);
+    s
+}
+
+/// The decided status with the [`APPLY_CONFLICT`] condition while some applies are refused
+/// (its `lastTransitionTime` kept while it stays), and without it once none is.
+fn with_conflicts(
+    mut status: TraceJobStatus,
+    old: &TraceJobStatus,
+    conflicts: &[ApplyConflict],
+    generation: i64,
+    now: Timestamp,
+) -> TraceJobStatus {
+    status.conditions.retain(|c| c.type_ != APPLY_CONFLICT);
+    if conflicts.is_empty() {
+        return status;
+    }
+    let since = old
+        .condition(APPLY_CONFLICT)
+        .filter(|c| c.status == "True")
+        .map_or_else(
+            || Time(Timestamp::from_second(now.as_second()).unwrap_or(now)),
+            |c| c.last_transition_time.clone(),
+        );
+    status.conditions.push(Condition {
+        type_: APPLY_CONFLICT.into(),
+        status: "True".into(),
+        reason: "FieldManagerConflict".into(),
+        message: conflicts_message(conflicts),
+        observed_generation: Some(generation),
+        last_transition_time: since,
+    });
+    status
+}
+
+/// One line about the refused applies (the first [`lifecycle::LIST_LIMIT`]), at most 1000
+/// bytes.
+fn conflicts_message(conflicts: &[ApplyConflict]) -> String {
+    let mut parts: Vec<String> = conflicts
+        .iter()
+        .take(lifecycle::LIST_LIMIT)
+        .map(ToString::to_string)
+        .collect();
+    if conflicts.len() > lifecycle::LIST_LIMIT {
+        parts.push(format!(
+            "and {} more",
+            conflicts.len() - lifecycle::LIST_LIMIT
+        ));
+    }
+    // An Event's note may not pass 1 KiB.
+    lifecycle::cut(parts.join("; "), 1000)
+}
+
+/// Says which applies were refused — in the log each time, as a Warning Event on the job when
+/// the conflicts are new — and returns when to try again: a backoff that doubles while
+/// conflicts last. None (and the backoff reset) when there were none.
+async fn report_conflicts<K: JobObject>(
+    job: &K,
+    id: &JobIds,
+    conflicts: &[ApplyConflict],
+    ctx: &Context,
+) -> Option<Duration> {
+    if conflicts.is_empty() {
+        ctx.conflicts.clear(&id.uid);
+        return None;
+    }
+    for c in conflicts {
+        warn!(object = %c.object, managers = ?c.managers, fields = ?c.fields, "apply refused: another field manager owns these fields; not overwriting");
+    }
+    let message = conflicts_message(conflicts);
+    let (delay, new) = ctx.conflicts.hit(&id.uid, &message);
+    if new {
+        let event = JobEvent {
+            warning: true,
+            reason: APPLY_CONFLICT,
+            note: message,
+        };
+        publish_events(job, std::slice::from_ref(&event), ctx).await;
+    }
+    Some(delay)
+}
+
 /// Whether `existing` already is what `wanted` asks for (so no write is needed).
 fn up_to_date(existing: &TraceAssignment, wanted: &TraceAssignment) -> bool {
     let has = |l: &Option<BTreeMap<String, String>>, k: &str, v: &str| {
@@ -607,11 +770,13 @@ fn up_to_date(existing: &TraceAssignment, wanted: &TraceAssignment) -> bool {
 }
 
 /// Applies what is missing or different, deletes what is not wanted, and releases
-/// terminating assignments whose node is gone after the timeout.
+/// terminating assignments whose node is gone after the timeout. An apply refused by a
+/// field-manager conflict goes to `conflicts`, and the others go on.
 async fn sync_assignments(
     api: &Api<TraceAssignment>,
     existing: &[TraceAssignment],
     wanted: &[TraceAssignment],
+    conflicts: &mut Vec<ApplyConflict>,
     ctx: &Context,
 ) -> Result<Option<Duration>> {
     let by_name: BTreeMap<&str, &TraceAssignment> = existing
@@ -628,11 +793,18 @@ async fn sync_assignments(
             Some(e) if up_to_date(e, w) => continue,
             _ => {}
         }
-        api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(w))
-            .await
-            .map_err(|e| Error::api(format!("applying TraceAssignment {name}"), e))?;
-        ctx.metrics.wrote("apply", "TraceAssignment");
-        debug!(assignment = name, node = %w.spec.node_name, "applied");
+        let what = format!(
+            "TraceAssignment {}/{name}",
+            w.metadata.namespace.as_deref().unwrap_or_default()
+        );
+        match apply(api, name, false, w, &what).await {
+            Ok(()) => {
+                ctx.metrics.wrote("apply", "TraceAssignment");
+                debug!(assignment = name, node = %w.spec.node_name, "applied");
+            }
+            Err(Error::ApplyConflict(c)) => conflicts.push(c),
+            Err(e) => return Err(e),
+        }
     }
     let wanted_names: Vec<&str> = wanted
         .iter()
@@ -677,31 +849,9 @@ async fn remove_assignments(
         else {
             continue;
         };
-        let keep: Vec<&String> = a
-            .finalizers()
-            .iter()
-            .filter(|f| *f != DETACH_FINALIZER)
-            .collect();
         warn!(assignment = %name, node = %a.spec.node_name, "node did not confirm detaching in time: releasing its assignment");
-        match api
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {
-                    "finalizers": keep,
-                    "resourceVersion": a.resource_version(),
-                }})),
-            )
-            .await
-        {
-            Ok(_) => ctx.metrics.wrote("patch", "TraceAssignment"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => {
-                return Err(Error::api(
-                    format!("releasing TraceAssignment {name} of a lost node"),
-                    e,
-                ));
-            }
+        if change_finalizer(api, a, Change::Remove, DETACH_FINALIZER).await? {
+            ctx.metrics.wrote("patch", "TraceAssignment");
         }
     }
     Ok(step.requeue_after)
@@ -717,6 +867,7 @@ async fn finalize<K: JobObject>(
 ) -> Result<Action> {
     ctx.metrics.job_state(&id.uid, None);
     if !job.finalizers().iter().any(|f| f == JOB_FINALIZER) {
+        ctx.conflicts.clear(&id.uid);
         return Ok(Action::await_change());
     }
     let api: Api<TraceAssignment> = Api::namespaced(ctx.client.clone(), &id.assign_ns);
@@ -756,7 +907,8 @@ async fn finalize<K: JobObject>(
     let mut conditions: Vec<_> = old
         .conditions
         .iter()
-        .filter(|c| c.type_ != lifecycle::READY)
+        // A deleted job applies nothing more, so an earlier conflict is over.
+        .filter(|c| c.type_ != lifecycle::READY && c.type_ != APPLY_CONFLICT)
         .cloned()
         .collect();
     conditions.insert(
@@ -771,34 +923,28 @@ async fn finalize<K: JobObject>(
         },
     );
     status.conditions = lifecycle::merge_conditions(&old.conditions, conditions);
+    let mut conflicts = Vec::new();
     if status != old {
-        // The final status is written before the finalizer goes.
+        // The final status is written before the finalizer goes — unless another field
+        // manager owns those fields: then nothing is overwritten, and as the job is about to
+        // go, its deletion does not wait for that conflict.
         match write_status::<K>(id, &status, ctx).await {
             Ok(()) => {}
+            Err(Error::ApplyConflict(c)) => conflicts.push(c),
             Err(e) if e.is_not_found() => return Ok(Action::await_change()),
             Err(e) => return Err(e),
         }
     }
+    let backoff = report_conflicts(job, id, &conflicts, ctx).await;
     if !step.done {
-        return Ok(requeue.map_or_else(|| Action::requeue(Duration::from_secs(5)), Action::requeue));
+        let after = min_duration(requeue, backoff).unwrap_or(Duration::from_secs(5));
+        return Ok(Action::requeue(after));
     }
-    let keep: Vec<&String> = job
-        .finalizers()
-        .iter()
-        .filter(|f| *f != JOB_FINALIZER)
-        .collect();
-    match K::api(ctx.client.clone(), id.namespace.as_deref())
-        .patch(
-            &id.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": keep}})),
-        )
-        .await
-    {
-        Ok(_) => ctx.metrics.wrote("patch", K::KIND),
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(Error::api("removing the job's finalizer", e)),
+    let jobs = K::api(ctx.client.clone(), id.namespace.as_deref());
+    if change_finalizer(&jobs, job, Change::Remove, JOB_FINALIZER).await? {
+        ctx.metrics.wrote("patch", K::KIND);
     }
+    ctx.conflicts.clear(&id.uid);
     info!("every node detached: finalizer removed");
     Ok(Action::await_change())
 }
@@ -813,25 +959,31 @@ async fn write_status<K: JobObject>(
         "kind": K::KIND,
         "status": status,
     });
-    K::api(ctx.client.clone(), id.namespace.as_deref())
-        .patch_status(
-            &id.name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|e| Error::api("writing the job's status", e))?;
+    let what = match &id.namespace {
+        Some(ns) => format!("{} {ns}/{} status", K::KIND, id.name),
+        None => format!("{} {} status", K::KIND, id.name),
+    };
+    apply(
+        &K::api(ctx.client.clone(), id.namespace.as_deref()),
+        &id.name,
+        true,
+        &patch,
+        &what,
+    )
+    .await?;
     ctx.metrics.wrote("apply-status", K::KIND);
     Ok(())
 }
 
 /// Keeps the job's TraceResult: created with the job, its totals summed from the runners'
-/// counters of the current run. (Rows come from the collector's merged reports.)
+/// counters of the current run. (Rows come from the collector's merged reports.) An apply
+/// refused by a field-manager conflict goes to `conflicts`.
 async fn sync_result<K: JobObject>(
     job: &K,
     id: &JobIds,
     decision: &Decision,
     assignments: &[TraceAssignment],
+    conflicts: &mut Vec<ApplyConflict>,
     ctx: &Context,
 ) -> Result<()> {
     let Some(run) = decision.status.run else {
@@ -856,15 +1008,13 @@ async fn sync_result<K: JobObject>(
         None => true,
         Some(e) => e.spec != wanted.spec || !e.owner_references().iter().any(|o| o.uid == id.uid),
     };
+    let what = format!("TraceResult {}/{name}", id.assign_ns);
     if needs_object {
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&wanted),
-        )
-        .await
-        .map_err(|e| Error::api(format!("applying TraceResult {name}"), e))?;
-        ctx.metrics.wrote("apply", "TraceResult");
+        match apply(&api, &name, false, &wanted, &what).await {
+            Ok(()) => ctx.metrics.wrote("apply", "TraceResult"),
+            Err(Error::ApplyConflict(c)) => conflicts.push(c),
+            Err(e) => return Err(e),
+        }
     }
 
     let mut totals = Totals::default();
@@ -925,18 +1075,16 @@ async fn sync_result<K: JobObject>(
         data,
     };
     if old.as_ref() != Some(&status) {
-        api.patch_status(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": TraceResult::api_version(&()),
-                "kind": "TraceResult",
-                "status": status,
-            })),
-        )
-        .await
-        .map_err(|e| Error::api(format!("writing TraceResult {name} status"), e))?;
-        ctx.metrics.wrote("apply-status", "TraceResult");
+        let patch = json!({
+            "apiVersion": TraceResult::api_version(&()),
+            "kind": "TraceResult",
+            "status": status,
+        });
+        match apply(&api, &name, true, &patch, &format!("{what} status")).await {
+            Ok(()) => ctx.metrics.wrote("apply-status", "TraceResult"),
+            Err(Error::ApplyConflict(c)) => conflicts.push(c),
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

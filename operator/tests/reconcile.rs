@@ -602,12 +602,13 @@ async fn gitops_reapply_of_a_finished_job_does_not_rerun_it() {
     let before = w.job("shop", "web-drops").await.expect("job");
     assert_eq!(phase(&before), Some(JobPhase::Succeeded));
 
-    // `kubectl apply` / a GitOps sync of the same manifest, with its own field manager.
+    // `kubectl apply` / a GitOps sync of the same manifest, with its own field manager (and,
+    // like Argo CD's server-side apply, forcing conflicts with the job's creator).
     let manifest: serde_json::Value = serde_yaml::from_str(WEB).expect("yaml");
     let api = Api::<TraceJob>::namespaced(w.client.clone(), "shop");
     api.patch(
         "web-drops",
-        &PatchParams::apply("argocd"),
+        &PatchParams::apply("argocd").force(),
         &Patch::Apply(&manifest),
     )
     .await
@@ -627,7 +628,7 @@ async fn gitops_reapply_of_a_finished_job_does_not_rerun_it() {
     changed["spec"]["duration"] = json!("120s");
     api.patch(
         "web-drops",
-        &PatchParams::apply("argocd"),
+        &PatchParams::apply("argocd").force(),
         &Patch::Apply(&changed),
     )
     .await

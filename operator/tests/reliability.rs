@@ -2,22 +2,26 @@
 
 mod support;
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use fathom_crds::{TraceJob, TraceJobSpec, crd};
+use fathom_crds::{TraceAssignment, TraceJob, TraceJobSpec, assignment::DETACH_FINALIZER, crd};
 use fathom_operator::{
     lifecycle::{CleanupSettings, Intent},
     plan::ClusterView,
-    reconcile::{JOB_FINALIZER, MANAGER, ReconcileConfig, admit},
+    reconcile::{
+        self, APPLY_CONFLICT, CONFLICT_BACKOFF_START, JOB_FINALIZER, MANAGER, ReconcileConfig,
+        admit,
+    },
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api,
     api::{Patch, PatchParams},
     core::cel::Validator,
+    runtime::controller::Action,
 };
 use serde_json::{Value, json};
-use support::{World, node, pod, ready_node};
+use support::{FATHOM, World, api::Call, node, pod, ready_node};
 
 const WEB: &str = r#"
 apiVersion: fathom.dev/v1alpha1
@@ -118,17 +122,310 @@ async fn o1_writes_use_one_field_manager_and_the_finalizer_comes_first() {
         .position(|c| c.path.contains("/traceassignments/"))
         .expect("an assignment applied");
     assert!(finalizer < first_assignment, "{writes:?}");
+    // The finalizer patch is guarded: a JSON patch whose first operation is a test.
+    let patch = &writes[finalizer];
+    assert!(
+        patch.content_type.starts_with("application/json-patch"),
+        "{patch:?}"
+    );
+    let ops: Value = serde_json::from_str(&patch.body).expect("json patch");
+    assert_eq!(ops[0]["op"], "test", "{ops}");
     for c in &writes {
-        if c.content_type.starts_with("application/apply-patch") {
-            assert_eq!(c.field_manager().as_deref(), Some(MANAGER), "{c:?}");
-        } else {
-            // The other writes: the finalizer (guarded by resourceVersion) and Events.
-            assert!(
-                c.body.contains("resourceVersion") || c.path.contains("/events"),
-                "{c:?}"
-            );
-        }
+        assert_eq!(c.field_manager.as_deref(), Some(MANAGER), "{c:?}");
+        assert!(!c.force, "no write takes fields by force: {c:?}");
     }
+}
+
+/// Reconciles once and returns the operator's writes (the test's own are not among them).
+async fn operator_writes(w: &World, ns: &str, name: &str) -> Vec<Call> {
+    w.api.clear_calls();
+    w.reconcile(ns, name).await;
+    w.api.writes()
+}
+
+#[tokio::test]
+async fn o1_every_write_carries_the_field_manager() {
+    let mut w = shop();
+    let mut writes = Vec::new();
+    w.create_job(WEB).await;
+    for _ in 0..3 {
+        writes.extend(operator_writes(&w, "shop", "web-drops").await);
+    }
+    w.runner_reports("shop", "n1", "Attached", 5).await;
+    w.runner_reports("shop", "n2", "Attached", 7).await;
+    writes.extend(operator_writes(&w, "shop", "web-drops").await);
+    // A spec change (new assignment specs), then deletion with a lost node whose detach
+    // finalizer the operator removes itself, then the job's own finalizer.
+    Api::<TraceJob>::namespaced(w.client.clone(), "shop")
+        .patch(
+            "web-drops",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
+        .await
+        .expect("suspend");
+    writes.extend(operator_writes(&w, "shop", "web-drops").await);
+    w.remove_node("n2");
+    w.delete_job("shop", "web-drops").await;
+    writes.extend(operator_writes(&w, "shop", "web-drops").await);
+    w.runner_detaches("shop", "n1").await;
+    w.clock.advance(61);
+    for _ in 0..2 {
+        writes.extend(operator_writes(&w, "shop", "web-drops").await);
+    }
+    assert!(w.job("shop", "web-drops").await.is_none(), "deleted");
+
+    let kinds = |pred: &dyn Fn(&Call) -> bool| writes.iter().filter(|c| pred(c)).count();
+    assert!(kinds(&|c| c.path.contains("/traceassignments/") && c.method == "PATCH") > 0);
+    assert!(kinds(&|c| c.path.ends_with("/status")) > 0);
+    assert!(kinds(&|c| c.path.contains("/events")) > 0);
+    assert!(kinds(&|c| c.content_type.starts_with("application/json-patch")) >= 3);
+    assert!(kinds(&|c| c.method == "DELETE") > 0);
+    for c in &writes {
+        if c.method == "DELETE" {
+            // A delete takes no field manager in the Kubernetes API.
+            continue;
+        }
+        assert_eq!(c.field_manager.as_deref(), Some(MANAGER), "{c:?}");
+        assert!(!c.force, "{c:?}");
+    }
+}
+
+#[tokio::test]
+async fn o1_finalizer_patch_keeps_foreign_finalizers() {
+    let mut w = shop();
+    w.create_job(WEB).await;
+    let jobs = Api::<TraceJob>::namespaced(w.client.clone(), "shop");
+    let other = PatchParams {
+        field_manager: Some("other-controller".into()),
+        ..Default::default()
+    };
+
+    // The operator read the job just before another controller added its finalizer.
+    let stale = w.job("shop", "web-drops").await.expect("job");
+    jobs.patch(
+        "web-drops",
+        &other,
+        &Patch::Merge(json!({"metadata": {"finalizers": ["other.io/keep"]}})),
+    )
+    .await
+    .expect("foreign finalizer");
+    w.api.clear_calls();
+    reconcile::reconcile(Arc::new(stale), w.ctx.clone())
+        .await
+        .expect("reconcile from a stale read");
+    let job = w.job("shop", "web-drops").await.expect("job");
+    assert_eq!(
+        job.metadata.finalizers.clone().unwrap_or_default(),
+        ["other.io/keep", JOB_FINALIZER]
+    );
+    let finalizer_patches = w
+        .api
+        .writes()
+        .into_iter()
+        .filter(|c| c.path.ends_with("/tracejobs/web-drops") && c.method == "PATCH")
+        .count();
+    assert_eq!(
+        finalizer_patches, 2,
+        "refused once, then retried on a fresh read"
+    );
+    w.settle("shop", "web-drops").await;
+
+    // n2's runner is gone; another controller also holds its assignment.
+    let n2 = w
+        .assignments("shop")
+        .into_iter()
+        .find(|a| a.spec.node_name == "n2")
+        .expect("n2's assignment");
+    Api::<TraceAssignment>::namespaced(w.client.clone(), "shop")
+        .patch(
+            n2.metadata.name.as_deref().expect("name"),
+            &other,
+            &Patch::Merge(json!({"metadata": {"finalizers": [DETACH_FINALIZER, "other.io/hold"]}})),
+        )
+        .await
+        .expect("foreign finalizer on the assignment");
+    w.remove_node("n2");
+    w.delete_job("shop", "web-drops").await;
+    w.reconcile("shop", "web-drops").await;
+    w.runner_detaches("shop", "n1").await;
+    w.clock.advance(61);
+    w.reconcile("shop", "web-drops").await;
+    let n2 = w
+        .assignments("shop")
+        .into_iter()
+        .find(|a| a.spec.node_name == "n2")
+        .expect("held by the other controller");
+    assert_eq!(
+        n2.metadata.finalizers.unwrap_or_default(),
+        ["other.io/hold"],
+        "only the detach finalizer was released"
+    );
+    // The other controller lets its assignment go.
+    Api::<TraceAssignment>::namespaced(w.client.clone(), "shop")
+        .patch(
+            n2.metadata.name.as_deref().expect("name"),
+            &other,
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{"op": "remove", "path": "/metadata/finalizers/0"}]))
+                    .expect("patch"),
+            ),
+        )
+        .await
+        .expect("other controller releases");
+    assert!(w.assignments("shop").is_empty());
+
+    // The operator read the job just before the other controller removed its own finalizer:
+    // removing the operator's must not bring the other one back.
+    let stale = w.job("shop", "web-drops").await.expect("job");
+    jobs.patch(
+        "web-drops",
+        &other,
+        &Patch::Json::<()>(
+            serde_json::from_value(json!([
+                {"op": "test", "path": "/metadata/finalizers/0", "value": "other.io/keep"},
+                {"op": "remove", "path": "/metadata/finalizers/0"},
+            ]))
+            .expect("patch"),
+        ),
+    )
+    .await
+    .expect("other controller removes its finalizer");
+    reconcile::reconcile(Arc::new(stale), w.ctx.clone())
+        .await
+        .expect("reconcile from a stale read");
+    assert!(
+        w.job("shop", "web-drops").await.is_none(),
+        "both finalizers gone, so the job is"
+    );
+}
+
+#[tokio::test]
+async fn o1_apply_conflict_is_not_stolen() {
+    let w = shop();
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    let n1 = w.assignments("shop").remove(0);
+    let name = n1.metadata.name.clone().expect("name");
+    let assignments = Api::<TraceAssignment>::namespaced(w.client.clone(), "shop");
+    let edit = |suspend: bool| {
+        let assignments = assignments.clone();
+        let name = name.clone();
+        async move {
+            assignments
+                .patch(
+                    &name,
+                    &PatchParams {
+                        field_manager: Some("kubectl-edit".into()),
+                        ..Default::default()
+                    },
+                    &Patch::Merge(json!({"spec": {"suspend": suspend}})),
+                )
+                .await
+                .expect("edit by another field manager");
+        }
+    };
+    // Someone edits the assignment: the field is now theirs.
+    edit(true).await;
+
+    w.api.clear_calls();
+    let action = w.reconcile("shop", "web-drops").await;
+    let writes = w.api.writes();
+    let applies: Vec<&Call> = writes
+        .iter()
+        .filter(|c| c.path.ends_with(&format!("/traceassignments/{name}")))
+        .collect();
+    assert_eq!(applies.len(), 1, "{writes:?}");
+    assert!(writes.iter().all(|c| !c.force), "{writes:?}");
+    let stored = w.assignments("shop").remove(0);
+    assert!(stored.spec.suspend, "the other manager's value stays");
+    // Surfaced: the job's condition, a Warning Event, and a retry after a backoff.
+    let job = w.job("shop", "web-drops").await.expect("job");
+    let cond = job
+        .status
+        .as_ref()
+        .and_then(|s| s.condition(APPLY_CONFLICT))
+        .cloned()
+        .expect("ApplyConflict condition");
+    assert_eq!(cond.status, "True");
+    for part in ["kubectl-edit", ".spec.suspend", name.as_str()] {
+        assert!(cond.message.contains(part), "{part} in {}", cond.message);
+    }
+    let warnings: Vec<_> = w
+        .events()
+        .into_iter()
+        .filter(|(t, r, _)| t == "Warning" && r == APPLY_CONFLICT)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].2.contains(".spec.suspend"), "{warnings:?}");
+    assert_eq!(action, Action::requeue(CONFLICT_BACKOFF_START));
+
+    // Still in conflict: the apply is tried again, nothing else is written, and the next try
+    // waits twice as long.
+    w.api.clear_calls();
+    let action = w.reconcile("shop", "web-drops").await;
+    let writes = w.api.writes();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!(action, Action::requeue(CONFLICT_BACKOFF_START * 2));
+
+    // The other manager agrees with the operator again: the condition goes, and the job settles
+    // with no writes.
+    edit(false).await;
+    w.settle("shop", "web-drops").await;
+    let job = w.job("shop", "web-drops").await.expect("job");
+    assert!(
+        job.status
+            .as_ref()
+            .and_then(|s| s.condition(APPLY_CONFLICT))
+            .is_none(),
+        "{:?}",
+        job.status
+    );
+    assert_no_writes(&w, "shop", "web-drops", "after the conflict").await;
+    let owners = w.api.owners(FATHOM, "traceassignments", "shop", &name);
+    assert!(
+        owners[".spec.trace"].iter().any(|m| m.name == MANAGER),
+        "{owners:?}"
+    );
+}
+
+#[tokio::test]
+async fn o1_status_apply_conflict_is_not_stolen() {
+    let w = shop();
+    w.create_job(WEB).await;
+    w.settle("shop", "web-drops").await;
+    // Another controller forces its own status message onto the job.
+    Api::<TraceJob>::namespaced(w.client.clone(), "shop")
+        .patch_status(
+            "web-drops",
+            &PatchParams::apply("other-controller").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "fathom.dev/v1alpha1",
+                "kind": "TraceJob",
+                "status": {"message": "mine"},
+            })),
+        )
+        .await
+        .expect("other controller's status");
+    w.api.clear_calls();
+    let action = w.reconcile("shop", "web-drops").await;
+    let job = w.job("shop", "web-drops").await.expect("job");
+    assert_eq!(
+        job.status.and_then(|s| s.message).as_deref(),
+        Some("mine"),
+        "not overwritten"
+    );
+    let warning = w
+        .events()
+        .into_iter()
+        .find(|(t, r, _)| t == "Warning" && r == APPLY_CONFLICT)
+        .expect("ApplyConflict event");
+    assert!(
+        warning.2.contains(".status.message") && warning.2.contains("other-controller"),
+        "{warning:?}"
+    );
+    assert_eq!(action, Action::requeue(CONFLICT_BACKOFF_START));
+    assert!(w.api.writes().iter().all(|c| !c.force));
 }
 
 // ---------------------------------------------------------------- O2
@@ -178,7 +475,7 @@ async fn o2_finalizer_goes_only_after_every_live_node_detached_with_final_status
         .position(|c| {
             c.method == "PATCH"
                 && c.path.ends_with("/tracejobs/web-drops")
-                && !c.body.contains(JOB_FINALIZER)
+                && c.body.contains(r#""op":"remove""#)
         })
         .expect("finalizer removed");
     let (at, last) = status_writes(&w).pop().expect("final status written");

@@ -1,26 +1,36 @@
 //! An in-memory Kubernetes API server, as a tower `Service` behind a real `kube::Client`.
 //!
-//! No API server can run on the test machine, so the reconciler's calls go here. It keeps the
-//! semantics the operator relies on, and records every request so tests can count writes:
+//! Unit tests run without an API server, so the reconciler's calls go here (the real
+//! kube-apiserver is exercised by `e2e/`). It keeps the semantics the operator relies on, and
+//! records every request — with its field manager — so tests can count and check writes:
 //! - create/get/list (label selectors `k=v`, `k!=v`, `k`, `!k`)/replace/delete;
-//! - `resourceVersion` on every write; optimistic concurrency on replace and on merge
-//!   patches that carry `metadata.resourceVersion` (409 Conflict);
+//! - `resourceVersion` on every write; optimistic concurrency on replace and on patches that
+//!   carry `metadata.resourceVersion` (409 Conflict);
 //! - `metadata.generation` moves only when `spec` changes;
 //! - status subresource: writes to the object ignore `status`, writes to `/status` change
 //!   only `status`;
 //! - server-side apply (`application/apply-patch+yaml`, a field manager required): fields the
 //!   same manager applied before and no longer applies are removed, the rest is merged
-//!   (objects recursively, lists and scalars replaced), as for objects one manager owns;
-//! - merge patches (RFC 7386);
+//!   (objects recursively, lists and scalars replaced);
+//! - field ownership, per manager, of each top-level field of `spec` and `status` and each key
+//!   of `metadata.labels`/`annotations`: an update (create, replace, patch) takes the fields it
+//!   changes; an apply shares the fields whose value it agrees with, and — unless forced —
+//!   is refused with 409 Conflict and one `FieldManagerConflict` cause per field when another
+//!   manager owns a field it sets to another value (the real server tracks every leaf; this
+//!   is the granularity at which the operator's objects conflict);
+//! - merge patches (RFC 7386) and JSON patches (RFC 6902: test, add, remove, replace, move,
+//!   copy; a failed operation is 422, a `test` of a missing member against `null` passes as
+//!   on the real server);
 //! - finalizers: deleting an object with finalizers sets `deletionTimestamp`; the object goes
-//!   when its last finalizer is removed; deleting an object deletes its dependents
-//!   (`ownerReferences`), as the garbage collector does.
+//!   when its last finalizer is removed (an empty list is dropped); deleting an object deletes
+//!   its dependents (`ownerReferences`), as the garbage collector does;
+//! - faults on demand: every request answered 503, or left hanging.
 //!
-//! Not modelled: watches (tests call the reconciler directly), field ownership conflicts,
-//! strategic merge, admission (the CRDs' CEL rules are tested offline with kube-cel).
+//! Not modelled: watches (tests call the reconciler directly), strategic merge, admission
+//! (the CRDs' CEL rules are tested offline with kube-cel).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     convert::Infallible,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -49,6 +59,10 @@ pub struct Call {
     pub path: String,
     pub query: String,
     pub content_type: String,
+    /// The `fieldManager` the request named, if any.
+    pub field_manager: Option<String>,
+    /// Whether the request was a forced server-side apply (`force=true`).
+    pub force: bool,
     /// The request body, as sent.
     pub body: String,
 }
@@ -57,13 +71,187 @@ impl Call {
     pub fn is_write(&self) -> bool {
         self.method != "GET"
     }
+}
 
-    pub fn field_manager(&self) -> Option<String> {
-        self.query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("fieldManager="))
-            .map(str::to_string)
+/// Who owns a field: a field manager, by the kind of write that gave it the field.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Manager {
+    pub name: String,
+    /// Server-side apply (else an update: create, replace or patch).
+    pub apply: bool,
+    /// Through the status subresource.
+    pub status: bool,
+}
+
+impl Manager {
+    /// As the real API server names a manager in a conflict.
+    fn describe(&self, api_version: &str) -> String {
+        let mut s = format!("{:?}", self.name);
+        if self.status {
+            s.push_str(" with subresource \"status\"");
+        }
+        if !self.apply {
+            s.push_str(&format!(" using {api_version}"));
+        }
+        s
     }
+}
+
+/// The tracked fields of an object and their values: each top-level field of `spec` and
+/// `status` (`.spec.suspend`), each key of `metadata.labels` and `metadata.annotations`
+/// (`.metadata.labels.app`).
+fn tracked_fields(obj: &Value) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for section in ["spec", "status"] {
+        if let Some(m) = obj.get(section).and_then(Value::as_object) {
+            for (k, v) in m {
+                out.insert(format!(".{section}.{k}"), v.clone());
+            }
+        }
+    }
+    for meta in ["labels", "annotations"] {
+        if let Some(m) = obj
+            .pointer(&format!("/metadata/{meta}"))
+            .and_then(Value::as_object)
+        {
+            for (k, v) in m {
+                out.insert(format!(".metadata.{meta}.{k}"), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Splits a JSON pointer into its parent pointer and its last token (unescaped).
+fn split_pointer(path: &str) -> Result<(&str, String), String> {
+    let at = path
+        .rfind('/')
+        .ok_or_else(|| format!("JSON pointer {path:?} does not start with /"))?;
+    Ok((
+        &path[..at],
+        path[at + 1..].replace("~1", "/").replace("~0", "~"),
+    ))
+}
+
+fn pointer_mut<'a>(doc: &'a mut Value, path: &str) -> Result<&'a mut Value, String> {
+    doc.pointer_mut(path)
+        .ok_or_else(|| format!("doc is missing path: {path:?}"))
+}
+
+/// RFC 6902 `add`: inserts into an object or array (`-` appends), replacing an object member.
+fn patch_add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    if path.is_empty() {
+        *doc = value;
+        return Ok(());
+    }
+    let (parent, token) = split_pointer(path)?;
+    match pointer_mut(doc, parent)? {
+        Value::Object(m) => {
+            m.insert(token, value);
+            Ok(())
+        }
+        Value::Array(a) => {
+            let i = if token == "-" {
+                a.len()
+            } else {
+                token
+                    .parse::<usize>()
+                    .map_err(|_| format!("add: bad array index {token:?} in {path:?}"))?
+            };
+            if i > a.len() {
+                return Err(format!(
+                    "add operation does not apply: index {i} out of range in {path:?}"
+                ));
+            }
+            a.insert(i, value);
+            Ok(())
+        }
+        _ => Err(format!(
+            "add operation does not apply: {parent:?} is not a container"
+        )),
+    }
+}
+
+/// RFC 6902 `remove`: the member or element must exist; returns it.
+fn patch_remove(doc: &mut Value, path: &str) -> Result<Value, String> {
+    let (parent, token) = split_pointer(path)?;
+    match pointer_mut(doc, parent)? {
+        Value::Object(m) => m.remove(&token).ok_or_else(|| {
+            format!("remove operation does not apply: doc is missing key: {path:?}")
+        }),
+        Value::Array(a) => {
+            let i = token
+                .parse::<usize>()
+                .map_err(|_| format!("remove: bad array index {token:?} in {path:?}"))?;
+            if i >= a.len() {
+                return Err(format!(
+                    "remove operation does not apply: index {i} out of range in {path:?}"
+                ));
+            }
+            Ok(a.remove(i))
+        }
+        _ => Err(format!(
+            "remove operation does not apply: {parent:?} is not a container"
+        )),
+    }
+}
+
+/// Applies a JSON patch (RFC 6902) to `doc`; the error says which operation failed and why.
+pub fn json_patch(doc: &mut Value, ops: &[Value]) -> Result<(), String> {
+    for op in ops {
+        let kind = op.get("op").and_then(Value::as_str).unwrap_or_default();
+        let path = op
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("operation {op} has no path"))?;
+        let value = || {
+            op.get("value")
+                .cloned()
+                .ok_or_else(|| format!("{kind} operation at {path:?} has no value"))
+        };
+        let from = || {
+            op.get("from")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{kind} operation at {path:?} has no from"))
+        };
+        match kind {
+            "test" => {
+                let want = value()?;
+                match doc.pointer(path) {
+                    None if want.is_null() => {}
+                    Some(have) if *have == want => {}
+                    _ => return Err(format!("testing value {path} failed: test failed")),
+                }
+            }
+            "add" => patch_add(doc, path, value()?)?,
+            "remove" => {
+                patch_remove(doc, path)?;
+            }
+            "replace" => {
+                let v = value()?;
+                if path.is_empty() {
+                    *doc = v;
+                } else {
+                    patch_remove(doc, path)
+                        .map_err(|e| format!("replace operation does not apply: {e}"))?;
+                    patch_add(doc, path, v)?;
+                }
+            }
+            "move" => {
+                let v = patch_remove(doc, from()?)?;
+                patch_add(doc, path, v)?;
+            }
+            "copy" => {
+                let v = doc
+                    .pointer(from()?)
+                    .cloned()
+                    .ok_or_else(|| format!("copy operation does not apply: missing {path:?}"))?;
+                patch_add(doc, path, v)?;
+            }
+            other => return Err(format!("unexpected kind of operation: {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 /// A clock the test moves by hand; shared by the API (deletion timestamps) and the operator.
@@ -98,9 +286,15 @@ struct State {
     objects: BTreeMap<Key, Value>,
     /// (object, manager, status subresource) → the last applied configuration.
     applied: HashMap<(Key, String, bool), Value>,
+    /// object → tracked field → its owners.
+    owners: HashMap<Key, BTreeMap<String, BTreeSet<Manager>>>,
     rv: u64,
     uid: u64,
     calls: Vec<Call>,
+    /// Answer every request with 503.
+    unavailable: bool,
+    /// Never answer.
+    hanging: bool,
 }
 
 /// The in-memory API. Clone it freely: clones share the state.
@@ -166,6 +360,17 @@ fn remove_dropped(target: &mut Value, prev: &Value, next: Option<&Value>) {
             }
             Some(_) => {}
         }
+    }
+}
+
+/// An empty `finalizers` list is not stored (the API server omits it).
+fn drop_empty_finalizers(meta: &mut Value) {
+    if let Some(m) = meta.as_object_mut()
+        && m.get("finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+    {
+        m.remove("finalizers");
     }
 }
 
@@ -271,6 +476,36 @@ impl MemoryApi {
         self.calls().into_iter().filter(Call::is_write).collect()
     }
 
+    /// From now on, answer every request with 503 Service Unavailable (or stop doing so).
+    pub fn set_unavailable(&self, on: bool) {
+        self.lock().unavailable = on;
+    }
+
+    /// From now on, leave every request unanswered (or stop doing so, for new requests).
+    pub fn set_hanging(&self, on: bool) {
+        self.lock().hanging = on;
+    }
+
+    /// The managers owning each tracked field of an object (see the module documentation).
+    pub fn owners(
+        &self,
+        gv: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+    ) -> BTreeMap<String, BTreeSet<Manager>> {
+        self.lock()
+            .owners
+            .get(&Key {
+                gv: gv.into(),
+                plural: plural.into(),
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .cloned()
+            .unwrap_or_default()
+    }
+
     pub fn clear_calls(&self) {
         self.lock().calls.clear();
     }
@@ -324,6 +559,7 @@ impl MemoryApi {
         if !key.namespace.is_empty() {
             m["namespace"] = json!(key.namespace);
         }
+        drop_empty_finalizers(m);
         m["uid"] = json!(format!("uid-{:04}", state.uid));
         m["generation"] = json!(1);
         m["creationTimestamp"] = json!(self.now_string());
@@ -381,6 +617,7 @@ impl MemoryApi {
                 }
             }
             obj["metadata"]["name"] = json!(key.name);
+            drop_empty_finalizers(&mut obj["metadata"]);
             if old.get("spec") != obj.get("spec") {
                 let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
                 obj["metadata"]["generation"] = json!(g + 1);
@@ -433,6 +670,7 @@ impl MemoryApi {
             return;
         };
         state.applied.retain(|(k, _, _), _| k != key);
+        state.owners.remove(key);
         let uid = obj["metadata"]["uid"]
             .as_str()
             .unwrap_or_default()
@@ -452,12 +690,60 @@ impl MemoryApi {
         }
     }
 
+    /// An update by `manager` turned `old` (None: created) into `new`: it now owns alone the
+    /// tracked fields it changed; fields that went have no owner.
+    fn took_fields(
+        state: &mut State,
+        key: &Key,
+        old: Option<&Value>,
+        new: &Value,
+        manager: &Manager,
+    ) {
+        let before = old.map(tracked_fields).unwrap_or_default();
+        let after = tracked_fields(new);
+        let owners = state.owners.entry(key.clone()).or_default();
+        for (path, v) in &after {
+            if before.get(path) != Some(v) {
+                owners.insert(path.clone(), BTreeSet::from([manager.clone()]));
+            }
+        }
+        owners.retain(|path, _| after.contains_key(path));
+    }
+
+    /// The fields of `config` that another manager owns with another value in `current`, as
+    /// (manager, field).
+    fn conflicts(
+        state: &State,
+        key: &Key,
+        current: &Value,
+        config: &Value,
+        me: &Manager,
+    ) -> Vec<(Manager, String)> {
+        let now = tracked_fields(current);
+        let Some(owners) = state.owners.get(key) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (path, v) in tracked_fields(config) {
+            if now.get(&path) == Some(&v) {
+                continue;
+            }
+            for o in owners.get(&path).into_iter().flatten() {
+                if o != me {
+                    out.push((o.clone(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
     fn apply(
         &self,
         state: &mut State,
         key: Key,
         status: bool,
         manager: String,
+        force: bool,
         applied: Value,
     ) -> Result<Value, (u16, Value)> {
         let section = |v: &Value| -> Value {
@@ -475,6 +761,11 @@ impl MemoryApi {
             v
         };
         let config = section(&applied);
+        let me = Manager {
+            name: manager.clone(),
+            apply: true,
+            status,
+        };
         let slot = (key.clone(), manager, status);
         let Some(current) = state.objects.get(&key).cloned() else {
             if status {
@@ -484,15 +775,65 @@ impl MemoryApi {
                     format!("{} \"{}\" not found", key.plural, key.name),
                 ));
             }
-            let created = self.create(state, key, config.clone())?;
+            let created = self.create(state, key.clone(), config.clone())?;
+            let owners = state.owners.entry(key).or_default();
+            for path in tracked_fields(&config).into_keys() {
+                owners.insert(path, BTreeSet::from([me.clone()]));
+            }
             state.applied.insert(slot, config);
             return Ok(created);
         };
+        let conflicts = Self::conflicts(state, &key, &current, &config, &me);
+        if !conflicts.is_empty() && !force {
+            let api_version = key
+                .gv
+                .trim_start_matches("api/")
+                .trim_start_matches("apis/");
+            let causes: Vec<Value> = conflicts
+                .iter()
+                .map(|(m, field)| {
+                    json!({"reason": "FieldManagerConflict",
+                           "message": format!("conflict with {}", m.describe(api_version)),
+                           "field": field})
+                })
+                .collect();
+            let listed: Vec<String> = conflicts
+                .iter()
+                .map(|(m, field)| format!("conflict with {}: {field}", m.describe(api_version)))
+                .collect();
+            let n = conflicts.len();
+            let mut err = status_error(
+                409,
+                "Conflict",
+                format!(
+                    "Apply failed with {n} conflict{}: {}",
+                    if n == 1 { "" } else { "s" },
+                    listed.join("\n")
+                ),
+            );
+            err.1["details"] = json!({"name": key.name, "causes": causes});
+            return Err(err);
+        }
         let mut next = current.clone();
         if let Some(prev) = state.applied.get(&slot) {
             remove_dropped(&mut next, prev, Some(&config));
         }
         merge(&mut next, &config);
+        let fields = tracked_fields(&config);
+        let owners = state.owners.entry(key.clone()).or_default();
+        // Forced: the fields in conflict are taken from their owners.
+        for (_, path) in &conflicts {
+            if let Some(set) = owners.get_mut(path) {
+                set.retain(|o| o == &me);
+            }
+        }
+        for set in owners.values_mut() {
+            set.remove(&me);
+        }
+        for path in fields.keys() {
+            owners.entry(path.clone()).or_default().insert(me.clone());
+        }
+        owners.retain(|_, set| !set.is_empty());
         state.applied.insert(slot, config);
         self.update(state, &key, next, status)
     }
@@ -506,13 +847,24 @@ impl MemoryApi {
         body: &[u8],
     ) -> (u16, Value) {
         let mut state = self.lock();
+        let field_manager = query_param(query, "fieldManager");
+        let force = query_param(query, "force").as_deref() == Some("true");
         state.calls.push(Call {
             method: method.to_string(),
             path: path.to_string(),
             query: query.to_string(),
             content_type: content_type.to_string(),
+            field_manager: field_manager.clone(),
+            force,
             body: String::from_utf8_lossy(body).into_owned(),
         });
+        if state.unavailable {
+            return status_error(
+                503,
+                "ServiceUnavailable",
+                "the API is unavailable (injected)",
+            );
+        }
         let Some((key, sub)) = parse_path(path) else {
             return status_error(404, "NotFound", format!("no route {path}"));
         };
@@ -520,6 +872,16 @@ impl MemoryApi {
             return status_error(405, "MethodNotAllowed", "watches are not modelled");
         }
         let status_sub = sub.as_deref() == Some("status");
+        // Who an update (anything but an apply) is by; the real server derives a name from
+        // the user agent when the request names none.
+        let updater = Manager {
+            name: field_manager.clone().unwrap_or_else(|| "unnamed".into()),
+            apply: false,
+            status: status_sub,
+        };
+        let before = (!key.name.is_empty())
+            .then(|| state.objects.get(&key).cloned())
+            .flatten();
         let body: Value = if body.is_empty() {
             Value::Null
         } else {
@@ -570,9 +932,13 @@ impl MemoryApi {
                 } else {
                     let key = Key {
                         name: name.to_string(),
-                        ..key
+                        ..key.clone()
                     };
-                    self.create(&mut state, key, body)
+                    let created = self.create(&mut state, key.clone(), body);
+                    if let Ok(obj) = &created {
+                        Self::took_fields(&mut state, &key, None, obj, &updater);
+                    }
+                    created
                 }
             }
             ("PUT", false) => match state.objects.get(&key) {
@@ -595,13 +961,44 @@ impl MemoryApi {
                 }
             },
             ("PATCH", false) if content_type.starts_with("application/apply-patch") => {
-                match query_param(query, "fieldManager") {
+                match field_manager {
                     None => Err(status_error(
                         422,
                         "Invalid",
                         "fieldManager is required for apply",
                     )),
-                    Some(m) => self.apply(&mut state, key, status_sub, m, body),
+                    Some(m) => self.apply(&mut state, key.clone(), status_sub, m, force, body),
+                }
+            }
+            ("PATCH", false) if content_type.starts_with("application/json-patch") => {
+                match (state.objects.get(&key).cloned(), body.as_array()) {
+                    (None, _) => Err(status_error(
+                        404,
+                        "NotFound",
+                        format!("{} \"{}\" not found", key.plural, key.name),
+                    )),
+                    (Some(_), None) => Err(status_error(
+                        400,
+                        "BadRequest",
+                        "a JSON patch is a list of operations",
+                    )),
+                    (Some(cur), Some(ops)) => {
+                        let mut next = cur.clone();
+                        match json_patch(&mut next, ops) {
+                            Err(e) => Err(status_error(422, "Invalid", e)),
+                            Ok(())
+                                if next.pointer("/metadata/resourceVersion")
+                                    != cur.pointer("/metadata/resourceVersion") =>
+                            {
+                                Err(status_error(
+                                    409,
+                                    "Conflict",
+                                    "the object has been modified; please apply your changes to the latest version and try again",
+                                ))
+                            }
+                            Ok(()) => self.update(&mut state, &key, next, status_sub),
+                        }
+                    }
                 }
             }
             ("PATCH", false) => match state.objects.get(&key).cloned() {
@@ -636,6 +1033,13 @@ impl MemoryApi {
                 format!("{method} {path}"),
             )),
         };
+        let is_update = matches!(method.as_str(), "PUT" | "PATCH")
+            && !content_type.starts_with("application/apply-patch");
+        if let (Ok(after), true, Some(before)) = (&result, is_update, &before)
+            && state.objects.contains_key(&key)
+        {
+            Self::took_fields(&mut state, &key, Some(before), after, &updater);
+        }
         match result {
             Ok(v) => (if method == Method::POST { 201 } else { 200 }, v),
             Err(e) => e,
@@ -703,6 +1107,9 @@ impl tower::Service<Request<Body>> for MemoryApi {
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            if this.lock().hanging {
+                return futures::future::pending().await;
+            }
             let (parts, body) = req.into_parts();
             let bytes = body
                 .collect()

@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use api::{ManualClock, MemoryApi};
 use fathom_crds::{ClusterTraceJob, TraceAssignment, TraceJob, TraceResult};
 use fathom_operator::{
+    events::EventRecorder,
     metrics::Metrics,
     reconcile::{self, Context, JobObject, ReconcileConfig},
 };
@@ -29,7 +30,6 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     runtime::{
         controller::Action,
-        events::{Recorder, Reporter},
         reflector::{self, store::Writer},
         watcher,
     },
@@ -144,15 +144,10 @@ impl World {
             nodes: node_store,
             pods: pod_store,
             config,
-            events: Box::new(Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: reconcile::MANAGER.into(),
-                    instance: None,
-                },
-            )),
+            events: Box::new(EventRecorder::new(client.clone(), "test")),
             metrics: Arc::new(Metrics::default()),
             clock: clock.clone(),
+            conflicts: Default::default(),
         });
         World {
             api,
