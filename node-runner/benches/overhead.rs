@@ -46,7 +46,8 @@ fn fastest(v: Vec<Duration>) -> Duration {
 
 fn session(kernel: &Kernel, yaml: &str, opts: EngineOptions) -> Session {
     let spec: TraceJobSpec = serde_yaml::from_str(yaml).expect("spec");
-    let plan = plan::plan(&spec.validate().expect("valid"), kernel).expect("feasible");
+    let plan =
+        plan::plan(&spec.validate().expect("valid"), kernel, plan::Scope::Node).expect("feasible");
     Session::start(plan, kernel, opts).expect("starts")
 }
 

@@ -33,7 +33,7 @@ use fathom_crds::{
 use crate::{
     error::EngineError,
     kernel::Kernel,
-    plan::{AttachPoint, JobPlan, UprobeTarget},
+    plan::{AttachPoint, JobPlan, Scope, UprobeTarget},
     render::{Cgroups, Renderer, StackFrames},
     symbols::Symbols,
 };
@@ -102,6 +102,20 @@ impl RunTimeSampler {
             fd,
             duty: duty.clamp(0.01, 1.0),
             started: now,
+            sampled: Duration::ZERO,
+            last_off: now,
+        }
+    }
+
+    /// A sampler that never switches the statistics on (a session with nothing attached has
+    /// no programs to measure).
+    pub fn off() -> RunTimeSampler {
+        let now = Instant::now();
+        RunTimeSampler {
+            fd: None,
+            duty: 1.0,
+            started: now,
+            on_since: None,
             sampled: Duration::ZERO,
             last_off: now,
         }
@@ -197,7 +211,7 @@ pub enum Applied {
 pub struct Engine {
     kernel: Kernel,
     opts: EngineOptions,
-    jobs: std::collections::BTreeMap<String, (CheckedSpec, Session)>,
+    jobs: std::collections::BTreeMap<String, (CheckedSpec, Scope, Session)>,
 }
 
 impl Engine {
@@ -213,19 +227,28 @@ impl Engine {
         &self.kernel
     }
 
-    /// Makes job `id` run `spec`.
-    pub fn apply(&mut self, id: &str, spec: &CheckedSpec) -> Result<Applied, EngineError> {
+    /// Makes job `id` run `spec` limited to `scope`; a changed scope restarts it like a
+    /// changed spec.
+    pub fn apply(
+        &mut self,
+        id: &str,
+        spec: &CheckedSpec,
+        scope: Scope,
+    ) -> Result<Applied, EngineError> {
         let restarted = match self.jobs.get(id) {
-            Some((running, _)) if running == spec => return Ok(Applied::Unchanged),
+            Some((running, running_scope, _)) if running == spec && *running_scope == scope => {
+                return Ok(Applied::Unchanged);
+            }
             Some(_) => {
                 self.detach(id)?;
                 true
             }
             None => false,
         };
-        let plan = crate::plan::plan(spec, &self.kernel)?;
+        let plan = crate::plan::plan(spec, &self.kernel, scope.clone())?;
         let session = Session::start(plan, &self.kernel, self.opts.clone())?;
-        self.jobs.insert(id.to_string(), (spec.clone(), session));
+        self.jobs
+            .insert(id.to_string(), (spec.clone(), scope, session));
         Ok(if restarted {
             Applied::Restarted
         } else {
@@ -236,14 +259,14 @@ impl Engine {
     /// Detaches job `id` and returns its final result; `None` when it was not running.
     pub fn detach(&mut self, id: &str) -> Result<Option<ResultData>, EngineError> {
         match self.jobs.remove(id) {
-            Some((_, session)) => session.stop().map(Some),
+            Some((_, _, session)) => session.stop().map(Some),
             None => Ok(None),
         }
     }
 
     /// The result so far of job `id`.
     pub fn snapshot(&mut self, id: &str) -> Option<Result<ResultData, EngineError>> {
-        self.jobs.get_mut(id).map(|(_, s)| s.snapshot())
+        self.jobs.get_mut(id).map(|(_, _, s)| s.snapshot())
     }
 
     /// The ids of the running jobs.
@@ -252,9 +275,11 @@ impl Engine {
     }
 }
 
-/// A running job: programs loaded and attached.
+/// A running job: programs loaded and attached — or, for a plan whose scope is
+/// [`Scope::Nothing`], nothing in the kernel at all and a result that stays empty.
 pub struct Session {
-    ebpf: Ebpf,
+    /// The job's maps and programs; `None` when the scope attaches nothing.
+    ebpf: Option<Ebpf>,
     plan: JobPlan,
     opts: EngineOptions,
     started: Instant,
@@ -481,13 +506,25 @@ pub fn trial_load(point: &AttachPoint, kernel: &Kernel) -> Result<(), (Reason, S
 
 impl Session {
     /// Loads and attaches every program of `plan`. Either all attach or none remain: on any
-    /// error everything already attached is detached before the error is returned.
+    /// error everything already attached is detached before the error is returned. A plan
+    /// whose scope is [`Scope::Nothing`] loads and attaches nothing.
     pub fn start(
         plan: JobPlan,
         kernel: &Kernel,
         opts: EngineOptions,
     ) -> Result<Session, EngineError> {
         let label = plan.label.clone();
+        if !plan.scope.attaches() {
+            tracing::info!(job = %label, scope = %plan.scope, "nothing attached");
+            return Ok(Session::new(
+                None,
+                plan,
+                opts,
+                RunTimeSampler::off(),
+                None,
+                0,
+            ));
+        }
         let ringbuf = if plan.events.is_some() {
             opts.ringbuf_bytes.max(4096).next_power_of_two()
         } else {
@@ -495,6 +532,9 @@ impl Session {
         };
         let mut plan = plan;
         plan.config.wakeup_bytes = u64::from(ringbuf / 8);
+        // The cgroup filter follows the scope, whatever was done to the plan after planning.
+        plan.apply_scope();
+        let cgroups = plan.scope.cgroup_ids();
         // Maps a job does not use are created at their smallest: a stack map is preallocated
         // (1 KiB per entry) and would otherwise dominate the job's locked memory.
         let uses_stacks =
@@ -523,7 +563,7 @@ impl Session {
             .map_max_entries(names::STACKS, stack_entries)
             .map_max_entries(names::STASH, stash_entries)
             .map_max_entries(names::PIDS, (plan.pids.len() as u32).max(1))
-            .map_max_entries(names::CGROUPS, (plan.cgroups.len() as u32).max(1));
+            .map_max_entries(names::CGROUPS, (cgroups.len() as u32).max(1));
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| {
             let (reason, fix) = errno_reason(source_errno(&e), kernel);
             kernel_error(
@@ -535,7 +575,7 @@ impl Session {
 
         fill_set(&mut ebpf, names::PIDS, &plan.pids)
             .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
-        fill_set(&mut ebpf, names::CGROUPS, &plan.cgroups)
+        fill_set(&mut ebpf, names::CGROUPS, &cgroups)
             .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
 
         // Run-time statistics for the CPU budget; the kernel keeps them on while the fd lives.
@@ -636,8 +676,26 @@ impl Session {
                 })?),
                 _ => None,
             };
-        tracing::info!(job = %label, links = link_count, "attached");
-        Ok(Session {
+        tracing::info!(job = %label, scope = %plan.scope, links = link_count, "attached");
+        Ok(Session::new(
+            Some(ebpf),
+            plan,
+            opts,
+            stats,
+            ring,
+            link_count,
+        ))
+    }
+
+    fn new(
+        ebpf: Option<Ebpf>,
+        plan: JobPlan,
+        opts: EngineOptions,
+        stats: RunTimeSampler,
+        ring: Option<RingBuf<MapData>>,
+        link_count: usize,
+    ) -> Session {
+        Session {
             ebpf,
             plan,
             opts,
@@ -653,16 +711,27 @@ impl Session {
             final_run_time: None,
             final_elapsed: None,
             last_remember: Instant::now(),
-        })
+        }
     }
 
     pub fn plan(&self) -> &JobPlan {
         &self.plan
     }
 
-    /// Links attached (one per attach point, one per CPU for sampling).
+    /// Links attached (one per attach point, one per CPU for sampling); 0 when the scope
+    /// attaches nothing.
     pub fn link_count(&self) -> usize {
         self.link_count
+    }
+
+    /// The attach points that are attached (an assignment's `status.attachedProbes`): none
+    /// when the scope attaches nothing.
+    pub fn attached_probes(&self) -> Vec<String> {
+        if self.ebpf.is_some() {
+            self.plan.probe_labels()
+        } else {
+            Vec::new()
+        }
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -755,7 +824,10 @@ impl Session {
 
     /// The kernel programs' counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, EngineError> {
-        let map = self.ebpf.map(names::COUNTERS).expect("COUNTERS in object");
+        let Some(ebpf) = &self.ebpf else {
+            return Ok(Counters::default());
+        };
+        let map = ebpf.map(names::COUNTERS).expect("COUNTERS in object");
         let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(read_err("counters"))?;
         let mut c = [0u64; counter::COUNT as usize];
         for (i, slot) in c.iter_mut().enumerate() {
@@ -782,7 +854,7 @@ impl Session {
         }
         let mut ns = 0;
         let mut runs = 0;
-        for (_, p) in self.ebpf.programs() {
+        for (_, p) in self.ebpf.iter().flat_map(Ebpf::programs) {
             if let Ok(info) = p.info() {
                 ns += info.run_time().as_nanos() as u64;
                 runs += info.run_count();
@@ -795,7 +867,7 @@ impl Session {
     /// Locked kernel memory of the job's maps and programs, from the kernel's fdinfo.
     pub fn memlock_bytes(&self) -> u64 {
         let mut total = 0;
-        for (_, m) in self.ebpf.maps() {
+        for (_, m) in self.ebpf.iter().flat_map(Ebpf::maps) {
             if let Some(fd) = map_fd(m) {
                 total += fdinfo_memlock(fd);
             }
@@ -803,7 +875,7 @@ impl Session {
         if let Some(r) = &self.ring {
             total += fdinfo_memlock(r.as_fd().as_raw_fd());
         }
-        for (_, p) in self.ebpf.programs() {
+        for (_, p) in self.ebpf.iter().flat_map(Ebpf::programs) {
             if let Ok(fd) = p.fd() {
                 total += fdinfo_memlock(fd.as_fd().as_raw_fd());
             }
@@ -821,13 +893,16 @@ impl Session {
             v
         };
         let mut out = Vec::new();
+        let Some(ebpf) = &self.ebpf else {
+            return Ok(out);
+        };
         // A key deleted between listing and lookup is skipped, not an error.
         let cfg = &self.plan.config;
         let slots = cfg.compact_slots;
         if cfg.flags & fathom_common::flags::COMPACT != 0
             && cfg.compact_words as usize <= compact::TINY_WORDS
         {
-            let map = self.ebpf.map(names::AGG_TINY).expect("AGG_TINY in object");
+            let map = ebpf.map(names::AGG_TINY).expect("AGG_TINY in object");
             let agg: PerCpuHashMap<_, [u64; compact::TINY_WORDS], AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
@@ -835,17 +910,14 @@ impl Session {
                 out.push((compact::unpack(&w, &slots), sum(&per_cpu)));
             }
         } else if cfg.flags & fathom_common::flags::COMPACT != 0 {
-            let map = self
-                .ebpf
-                .map(names::AGG_SMALL)
-                .expect("AGG_SMALL in object");
+            let map = ebpf.map(names::AGG_SMALL).expect("AGG_SMALL in object");
             let agg: PerCpuHashMap<_, [u64; compact::WORDS], AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
                 out.push((compact::unpack(&k, &slots), sum(&per_cpu)));
             }
         } else {
-            let map = self.ebpf.map(names::AGG).expect("AGG in object");
+            let map = ebpf.map(names::AGG).expect("AGG in object");
             let agg: PerCpuHashMap<_, AggKey, AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
@@ -857,7 +929,7 @@ impl Session {
 
     fn stack_frames(&self, entries: &[(AggKey, AggValue)]) -> StackFrames {
         let mut frames = StackFrames::new();
-        let Some(map) = self.ebpf.map(names::STACKS) else {
+        let Some(map) = self.ebpf.as_ref().and_then(|e| e.map(names::STACKS)) else {
             return frames;
         };
         let Ok(stacks) = StackTraceMap::try_from(map) else {
@@ -951,10 +1023,11 @@ impl Session {
         self.final_elapsed = Some(self.started.elapsed().as_secs_f64());
         let ids: Vec<u32> = self
             .ebpf
-            .programs()
+            .iter()
+            .flat_map(Ebpf::programs)
             .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
             .collect();
-        for (_, p) in self.ebpf.programs_mut() {
+        for (_, p) in self.ebpf.iter_mut().flat_map(Ebpf::programs_mut) {
             detach_all(p);
         }
         let result = self.snapshot();

@@ -3,7 +3,12 @@
 //! feasibility check: every attach point, symbol and field is looked up on this kernel, and
 //! what is missing is reported per probe in a [`Verdict`].
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::PathBuf,
+    time::Duration,
+};
 
 use fathom_common::{ProbeConfig, Source, StashConfig, filter, flags, key, source, strsrc, value};
 use fathom_crds::{
@@ -231,8 +236,8 @@ pub struct JobPlan {
     pub aggregate: bool,
     pub events: Option<EventPlan>,
     pub pids: Vec<u32>,
-    /// cgroup ids the probes are limited to (the node runner's pods); empty: no filter.
-    pub cgroups: Vec<u64>,
+    /// The tasks the probes observe: the whole node, a set of cgroups, or nothing at all.
+    pub scope: Scope,
     pub map_entries: u32,
     pub duration: Option<Duration>,
     pub cpu_percent: Option<u32>,
@@ -240,20 +245,101 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
-    /// Limits the probes to tasks of these cgroups (enforced in the kernel): how a namespaced
-    /// job sees only its own pods.
-    pub fn limit_to_cgroups(&mut self, ids: Vec<u64>) {
-        if ids.is_empty() {
-            return;
-        }
-        self.config.filter_flags |= filter::CGROUP;
-        self.stash.filter_flags |= filter::CGROUP;
-        self.cgroups = ids;
+    /// Turns the filter flags' cgroup bit on exactly when the scope is a cgroup set, in both
+    /// the main and the stash configuration. `plan` calls it, and `Session::start` again, so a
+    /// scope replaced after planning still reaches the kernel.
+    pub fn apply_scope(&mut self) {
+        self.config.filter_flags = scope_filter_flags(self.config.filter_flags, &self.scope);
+        self.stash.filter_flags = scope_filter_flags(self.stash.filter_flags, &self.scope);
     }
 
     /// Every attach point's label.
     pub fn probe_labels(&self) -> Vec<String> {
         self.attachments.iter().map(|a| a.point.label()).collect()
+    }
+}
+
+/// The reason a job limited to targets attaches nothing on a node.
+pub const NOTHING_ATTACHED: &str = "no target pod of this job runs on this node: nothing attached";
+
+/// Which tasks a job's probes observe on this node. There is no default and no "empty means
+/// everything": whoever plans a job names its scope, and only [`Scope::Node`] sees the whole
+/// node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every task of the node: `fathom run`, or a ClusterTraceJob's node-wide assignment
+    /// (`spec.nodeWide`).
+    Node,
+    /// Only the tasks of these cgroups, enforced in the kernel by the cgroup filter: how a
+    /// namespaced job sees only its own pods.
+    Cgroups(CgroupSet),
+    /// The job is limited to targets and none of them has a cgroup on this node: nothing is
+    /// loaded or attached, and the result stays empty ([`NOTHING_ATTACHED`] says why).
+    Nothing,
+}
+
+impl Scope {
+    /// The scope of a job limited to `ids` (its target pods' cgroups on this node): those
+    /// cgroups, or [`Scope::Nothing`] when there are none — never the whole node.
+    pub fn targets(ids: impl IntoIterator<Item = u64>) -> Scope {
+        match CgroupSet::new(ids) {
+            Some(set) => Scope::Cgroups(set),
+            None => Scope::Nothing,
+        }
+    }
+
+    /// Whether the probes attach at all.
+    pub fn attaches(&self) -> bool {
+        !matches!(self, Scope::Nothing)
+    }
+
+    /// The cgroup ids the kernel filter admits; empty unless the scope is a cgroup set.
+    pub fn cgroup_ids(&self) -> Vec<u64> {
+        match self {
+            Scope::Cgroups(set) => set.ids().collect(),
+            Scope::Node | Scope::Nothing => Vec::new(),
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Node => f.write_str("the whole node"),
+            Scope::Cgroups(set) if set.count() == 1 => f.write_str("1 cgroup"),
+            Scope::Cgroups(set) => write!(f, "{} cgroups", set.count()),
+            Scope::Nothing => f.write_str(NOTHING_ATTACHED),
+        }
+    }
+}
+
+/// A non-empty set of cgroup ids: the only way to build a [`Scope::Cgroups`], so a cgroup
+/// scope always admits at least one cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupSet(BTreeSet<u64>);
+
+impl CgroupSet {
+    /// The set of `ids`; `None` when there are none.
+    pub fn new(ids: impl IntoIterator<Item = u64>) -> Option<CgroupSet> {
+        let set: BTreeSet<u64> = ids.into_iter().collect();
+        (!set.is_empty()).then_some(CgroupSet(set))
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// How many cgroups: at least 1.
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// `flags` with the cgroup filter bit on exactly when `scope` is a cgroup set.
+pub fn scope_filter_flags(flags: u32, scope: &Scope) -> u32 {
+    match scope {
+        Scope::Cgroups(_) => flags | filter::CGROUP,
+        Scope::Node | Scope::Nothing => flags & !filter::CGROUP,
     }
 }
 
@@ -326,8 +412,9 @@ pub enum PayloadSource {
     Stashed,
 }
 
-/// Resolves a checked spec on this kernel into a plan, or the verdict of why it cannot run.
-pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError> {
+/// Resolves a checked spec on this kernel into a plan limited to `scope`, or the verdict of
+/// why it cannot run. Feasibility is checked whatever the scope, [`Scope::Nothing`] included.
+pub fn plan(spec: &CheckedSpec, kernel: &Kernel, scope: Scope) -> Result<JobPlan, EngineError> {
     let mut verdicts = Vec::new();
     let caps = kernel::missing_capabilities(kernel::effective_caps());
     let template = match template_for(&spec.probe, spec) {
@@ -676,7 +763,7 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
         config.flags |= flags::COMM;
     }
 
-    Ok(JobPlan {
+    let mut plan = JobPlan {
         label: template.label.clone(),
         value_label,
         attachments,
@@ -689,12 +776,14 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel) -> Result<JobPlan, EngineError>
         aggregate: spec.aggregate,
         events,
         pids: spec.pids.clone(),
-        cgroups: Vec::new(),
+        scope,
         map_entries: spec.map_entries,
         duration: spec.duration,
         cpu_percent: spec.cpu_percent,
         verdict: Verdict::from_probes(verdicts),
-    })
+    };
+    plan.apply_scope();
+    Ok(plan)
 }
 
 fn infeasible(probe: &str, message: String) -> ProbeVerdict {
@@ -1104,6 +1193,41 @@ impl Resolver<'_> {
             (KeySpec::Arg(i), _) => self.named(&Named::Arg(u32::from(*i))),
             (KeySpec::Ret, _) => self.named(&Named::Ret),
             _ => Err(format!("{} is not a number key", k.name())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_target_set_is_nothing_never_the_node() {
+        let scope = Scope::targets(Vec::new());
+        assert_eq!(scope, Scope::Nothing);
+        assert!(!scope.attaches());
+        assert!(scope.cgroup_ids().is_empty());
+        assert_eq!(scope.to_string(), NOTHING_ATTACHED);
+        assert!(CgroupSet::new(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn a_target_set_keeps_each_cgroup_once() {
+        let scope = Scope::targets([7, 3, 7]);
+        assert!(scope.attaches());
+        assert_eq!(scope.cgroup_ids(), vec![3, 7]);
+        assert_eq!(scope.to_string(), "2 cgroups");
+        assert_eq!(Scope::targets([9]).to_string(), "1 cgroup");
+    }
+
+    #[test]
+    fn the_cgroup_filter_is_on_exactly_for_a_cgroup_set() {
+        let other = filter::PID | filter::COMM;
+        let set = Scope::targets([1]);
+        assert_eq!(scope_filter_flags(other, &set), other | filter::CGROUP);
+        for scope in [Scope::Node, Scope::Nothing] {
+            assert_eq!(scope_filter_flags(other | filter::CGROUP, &scope), other);
+            assert_eq!(scope_filter_flags(other, &scope), other);
         }
     }
 }

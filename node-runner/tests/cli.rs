@@ -162,7 +162,11 @@ fn an_unavailable_tracefs_is_a_precise_verdict() {
     let mut kernel = Kernel::running();
     kernel.tracefs = None;
     kernel.tracefs_error = Some("tracefs is not mounted and mounting it failed (test)".into());
-    match plan::plan(&spec("probe: { catalog: exec }"), &kernel) {
+    match plan::plan(
+        &spec("probe: { catalog: exec }"),
+        &kernel,
+        plan::Scope::Node,
+    ) {
         Err(EngineError::NotFeasible(v)) => {
             let p = v.first_problem().expect("problem");
             assert_eq!(p.reason, Some(Reason::FilesystemUnavailable));

@@ -138,7 +138,7 @@ fn start_or_refused(
     probes: &[&str],
 ) -> Option<fathom_node::engine::Session> {
     let offer = offered(kind)?;
-    let planned = plan::plan(&spec(yaml), &Kernel::running());
+    let planned = plan::plan(&spec(yaml), &Kernel::running(), plan::Scope::Node);
     if offer == Offer::Available {
         let plan = match planned {
             Ok(p) => p,

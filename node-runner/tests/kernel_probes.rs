@@ -7,6 +7,10 @@ use std::collections::BTreeMap;
 
 use common::*;
 use fathom_crds::result::ResultData;
+use fathom_node::{
+    engine::Session,
+    plan::{self, NOTHING_ATTACHED, Scope},
+};
 
 fn events_with(r: &ResultData, field: &str, value: &str) -> usize {
     r.events
@@ -368,14 +372,14 @@ fn cgroup_filter_counts_only_tasks_of_the_listed_cgroups() {
     let inside = workload_waiting(&c, "getppid", 300, None);
     std::fs::write(dir.join("cgroup.procs"), inside.pid.to_string()).expect("move into cgroup");
     let id = fathom_node::render::cgroup_id(&dir).expect("cgroup id");
-    let mut plan = fathom_node::plan::plan(
+    let plan = plan::plan(
         &spec(&format!("probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [comm, cgroup] }}\nfilter: {{ comm: {c} }}")),
         kernel(),
+        Scope::targets([id]),
     )
     .expect("plans");
-    plan.limit_to_cgroups(vec![id]);
-    let s =
-        fathom_node::engine::Session::start(plan, kernel(), Default::default()).expect("starts");
+    let s = Session::start(plan, kernel(), Default::default()).expect("starts");
+    assert_eq!(s.link_count(), 1);
     inside.go();
     workload(&c, "getppid", 50, None); // same comm, outside the cgroup: not counted
     let r = s.stop().expect("stops");
@@ -386,6 +390,50 @@ fn cgroup_filter_counts_only_tasks_of_the_listed_cgroups() {
         r.rows[0].keys["cgroup"],
         format!("/fathom-test-{}", std::process::id())
     );
+}
+
+/// A job limited to targets none of which runs here must not fall back to the whole node:
+/// nothing is loaded or attached, and a workload the probe would see counts nowhere. A
+/// node-wide session on the same tracepoint runs alongside as the control that the workload
+/// does hit it.
+#[test]
+fn empty_target_set_attaches_nothing() {
+    let _k = KernelTest::begin();
+    let c = comm("none");
+    let yaml = "probe: { tracepoint: syscalls/sys_enter_getppid }\naggregate: { by: [comm] }";
+    let plan = plan::plan(&spec(yaml), kernel(), Scope::targets(Vec::new())).expect("plans");
+    assert_eq!(plan.scope, Scope::Nothing);
+    assert!(plan.verdict.feasible, "feasibility is still checked");
+    let mut nothing = Session::start(plan, kernel(), Default::default()).expect("starts");
+    assert_eq!(nothing.link_count(), 0);
+    assert!(nothing.attached_probes().is_empty());
+    assert_eq!(nothing.plan().scope.to_string(), NOTHING_ATTACHED);
+    assert_eq!(
+        residue(),
+        Residue::default(),
+        "bpftool lists no program, link or map of the job"
+    );
+
+    let control = start(&format!("{yaml}\nfilter: {{ comm: {c} }}"));
+    let control_links = residue().links;
+    workload(&c, "getppid", 200, None);
+    assert_eq!(
+        residue().links,
+        control_links,
+        "only the control's link is attached"
+    );
+    let during = nothing.snapshot().expect("reads");
+    assert_eq!(during.totals, Default::default(), "no hit counted");
+    assert!(during.rows.is_empty() && during.events.is_empty());
+    let r = nothing.stop().expect("stops");
+    let control = control.stop().expect("stops");
+    assert_eq!(
+        row_value(&control, "comm", &c),
+        200,
+        "the workload hit the probe"
+    );
+    assert_eq!(r.totals.hits, 0);
+    assert!(r.rows.is_empty(), "{:?}", r.rows);
 }
 
 #[test]

@@ -17,7 +17,7 @@ use fathom_node::{
     EngineError,
     engine::{self, Applied, Engine, EngineOptions, Session},
     kernel::Kernel,
-    plan::{self, AttachPoint},
+    plan::{self, AttachPoint, Scope},
     run::run_session,
 };
 
@@ -44,24 +44,33 @@ fn e1_apply_and_detach_are_idempotent() {
     let mut engine = Engine::new(Kernel::running(), EngineOptions::default());
     let job = spec("probe: { catalog: syscalls }\naggregate: { by: [comm] }");
     assert_eq!(
-        engine.apply("job-a", &job).expect("apply 1"),
+        engine.apply("job-a", &job, Scope::Node).expect("apply 1"),
         Applied::Started
     );
     assert_eq!(
-        engine.apply("job-a", &job).expect("apply 2"),
+        engine.apply("job-a", &job, Scope::Node).expect("apply 2"),
         Applied::Unchanged
     );
     assert_eq!(
-        engine.apply("job-a", &job).expect("apply 3"),
+        engine.apply("job-a", &job, Scope::Node).expect("apply 3"),
         Applied::Unchanged
     );
     assert_eq!(our_links(), 1, "exactly one link for the one probe");
     let changed = spec("probe: { catalog: syscalls }\naggregate: { by: [pid] }");
     assert_eq!(
-        engine.apply("job-a", &changed).expect("apply changed"),
+        engine
+            .apply("job-a", &changed, Scope::Node)
+            .expect("apply changed"),
         Applied::Restarted
     );
     assert_eq!(our_links(), 1, "a changed spec replaces, never adds");
+    assert_eq!(
+        engine
+            .apply("job-a", &changed, Scope::Nothing)
+            .expect("apply with no target here"),
+        Applied::Restarted
+    );
+    assert_eq!(our_links(), 0, "a scope with no target attaches nothing");
     assert!(engine.detach("job-a").expect("detach 1").is_some());
     assert!(engine.detach("job-a").expect("detach 2").is_none());
     assert!(engine.detach("job-a").expect("detach 3").is_none());
@@ -112,7 +121,8 @@ fn e3_a_job_whose_third_probe_fails_leaves_nothing_and_others_keep_running() {
         "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {c} }}"
     ));
     let kernel = Kernel::running();
-    let mut p = plan::plan(&spec("probe: { catalog: runqlat }"), &kernel).expect("plans");
+    let mut p =
+        plan::plan(&spec("probe: { catalog: runqlat }"), &kernel, Scope::Node).expect("plans");
     assert_eq!(p.attachments.len(), 3);
     p.attachments[2].point = AttachPoint::Tracepoint {
         category: "sched".into(),
@@ -159,7 +169,7 @@ fn e4_verifier_rejection_is_reported_not_fatal() {
 fn e5_unsupported_kernel_conditions_degrade_clearly() {
     let _k = KernelTest::begin();
     let reason_of = |kernel: &Kernel, yaml: &str| -> (Reason, String) {
-        match plan::plan(&spec(yaml), kernel) {
+        match plan::plan(&spec(yaml), kernel, Scope::Node) {
             Err(EngineError::NotFeasible(v)) => {
                 let p = v.first_problem().expect("a problem").clone();
                 (p.reason.expect("reason"), p.message)
@@ -230,7 +240,8 @@ fn e6_map_caps_are_enforced_twice_and_a_full_map_degrades() {
     assert!(errs[0].to_string().starts_with("spec.limits.mapEntries"));
     // The engine clamps a plan that skipped validation.
     let kernel = Kernel::running();
-    let mut p = plan::plan(&spec("probe: { catalog: syscalls }"), &kernel).expect("plans");
+    let mut p =
+        plan::plan(&spec("probe: { catalog: syscalls }"), &kernel, Scope::Node).expect("plans");
     p.map_entries = u32::MAX;
     let s = Session::start(p, &kernel, EngineOptions::default()).expect("starts clamped");
     // The job's keys fit the packed map; its size is the one clamped.
@@ -247,7 +258,7 @@ fn e6_map_caps_are_enforced_twice_and_a_full_map_degrades() {
         "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [pid] }}\nfilter: {{ comm: {c} }}\nlimits: {{ mapEntries: 4 }}"
     );
     let opts = EngineOptions::default();
-    let plan = plan::plan(&spec(&yaml), &kernel).expect("plans");
+    let plan = plan::plan(&spec(&yaml), &kernel, Scope::Node).expect("plans");
     let budget = engine::memlock_budget(&plan, &opts);
     let mut s = Session::start(plan, &kernel, opts).expect("starts");
     for _ in 0..10 {

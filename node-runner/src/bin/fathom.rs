@@ -149,7 +149,7 @@ fn load(
 fn check(file: &std::path::Path, json: bool) -> Result<bool, EngineError> {
     let (_, checked) = load(file)?;
     let kernel = Kernel::running();
-    let verdict = match plan::plan(&checked, &kernel) {
+    let verdict = match plan::plan(&checked, &kernel, plan::Scope::Node) {
         Ok(p) => p.verdict,
         Err(EngineError::NotFeasible(v)) => v,
         Err(e) => return Err(e),
@@ -193,7 +193,8 @@ fn run(
         })?);
     }
     let kernel = Kernel::running();
-    let plan = plan::plan(&checked, &kernel)?;
+    // A local run traces the whole machine, as bpftrace does.
+    let plan = plan::plan(&checked, &kernel, plan::Scope::Node)?;
     let labels = plan.probe_labels().join(", ");
     let duration = plan.duration;
     install_signal_handlers();

@@ -120,7 +120,7 @@ pub fn spec(yaml: &str) -> CheckedSpec {
     s.validate().expect("test spec is valid")
 }
 
-/// Plans and starts a job on the running kernel.
+/// Plans and starts a job on the running kernel, node-wide.
 pub fn start(yaml: &str) -> Session {
     start_with(yaml, EngineOptions::default()).expect("job starts")
 }
@@ -133,7 +133,7 @@ pub fn kernel() -> &'static Kernel {
 }
 
 pub fn start_with(yaml: &str, opts: EngineOptions) -> Result<Session, EngineError> {
-    let plan = plan::plan(&spec(yaml), kernel())?;
+    let plan = plan::plan(&spec(yaml), kernel(), plan::Scope::Node)?;
     Session::start(plan, kernel(), opts)
 }
 
