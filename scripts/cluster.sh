@@ -313,6 +313,9 @@ EOF
 start_containerd() {
   local d=$STATE/containerd
   mkdir -p "$d"
+  # containerd 1.6 keeps shim sockets and fifos under /run/containerd whatever its config says:
+  # remember whether that directory is ours to remove.
+  [ -e /run/containerd ] || touch "$STATE/run-containerd-is-ours"
   cat >"$d/config.toml" <<EOF
 version = 2
 root = "$d/root"
@@ -337,6 +340,7 @@ state = "$d/state"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "$d/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$STATE/cni/net.d"
@@ -611,15 +615,21 @@ cmd_down() {
   ip link del "$BRIDGE" 2>/dev/null || true
   remove_cgroups
   remove_iptables
+  local run_containerd_ours=0
+  if [ -f "$STATE/run-containerd-is-ours" ]; then
+    run_containerd_ours=1
+    rm -rf /run/containerd
+  fi
   if [ -f "$STATE/sysctls.saved" ]; then
     while IFS= read -r kv; do sysctl -qw "$kv" >/dev/null 2>&1 || true; done <"$STATE/sysctls.saved"
   fi
   rm -rf "$STATE"
   log "down: stopped and removed $STATE"
-  leftovers
+  leftovers "$run_containerd_ours"
 }
 
 # What down must leave behind: nothing. Prints each leftover and fails if there is one.
+# $1: 1 when /run/containerd was made by this cluster.
 leftovers() {
   local found=0
   if pgrep -f "$BIN|containerd-shim.*$STATE|containerd --config $STATE" >/dev/null; then
@@ -628,6 +638,10 @@ leftovers() {
   fi
   if grep -q -e "$STATE" -e ' /run/netns/cni-' /proc/self/mounts; then
     log "leftover mounts: $(grep -e "$STATE" -e ' /run/netns/cni-' /proc/self/mounts | awk '{print $2}' | tr '\n' ' ')"
+    found=1
+  fi
+  if [ "${1:-0}" = 1 ] && [ -e /run/containerd ]; then
+    log "leftover /run/containerd"
     found=1
   fi
   if ls -d /sys/fs/cgroup/*/fathom >/dev/null 2>&1; then
