@@ -43,7 +43,7 @@ use kube::{
     core::Selector,
     runtime::{
         controller::Action,
-        events::{Event, EventType, Recorder},
+        events::{Event, EventType},
         reflector::Store,
     },
 };
@@ -157,23 +157,14 @@ impl Default for ReconcileConfig {
     }
 }
 
-/// Publishes Kubernetes Events.
+/// Publishes Kubernetes Events: [`crate::events::EventRecorder`], which writes them under
+/// [`MANAGER`] (kube-runtime's `Recorder` names no field manager, so it is not one).
 pub trait EventSink: Send + Sync {
     fn publish<'a>(
         &'a self,
         event: Event,
         reference: ObjectReference,
     ) -> futures::future::BoxFuture<'a, Result<(), kube::Error>>;
-}
-
-impl EventSink for Recorder {
-    fn publish<'a>(
-        &'a self,
-        event: Event,
-        reference: ObjectReference,
-    ) -> futures::future::BoxFuture<'a, Result<(), kube::Error>> {
-        Box::pin(async move { Recorder::publish(self, &event, &reference).await })
-    }
 }
 
 /// Per job (by uid): how many reconciles in a row met apply conflicts, and the conflicts last
