@@ -7,7 +7,7 @@
 #   scripts/cluster.sh up       build (cached) and start; idempotent; cleans a stale cluster first
 #   scripts/cluster.sh down     stop everything; leaves no process, mount, cgroup, link or rule
 #   scripts/cluster.sh status   one line per component; exit 0 only when all run
-#   scripts/cluster.sh env      KUBECONFIG=… and the other variables the e2e suite reads
+#   scripts/cluster.sh env      KUBECONFIG=…, PATH with the cluster's kubectl, and the e2e suite's variables
 #   scripts/cluster.sh images   (re)build and import the local images (pause, busybox, fathom)
 #
 # See docs/local-cluster.md. Run as root.
@@ -21,6 +21,7 @@ CACHE=${FATHOM_CLUSTER_CACHE:-/var/cache/fathom/k8s/$K8S_VERSION}
 STATE=${FATHOM_CLUSTER_STATE:-/var/lib/fathom-cluster}
 BIN=$CACHE/fathom-k8s
 PAUSE_BIN=$CACHE/pause
+KUBECTL=$CACHE/bin/kubectl             # the same binary, called as kubectl: a client of the same version
 
 NODE=fathom-node                       # the real node (kubelet)
 SIM_NODES=${FATHOM_SIM_NODES-fathom-sim-1,fathom-sim-2,fathom-sim-3}
@@ -56,7 +57,7 @@ build() {
   command -v go >/dev/null || die "go is not installed (Go >= 1.24 builds the cluster's binaries)"
   local stamp
   stamp=$(launcher_stamp)
-  if [ -x "$BIN" ] && [ -x "$PAUSE_BIN" ] && [ "$(cat "$CACHE/stamp" 2>/dev/null)" = "$stamp" ]; then
+  if [ -x "$BIN" ] && [ -x "$PAUSE_BIN" ] && [ -L "$KUBECTL" ] && [ "$(cat "$CACHE/stamp" 2>/dev/null)" = "$stamp" ]; then
     return
   fi
   mkdir -p "$CACHE"
@@ -74,6 +75,8 @@ build() {
     || die "building the pause binary failed (go build ./cmd/pause in $LAUNCHER)"
   mv "$BIN.new" "$BIN"
   mv "$PAUSE_BIN.new" "$PAUSE_BIN"
+  mkdir -p "$CACHE/bin"
+  ln -sfn ../fathom-k8s "$KUBECTL"
   echo "$stamp" >"$CACHE/stamp"
   log "built in $((SECONDS - t0)) s"
 }
@@ -195,7 +198,7 @@ api_get() {
     "https://127.0.0.1:$API_PORT$1"
 }
 
-kctl() { kubectl --kubeconfig "$STATE/admin.kubeconfig" "$@"; }
+kctl() { "$KUBECTL" --kubeconfig "$STATE/admin.kubeconfig" "$@"; }
 
 port_taken() { ss -Htln "sport = :$1" | grep -q .; }
 
@@ -360,9 +363,11 @@ images() {
     --entrypoint /pause "$PAUSE_BIN:/pause:0755"
   local bb=/bin/busybox
   [ -x "$bb" ] || die "/bin/busybox is missing (apt-get install busybox-static; scripts/setup.sh does)"
+  # Every applet as a symlink in /bin; no entrypoint, so a pod's `args` are the command.
+  local applets=()
+  while read -r a; do applets+=("@busybox:/bin/$a"); done < <("$bb" --list | grep -vx busybox)
   python3 "$HERE/e2e/cluster/oci-image.py" --name fathom.local/busybox:1 --out "$out/busybox.tar" \
-    --entrypoint /bin/sh "$bb:/bin/busybox:0755" @busybox:/bin/sh @busybox:/bin/sleep \
-    @busybox:/bin/cat @busybox:/bin/ls @busybox:/bin/echo
+    --cmd /bin/sh --dir /tmp:1777 "$bb:/bin/busybox:0755" "${applets[@]}"
   local f
   for f in "$out"/*.tar; do
     ctr_ images import --all-platforms "$f" >/dev/null || die "importing $f into containerd failed"
@@ -493,7 +498,6 @@ cmd_up() {
   fi
   command -v containerd >/dev/null || die "containerd is not installed (scripts/setup.sh installs it)"
   [ -x /usr/lib/cni/bridge ] || die "the CNI plugins are missing (apt-get install containernetworking-plugins)"
-  command -v kubectl >/dev/null || die "kubectl is not installed"
   build
   check_ports
   local t0=$SECONDS
@@ -679,6 +683,7 @@ cmd_status() {
 cmd_env() {
   [ -f "$STATE/admin.kubeconfig" ] || die "no cluster: run scripts/cluster.sh up"
   cat <<EOF
+export PATH=$CACHE/bin:\$PATH
 export KUBECONFIG=$STATE/admin.kubeconfig
 export FATHOM_CLUSTER_STATE=$STATE
 export FATHOM_E2E_AUDIT_LOG=$STATE/audit.log

@@ -7,6 +7,8 @@
 //	fathom-k8s kube-scheduler ...          k8s.io/kubernetes/cmd/kube-scheduler
 //	fathom-k8s kubelet ...                 k8s.io/kubernetes/cmd/kubelet
 //	fathom-k8s simnodes ...                simulated nodes without a kubelet (simnodes.go)
+//	kubectl ...                            k8s.io/kubectl, when the binary is called as kubectl
+//	                                       (a symlink): the client of the same version
 //
 // Every component is the upstream one, unchanged; only the entry point is shared. simnodes is
 // this project's own: it registers nodes and keeps them and their pods alive, as kwok does.
@@ -16,14 +18,18 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	_ "time/tzdata" // CronJob time zones, as the upstream binaries have
 
 	"github.com/spf13/cobra"
 	"go.etcd.io/etcd/server/v3/etcdmain"
 	"k8s.io/component-base/cli"
+	"k8s.io/component-base/logs"
 	_ "k8s.io/component-base/logs/json/register"
 	_ "k8s.io/component-base/metrics/prometheus/clientgo"
 	_ "k8s.io/component-base/metrics/prometheus/version"
+	kubectl "k8s.io/kubectl/pkg/cmd"
+	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
@@ -31,6 +37,14 @@ import (
 )
 
 func main() {
+	if filepath.Base(os.Args[0]) == "kubectl" {
+		// kubectl reads os.Args itself (plugins, verbosity), as cmd/kubectl does.
+		logs.GlogSetter(kubectl.GetLogVerbosity(os.Args)) //nolint:errcheck
+		if err := cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()); err != nil {
+			kubectlutil.CheckErr(err)
+		}
+		return
+	}
 	if len(os.Args) < 2 {
 		fmt.Fprintln(os.Stderr, "usage: fathom-k8s etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet [flags]")
 		fmt.Fprintln(os.Stderr, "       "+simnodesUsageShort)
