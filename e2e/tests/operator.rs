@@ -325,6 +325,17 @@ async fn o1_a_settled_job_gets_no_writes_and_every_operator_write_names_its_fiel
         briefs(in_window.iter().copied())
     );
 
+    // Its RBAC sufficed: no request of the operator was refused.
+    let refused: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.user.username == OPERATOR_USER && e.code() == Some(403))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "requests of the operator refused by RBAC (manifests/operator-rbac.yaml):\n{}",
+        briefs(refused.iter().copied())
+    );
+
     let writes: Vec<&AuditEvent> = by_operator
         .iter()
         .copied()
@@ -689,4 +700,84 @@ async fn leader_election_one_of_two_operator_processes_acts_and_the_other_takes_
         "the new leader exited:\n{}",
         ops[follower].log_tail(30)
     );
+}
+
+/// `manifests/operator-rbac.yaml` grants the operator's ServiceAccount what the operator does
+/// and nothing else (the o1 test checks from the audit log that no request of it is refused).
+#[tokio::test]
+async fn operator_rbac_allows_what_the_operator_does_and_denies_the_rest() {
+    let _client = admin().await;
+    fathom_e2e::install_operator_rbac();
+    let can = |verb: &str, resource: &str, ns: Option<&str>| -> bool {
+        let sa = format!("--as={OPERATOR_USER}");
+        // `kind/x` would name an object: a subresource is a flag.
+        let (resource, sub) = match resource.split_once('/') {
+            Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
+            None => (resource, None),
+        };
+        let mut args = vec!["auth", "can-i", verb, resource, sa.as_str()];
+        if let Some(sub) = &sub {
+            args.push(sub);
+        }
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        // `can-i` exits 1 for "no": read the answer, not the status.
+        let out = std::process::Command::new("kubectl")
+            .args(&args)
+            .env("KUBECONFIG", &env().kubeconfig)
+            .output()
+            .expect("kubectl auth can-i");
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    let allowed = [
+        ("watch", "tracejobs.fathom.dev", None),
+        ("patch", "tracejobs.fathom.dev", Some("default")),
+        ("patch", "tracejobs.fathom.dev/status", Some("default")),
+        ("patch", "clustertracejobs.fathom.dev/status", None),
+        ("create", "traceassignments.fathom.dev", Some("default")),
+        ("delete", "traceassignments.fathom.dev", Some("default")),
+        ("patch", "traceresults.fathom.dev/status", Some("default")),
+        ("list", "pods", None),
+        ("watch", "nodes", None),
+        ("get", "deployments.apps", Some("default")),
+        ("create", "events.events.k8s.io", Some("default")),
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            Some(OPERATOR_NAMESPACE),
+        ),
+    ];
+    let denied = [
+        ("get", "secrets", Some(OPERATOR_NAMESPACE)),
+        ("list", "secrets", None),
+        ("create", "pods", Some("default")),
+        ("delete", "pods", Some("default")),
+        ("patch", "nodes", None),
+        ("update", "deployments.apps", Some("default")),
+        (
+            "patch",
+            "traceassignments.fathom.dev/status",
+            Some("default"),
+        ),
+        ("create", "tracejobs.fathom.dev", Some("default")),
+        ("update", "leases.coordination.k8s.io", Some("default")),
+        (
+            "create",
+            "customresourcedefinitions.apiextensions.k8s.io",
+            None,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (verb, resource, ns) in allowed {
+        if !can(verb, resource, ns) {
+            wrong.push(format!("denied {verb} {resource} in {ns:?}"));
+        }
+    }
+    for (verb, resource, ns) in denied {
+        if can(verb, resource, ns) {
+            wrong.push(format!("allowed {verb} {resource} in {ns:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{OPERATOR_USER}: {}", wrong.join("; "));
 }
