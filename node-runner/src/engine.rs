@@ -269,6 +269,11 @@ impl Engine {
         self.jobs.get_mut(id).map(|(_, _, s)| s.snapshot())
     }
 
+    /// The running session of job `id`.
+    pub fn session(&self, id: &str) -> Option<&Session> {
+        self.jobs.get(id).map(|(_, _, s)| s)
+    }
+
     /// The ids of the running jobs.
     pub fn ids(&self) -> Vec<String> {
         self.jobs.keys().cloned().collect()

@@ -6,9 +6,12 @@
 //! - [`run`]: drive a session for a duration with budgets (what `fathom run` does).
 //! - [`output`]: print results as a table, YAML, JSON or folded stacks.
 //! - [`list`]: what a TraceJob can attach to on this machine (`fathom list`).
+//! - [`daemon`]: the node runner (`fathom-node-runner`): assignments → engine, statuses and
+//!   reports to the collector.
 
 pub mod btf;
 pub mod catalog;
+pub mod daemon;
 pub mod elf;
 pub mod engine;
 pub mod error;

@@ -42,16 +42,18 @@ pub fn render_number(v: u64, size_signed: bool, render: &Render) -> String {
 /// Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup on a unified system,
 /// /sys/fs/cgroup/unified on a hybrid one.
 pub fn cgroup2_root() -> std::path::PathBuf {
-    fs::read_to_string("/proc/mounts")
-        .ok()
-        .and_then(|m| {
-            m.lines().find_map(|l| {
-                let mut it = l.split_whitespace();
-                let (_src, dir, fstype) = (it.next()?, it.next()?, it.next()?);
-                (fstype == "cgroup2").then(|| std::path::PathBuf::from(dir))
-            })
+    cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into())
+}
+
+/// The mount point of the cgroup v2 hierarchy, `None` on a cgroup v1-only host.
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    fs::read_to_string("/proc/mounts").ok().and_then(|m| {
+        m.lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (_src, dir, fstype) = (it.next()?, it.next()?, it.next()?);
+            (fstype == "cgroup2").then(|| std::path::PathBuf::from(dir))
         })
-        .unwrap_or_else(|| "/sys/fs/cgroup".into())
+    })
 }
 
 /// Resolves cgroup ids to paths (cgroup v2: the id is the directory's inode number).
