@@ -6,8 +6,12 @@
 //! - [`pins`]: the runner's directories in bpffs; stale ones removed at start (T1).
 //! - [`runner`]: desired assignments → engine sessions, statuses and cumulative reports.
 //! - [`transport`]: the reports to the collector over gRPC, reconnecting with backoff.
+//! - [`api`]: the watch of this node's assignments, status writes, finalizer release.
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 
+pub mod api;
 pub mod cgroups;
+pub mod health;
 pub mod pins;
 pub mod runner;
 pub mod targets;
