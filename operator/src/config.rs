@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Toleration;
 
 use crate::{
+    collector::server::Transport,
     leader::{self, Timings},
     lifecycle::{CleanupSettings, Settings},
     plan::daemonset_default_tolerations,
@@ -87,6 +88,25 @@ pub struct RunArgs {
     /// Milliseconds the controller waits to merge bursts of triggers for one job.
     #[arg(long, env = "FATHOM_DEBOUNCE_MS", default_value_t = 500)]
     pub debounce_ms: u64,
+    /// Address of the collector's gRPC server (fathom.v1 Collector and Results).
+    #[arg(long, env = "FATHOM_COLLECTOR_ADDR", default_value = "0.0.0.0:9443")]
+    pub collector_addr: SocketAddr,
+    /// The collector's TLS certificate chain (PEM file).
+    #[arg(long, env = "FATHOM_COLLECTOR_TLS_CERT")]
+    pub collector_tls_cert: Option<PathBuf>,
+    /// The collector's TLS private key (PEM file).
+    #[arg(long, env = "FATHOM_COLLECTOR_TLS_KEY")]
+    pub collector_tls_key: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: serve the collector without TLS (tokens travel in clear text).
+    #[arg(long, env = "FATHOM_COLLECTOR_INSECURE_PLAINTEXT")]
+    pub collector_insecure_plaintext: bool,
+    /// The node runner's ServiceAccount as a user name: only its tokens prove a node.
+    #[arg(
+        long,
+        env = "FATHOM_COLLECTOR_RUNNER_USER",
+        default_value = crate::collector::auth::DEFAULT_RUNNER_USER
+    )]
+    pub collector_runner_user: String,
 }
 
 impl RunArgs {
@@ -117,6 +137,31 @@ impl RunArgs {
         };
         timings.validate()?;
         Ok(timings)
+    }
+
+    /// The collector's transport: TLS from the two files, or plaintext with the development
+    /// flag; `None` (no collector) when neither is given.
+    pub fn collector_transport(&self) -> Result<Option<Transport>, String> {
+        let read = |p: &PathBuf, flag: &str| {
+            std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+        };
+        match (
+            &self.collector_tls_cert,
+            &self.collector_tls_key,
+            self.collector_insecure_plaintext,
+        ) {
+            (Some(_), Some(_), true) => Err(
+                "--collector-insecure-plaintext and --collector-tls-cert/--collector-tls-key exclude each other"
+                    .into(),
+            ),
+            (Some(cert), Some(key), false) => Ok(Some(Transport::Tls {
+                cert_pem: read(cert, "--collector-tls-cert")?,
+                key_pem: read(key, "--collector-tls-key")?,
+            })),
+            (None, None, true) => Ok(Some(Transport::InsecurePlaintext)),
+            (None, None, false) => Ok(None),
+            _ => Err("--collector-tls-cert and --collector-tls-key go together".into()),
+        }
     }
 
     /// The reconciler's configuration, or why the flags are wrong.
@@ -212,6 +257,39 @@ mod tests {
         assert!(
             err.contains("--renew-deadline-seconds") && err.contains("--lease-seconds"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_collector_needs_tls_files_or_the_plaintext_flag() {
+        let cli = Cli::parse_from(["fathom-operator"]);
+        assert!(matches!(cli.run.collector_transport(), Ok(None)));
+        assert_eq!(cli.run.collector_addr.port(), 9443);
+        let dev = Cli::parse_from(["fathom-operator", "--collector-insecure-plaintext"]);
+        assert!(matches!(
+            dev.run.collector_transport(),
+            Ok(Some(Transport::InsecurePlaintext))
+        ));
+        let half = Cli::parse_from(["fathom-operator", "--collector-tls-cert", "/x.pem"]);
+        assert!(
+            half.run
+                .collector_transport()
+                .unwrap_err()
+                .contains("go together")
+        );
+        let missing = Cli::parse_from([
+            "fathom-operator",
+            "--collector-tls-cert",
+            "/nonexistent/c.pem",
+            "--collector-tls-key",
+            "/nonexistent/k.pem",
+        ]);
+        assert!(
+            missing
+                .run
+                .collector_transport()
+                .unwrap_err()
+                .contains("--collector-tls-cert /nonexistent/c.pem")
         );
     }
 

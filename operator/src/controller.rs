@@ -29,6 +29,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
+    collector::{
+        Collector,
+        auth::TokenReviewAuthenticator,
+        pacing::ResultWriter,
+        server::{self, CollectorService},
+    },
     config::RunArgs,
     error::{Error, Result},
     events::EventRecorder,
@@ -130,7 +136,12 @@ enum Change {
     Pod(Box<watcher::Event<Pod>>),
 }
 
-/// Runs the controllers until `shutdown` fires.
+/// Runs the controllers (and the collector's result writer, when there is a collector) until
+/// `shutdown` fires.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the leader's whole wiring, called from one place"
+)]
 pub async fn run_controllers(
     client: Client,
     config: ReconcileConfig,
@@ -138,6 +149,7 @@ pub async fn run_controllers(
     debounce: Duration,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    collector: Option<Arc<Collector>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (nodes, node_writer) = reflector::store::<Node>();
@@ -164,7 +176,19 @@ pub async fn run_controllers(
         metrics,
         clock: Arc::new(SystemClock),
         conflicts: Default::default(),
+        collector: collector.clone(),
     });
+    // The leader writes merged results, paced; a follower never gets here.
+    let writer = {
+        let (client, shutdown) = (client.clone(), shutdown.clone());
+        async move {
+            if let Some(c) = collector {
+                ResultWriter::new(client, c, Arc::new(SystemClock))
+                    .run(shutdown)
+                    .await;
+            }
+        }
+    };
 
     let (tj_tx, tj_rx) = mpsc::unbounded::<ObjectRef<TraceJob>>();
     let (ctj_tx, ctj_rx) = mpsc::unbounded::<ObjectRef<ClusterTraceJob>>();
@@ -272,7 +296,7 @@ pub async fn run_controllers(
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     info!("controllers started");
-    tokio::join!(router, readiness, tj_run, ctj_run);
+    tokio::join!(router, readiness, tj_run, ctj_run, writer);
     Ok(())
 }
 
@@ -297,13 +321,49 @@ pub async fn run_operator(
         })
     };
 
+    // The collector serves on every replica; a follower answers UNAVAILABLE (see
+    // crate::collector), so only the leader merges and writes.
+    let (leading_tx, mut leading_rx) = watch::channel(false);
+    let transport = args.collector_transport().map_err(Error::Config)?;
+    let collector = transport.as_ref().map(|_| Collector::new());
+    let collect = {
+        let mut sd = shutdown.clone();
+        let service = collector.clone().map(|c| {
+            let auth = Arc::new(TokenReviewAuthenticator::new(
+                client.clone(),
+                args.collector_runner_user.clone(),
+            ));
+            CollectorService::new(c, auth, leading_rx.clone())
+        });
+        let listener = match &service {
+            Some(_) => Some(http::bind(args.collector_addr).await?),
+            None => {
+                warn!(
+                    "collector disabled: no --collector-tls-cert/--collector-tls-key (nor --collector-insecure-plaintext)"
+                );
+                None
+            }
+        };
+        async move {
+            let (Some(service), Some(listener), Some(transport)) = (service, listener, transport)
+            else {
+                return Ok(());
+            };
+            info!(addr = %args.collector_addr, "collector serving");
+            server::serve(listener, transport, service, async move {
+                let _ = sd.wait_for(|v| *v).await;
+            })
+            .await
+            .map_err(|e| Error::Config(format!("collector server: {e}")))
+        }
+    };
+
     let lock = LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), &args.namespace),
         &args.lease_name,
         &identity,
         timings,
     );
-    let (leading_tx, mut leading_rx) = watch::channel(false);
     let elect = leader::run(lock, leading_tx, shutdown.clone());
 
     let act = {
@@ -320,7 +380,7 @@ pub async fn run_operator(
             metrics.leader.set(1);
             health.set_ready(false);
             run_controllers(
-                client, config, identity, debounce, metrics, health, shutdown,
+                client, config, identity, debounce, metrics, health, collector, shutdown,
             )
             .await
         }
@@ -334,5 +394,5 @@ pub async fn run_operator(
         }
         r
     };
-    tokio::try_join!(serve, elect, act).map(|_| ())
+    tokio::try_join!(serve, elect, act, collect).map(|_| ())
 }

@@ -9,8 +9,10 @@
 //! - [`controller`]: the kube-runtime controllers, caches and watches;
 //! - [`leader`]: leader election with a coordination Lease;
 //! - [`http`], [`metrics`]: `/metrics`, `/healthz`, `/readyz`;
+//! - [`collector`]: the gRPC collector: runners' reports merged per job into TraceResults;
 //! - [`config`]: flags and environment.
 
+pub mod collector;
 pub mod config;
 pub mod controller;
 pub mod error;

@@ -52,6 +52,7 @@ use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    collector::{Collector, ExpectedAssignment, JobInfo, merge},
     error::{ApplyConflict, Error, Result},
     finalizers::{Change, change_finalizer},
     lifecycle::{
@@ -203,6 +204,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     pub conflicts: ConflictBackoff,
+    /// The collector, told of each job's assignments; `None` where no collector runs.
+    pub collector: Option<Arc<Collector>>,
 }
 
 impl Context {
@@ -304,6 +307,9 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
         .items;
 
     if job.meta().deletion_timestamp.is_some() {
+        if let Some(c) = &ctx.collector {
+            c.forget_job(&id.uid);
+        }
         return finalize(job, &id, existing, ctx).await;
     }
 
@@ -342,6 +348,9 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
     let intent = intent::<K>(spec, id.namespace.as_deref(), workload, &view);
     let decision = lifecycle::decide(&snapshot, intent, &existing, now, &ctx.config.lifecycle);
     debug!(phase = ?decision.status.phase, run = ?decision.status.run, "decided");
+    if let (Some(c), Some(info)) = (&ctx.collector, job_info(spec, &id, &decision, &existing)) {
+        c.set_job(info);
+    }
 
     let mut requeue = Some(ctx.config.resync);
     let mut conflicts = Vec::new();
@@ -1034,6 +1043,14 @@ async fn sync_result<K: JobObject>(
             updated = Some(t.clone());
         }
     }
+    if ctx
+        .collector
+        .as_ref()
+        .is_some_and(|c| c.has_reports(&id.uid, run as u64))
+    {
+        // The collector merges the runners' reports of this run and writes the status.
+        return Ok(());
+    }
     let old = existing.as_ref().and_then(|e| e.status.clone());
     let mut data = old
         .as_ref()
@@ -1078,6 +1095,47 @@ async fn sync_result<K: JobObject>(
         }
     }
     Ok(())
+}
+
+/// What the collector needs to know of a job: its result's place, bounds and assignments.
+fn job_info(
+    spec: &TraceJobSpec,
+    id: &JobIds,
+    decision: &Decision,
+    assignments: &[TraceAssignment],
+) -> Option<JobInfo> {
+    let run = u64::try_from(decision.status.run?).ok()?;
+    let aggregate = spec.aggregate.as_ref();
+    Some(JobInfo {
+        job: id.job_ref.clone(),
+        result_namespace: id.assign_ns.clone(),
+        result_name: result_name(&id.job_ref),
+        run,
+        probe: decision.status.probe.clone().unwrap_or_default(),
+        value: aggregate
+            .and_then(|a| a.value.clone())
+            .unwrap_or_else(|| "count".into()),
+        keys: aggregate.map(|a| a.by.clone()).unwrap_or_default(),
+        top: aggregate
+            .and_then(|a| a.top)
+            .map_or(merge::DEFAULT_TOP, |t| t as usize),
+        events_last: spec
+            .events
+            .as_ref()
+            .and_then(|e| e.last)
+            .map_or(merge::DEFAULT_EVENTS_LAST, |l| l as usize),
+        assignments: assignments
+            .iter()
+            .filter_map(|a| {
+                Some(ExpectedAssignment {
+                    name: a.metadata.name.clone()?,
+                    uid: a.metadata.uid.clone()?,
+                    node: a.spec.node_name.clone(),
+                    run: u64::try_from(a.spec.run).ok()?,
+                })
+            })
+            .collect(),
+    })
 }
 
 async fn publish_events<K: JobObject>(job: &K, events: &[JobEvent], ctx: &Context) {

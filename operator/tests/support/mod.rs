@@ -148,6 +148,7 @@ impl World {
             metrics: Arc::new(Metrics::default()),
             clock: clock.clone(),
             conflicts: Default::default(),
+            collector: None,
         });
         World {
             api,

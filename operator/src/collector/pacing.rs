@@ -1,0 +1,208 @@
+//! Write pacing: each job's TraceResult status is written at most once per
+//! [`WRITE_INTERVAL`] while reports come in, and at once when every node sent its final report;
+//! only when the merge changed, by server-side apply under [`MANAGER`] without force. kube-rs
+//! has no client-side rate limit: 100 nodes reporting each second make 100 merges a second,
+//! and one write.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use fathom_crds::{TraceResult, TraceResultStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Client, Resource,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::{Collector, Merged};
+use crate::reconcile::{Clock, MANAGER};
+
+/// The shortest time between two writes of one job's TraceResult (the final one excepted).
+pub const WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the writer looks for due jobs and publishes watchers' updates.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// What was last written for one job.
+#[derive(Debug, Default)]
+struct Written {
+    at: Option<Instant>,
+    version: u64,
+    status: Option<TraceResultStatus>,
+}
+
+/// Decides when a job's result is due; pure.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    jobs: HashMap<String, Written>,
+}
+
+impl Pacer {
+    /// Whether job `uid`, at merge `version`, is due at `now`: it changed since the last
+    /// write, and either it finished or the last write is [`WRITE_INTERVAL`] old.
+    pub fn due(&self, uid: &str, version: u64, finished: bool, now: Instant) -> bool {
+        let Some(w) = self.jobs.get(uid) else {
+            return true;
+        };
+        w.version != version
+            && (finished
+                || w.at
+                    .is_none_or(|at| now.duration_since(at) >= WRITE_INTERVAL))
+    }
+
+    /// Whether `status` is what was last written (its `updated` time aside).
+    fn unchanged(&self, uid: &str, status: &TraceResultStatus) -> bool {
+        self.jobs
+            .get(uid)
+            .and_then(|w| w.status.as_ref())
+            .is_some_and(|s| {
+                s.run == status.run
+                    && s.rows == status.rows
+                    && s.total == status.total
+                    && s.nodes == status.nodes
+                    && s.data == status.data
+            })
+    }
+
+    fn record(&mut self, uid: &str, version: u64, now: Instant, status: Option<TraceResultStatus>) {
+        let w = self.jobs.entry(uid.to_string()).or_default();
+        w.version = version;
+        w.at = Some(now);
+        if status.is_some() {
+            w.status = status;
+        }
+    }
+
+    /// A write that failed: try again after the interval.
+    fn failed(&mut self, uid: &str, now: Instant) {
+        self.jobs.entry(uid.to_string()).or_default().at = Some(now);
+    }
+
+    fn retain(&mut self, known: &[String]) {
+        self.jobs.retain(|uid, _| known.contains(uid));
+    }
+}
+
+/// The status a merge is written as.
+pub fn status_of(m: &Merged, now: jiff::Timestamp) -> TraceResultStatus {
+    TraceResultStatus {
+        run: Some(m.run as i64),
+        rows: m.data.rows.len() as u64,
+        total: m.data.totals.hits,
+        updated: Some(Time(now)),
+        nodes: m.coverage.nodes_reported,
+        data: m.data.clone(),
+    }
+}
+
+/// Writes merged results to the API, paced.
+pub struct ResultWriter {
+    client: Client,
+    collector: Arc<Collector>,
+    clock: Arc<dyn Clock>,
+    pacer: Pacer,
+    writes: u64,
+}
+
+impl ResultWriter {
+    pub fn new(client: Client, collector: Arc<Collector>, clock: Arc<dyn Clock>) -> Self {
+        ResultWriter {
+            client,
+            collector,
+            clock,
+            pacer: Pacer::default(),
+            writes: 0,
+        }
+    }
+
+    /// API writes made so far.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Writes every due job's result; publishes watchers' updates. Returns the writes made.
+    pub async fn tick(&mut self, now: Instant) -> usize {
+        self.collector.publish();
+        let uids = self.collector.state().job_uids();
+        self.pacer.retain(&uids);
+        let mut written = 0;
+        for uid in uids {
+            let (version, merged) = {
+                let state = self.collector.state();
+                let version = state.version(&uid);
+                if self
+                    .pacer
+                    .jobs
+                    .get(&uid)
+                    .is_some_and(|w| w.version == version)
+                {
+                    continue;
+                }
+                (version, state.merged(&uid))
+            };
+            let Some(m) = merged else { continue };
+            if !self.pacer.due(&uid, version, m.finished, now) {
+                continue;
+            }
+            if !self.collector.has_reports(&uid, m.run) {
+                // Nothing reported into this run: the reconciler keeps the status.
+                self.pacer.record(&uid, version, now, None);
+                continue;
+            }
+            let status = status_of(&m, self.clock.now());
+            if self.pacer.unchanged(&uid, &status) {
+                self.pacer.record(&uid, version, now, None);
+                continue;
+            }
+            match self.apply(&m, &status).await {
+                Ok(()) => {
+                    self.writes += 1;
+                    written += 1;
+                    self.pacer.record(&uid, version, now, Some(status));
+                }
+                Err(e) => {
+                    warn!(job = %m.job.name, uid = %uid, error = %e, "could not write the TraceResult; retrying");
+                    self.pacer.failed(&uid, now);
+                }
+            }
+        }
+        written
+    }
+
+    async fn apply(&self, m: &Merged, status: &TraceResultStatus) -> Result<(), kube::Error> {
+        let api: Api<TraceResult> = Api::namespaced(self.client.clone(), &m.result_namespace);
+        let patch = json!({
+            "apiVersion": TraceResult::api_version(&()),
+            "kind": "TraceResult",
+            "status": status,
+        });
+        api.patch_status(
+            &m.result_name,
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        debug!(result = %m.result_name, nodes = m.coverage.nodes_reported, "wrote the TraceResult");
+        Ok(())
+    }
+
+    /// Ticks every [`TICK`] until `shutdown`, then writes what is left.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.wait_for(|v| *v) => break,
+            }
+            self.tick(Instant::now()).await;
+        }
+        // Last chance: pacing does not hold back a write at shutdown.
+        self.tick(Instant::now() + WRITE_INTERVAL).await;
+    }
+}

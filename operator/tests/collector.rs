@@ -1,0 +1,907 @@
+//! The collector: the merge core (duplicates, replacement, cross-node merge, coverage,
+//! bounds), write pacing against the in-memory API (B10), and the gRPC server in process with
+//! a tonic client as a fake runner (acks, rejections, T6, T8).
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use fathom_crds::{assignment::JobRef, result::Row};
+use fathom_operator::collector::{
+    Accept, Collector, ExpectedAssignment, JobInfo, MergeState,
+    auth::StaticTokens,
+    pacing::{ResultWriter, WRITE_INTERVAL},
+    server::{self, CollectorService, Transport},
+};
+use fathom_proto::v1::{
+    self, AssignmentPhase, AssignmentState, Counters, JobKind, NodeReport, RejectionCode,
+    collector_client::CollectorClient, results_client::ResultsClient,
+};
+use jiff::Timestamp;
+use serde_json::json;
+use support::{
+    FATHOM,
+    api::{ManualClock, MemoryApi},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tonic::{Request, transport::Channel};
+
+const JOB_UID: &str = "job-uid-1";
+
+fn job_info(nodes: usize) -> JobInfo {
+    JobInfo {
+        job: JobRef {
+            kind: "TraceJob".into(),
+            name: "drops".into(),
+            namespace: Some("shop".into()),
+            uid: JOB_UID.into(),
+        },
+        result_namespace: "shop".into(),
+        result_name: "drops".into(),
+        run: 1,
+        probe: "skb/kfree_skb".into(),
+        value: "count".into(),
+        keys: vec!["comm".into()],
+        top: 3,
+        events_last: 5,
+        assignments: (0..nodes)
+            .map(|i| ExpectedAssignment {
+                name: format!("drops-node-{i}"),
+                uid: format!("a-uid-{i}"),
+                node: format!("node-{i}"),
+                run: 1,
+            })
+            .collect(),
+    }
+}
+
+fn row(comm: &str, value: u64) -> v1::Row {
+    v1::Row {
+        keys: BTreeMap::from([("comm".to_string(), comm.to_string())]),
+        value,
+    }
+}
+
+/// Node `i`'s cumulative report `seq` with `rows`.
+fn report(i: usize, seq: u64, rows: &[(&str, u64)]) -> NodeReport {
+    let hits: u64 = rows.iter().map(|r| r.1).sum();
+    NodeReport {
+        job_uid: JOB_UID.into(),
+        job_kind: JobKind::TraceJob as i32,
+        job_namespace: "shop".into(),
+        job_name: "drops".into(),
+        assignment_name: format!("drops-node-{i}"),
+        assignment_uid: format!("a-uid-{i}"),
+        node: format!("node-{i}"),
+        run: 1,
+        seq,
+        result: Some(v1::ResultData {
+            probe: "skb/kfree_skb".into(),
+            value: "count".into(),
+            keys: vec!["comm".into()],
+            rows: rows.iter().map(|(c, v)| row(c, *v)).collect(),
+            totals: Some(v1::Totals {
+                hits,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        events: vec![],
+        counters: Some(Counters {
+            hits,
+            ..Default::default()
+        }),
+        state: Some(AssignmentState {
+            phase: AssignmentPhase::Attached as i32,
+            ..Default::default()
+        }),
+        r#final: false,
+    }
+}
+
+fn merge_state(nodes: usize) -> MergeState {
+    let mut s = MergeState::default();
+    s.set_job(job_info(nodes));
+    s
+}
+
+fn keys(comm: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("comm".to_string(), comm.to_string())])
+}
+
+// Merge core.
+
+#[test]
+fn a_duplicate_is_discarded_and_counted() {
+    let mut s = merge_state(1);
+    assert_eq!(
+        s.accept("node-0", &report(0, 5, &[("a", 10)])),
+        Accept::Accepted { seq: 5 }
+    );
+    assert_eq!(
+        s.accept("node-0", &report(0, 5, &[("a", 10)])),
+        Accept::Duplicate { acked: 5 }
+    );
+    assert_eq!(
+        s.accept("node-0", &report(0, 3, &[("a", 99)])),
+        Accept::Duplicate { acked: 5 }
+    );
+    assert_eq!(s.duplicates_discarded(), 2);
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(m.data.totals.hits, 10);
+    assert_eq!(m.data.rows[0].value, 10);
+}
+
+#[test]
+fn a_higher_seq_replaces_and_never_adds() {
+    let mut s = merge_state(1);
+    s.accept("node-0", &report(0, 1, &[("a", 10), ("b", 1)]));
+    s.accept("node-0", &report(0, 2, &[("a", 15), ("b", 2)]));
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(m.data.totals.hits, 17);
+    assert_eq!(m.counters.hits, 17);
+    assert_eq!(
+        m.data.rows,
+        vec![
+            Row {
+                keys: keys("a"),
+                value: 15
+            },
+            Row {
+                keys: keys("b"),
+                value: 2
+            }
+        ]
+    );
+}
+
+#[test]
+fn nodes_merge_by_keys_with_top_n_and_the_other_row() {
+    let mut s = merge_state(3);
+    s.accept("node-0", &report(0, 1, &[("a", 10), ("b", 5), ("c", 1)]));
+    s.accept("node-1", &report(1, 1, &[("a", 1), ("d", 7), ("e", 2)]));
+    s.accept("node-2", &report(2, 1, &[("c", 3), ("b", 1)]));
+    let m = s.merged(JOB_UID).expect("known");
+    // a=11, d=7, b=6 are the top 3; c=4 and e=2 go to other.
+    let top: Vec<(String, u64)> = m
+        .data
+        .rows
+        .iter()
+        .map(|r| (r.keys["comm"].clone(), r.value))
+        .collect();
+    assert_eq!(
+        top,
+        vec![("a".into(), 11), ("d".into(), 7), ("b".into(), 6)]
+    );
+    let other = m.data.other.clone().expect("rows were cut");
+    assert_eq!((other.rows, other.value), (2, 6));
+    assert!(m.data.truncated, "top-N cut rows");
+    assert_eq!(m.data.totals.hits, 30);
+    assert_eq!(m.data.value_total(), 30);
+}
+
+#[test]
+fn histograms_sum_bucket_wise_and_events_keep_the_last_n() {
+    let mut s = merge_state(2);
+    let hist = |counts: &[(u64, u64)]| v1::Histogram {
+        keys: BTreeMap::new(),
+        buckets: counts
+            .iter()
+            .map(|(low, count)| v1::Bucket {
+                low: *low,
+                high: (*low).max(1) * 2,
+                count: *count,
+            })
+            .collect(),
+        count: counts.iter().map(|c| c.1).sum(),
+    };
+    let event = |t: u64| v1::Event {
+        time_ns: t,
+        fields: BTreeMap::from([("pid".to_string(), t.to_string())]),
+    };
+    let mut r0 = report(0, 1, &[]);
+    r0.result.as_mut().expect("result").histograms = vec![hist(&[(1, 3), (4, 1)])];
+    r0.events = (0..4).map(event).collect();
+    let mut r1 = report(1, 1, &[]);
+    r1.result.as_mut().expect("result").histograms = vec![hist(&[(4, 2), (16, 5)])];
+    r1.events = (10..14).map(event).collect();
+    s.accept("node-0", &r0);
+    s.accept("node-1", &r1);
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(m.data.histograms.len(), 1);
+    let h = &m.data.histograms[0];
+    let buckets: Vec<(u64, u64)> = h.buckets.iter().map(|b| (b.low, b.count)).collect();
+    assert_eq!(buckets, vec![(1, 3), (4, 3), (16, 5)]);
+    assert_eq!(h.count, 11);
+    let times: Vec<u64> = m.data.events.iter().map(|e| e.time_ns).collect();
+    assert_eq!(times, vec![3, 10, 11, 12, 13], "the last 5, oldest first");
+}
+
+#[test]
+fn loss_counters_sum_over_nodes() {
+    let mut s = merge_state(2);
+    for i in 0..2 {
+        let mut r = report(i, 1, &[("a", 1)]);
+        let t = r
+            .result
+            .as_mut()
+            .and_then(|r| r.totals.as_mut())
+            .expect("totals");
+        t.map_full = 2;
+        t.events_lost = 3;
+        t.rate_limited = 4;
+        r.counters = Some(Counters {
+            hits: 1,
+            map_full: 2,
+            ringbuf_lost: 3,
+            rate_limited: 4,
+            user_dropped: 0,
+            transport_dropped: 5,
+        });
+        s.accept(&format!("node-{i}"), &r);
+    }
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(
+        (
+            m.data.totals.map_full,
+            m.data.totals.events_lost,
+            m.data.totals.rate_limited
+        ),
+        (4, 6, 8)
+    );
+    assert_eq!(m.counters.transport_dropped, 10);
+    let reasons: Vec<&str> = m.data.degraded.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(reasons, vec!["MapFull", "EventsLost", "RateLimited"]);
+}
+
+#[test]
+fn coverage_counts_reported_finished_and_failed_nodes() {
+    let mut s = merge_state(4);
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(m.coverage.nodes_expected, 4);
+    assert_eq!(m.coverage.nodes_reported, 0);
+    s.accept("node-0", &report(0, 1, &[("a", 1)]));
+    let mut fin = report(1, 1, &[("a", 2)]);
+    fin.r#final = true;
+    fin.state.as_mut().expect("state").phase = AssignmentPhase::Succeeded as i32;
+    s.accept("node-1", &fin);
+    let mut failed = report(2, 1, &[]);
+    failed.result = None;
+    failed.state.as_mut().expect("state").phase = AssignmentPhase::NotFeasible as i32;
+    s.accept("node-2", &failed);
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(
+        (
+            m.coverage.nodes_reported,
+            m.coverage.nodes_expected,
+            m.coverage.nodes_finished,
+            m.coverage.nodes_failed
+        ),
+        (3, 4, 1, 1)
+    );
+    assert!(!m.finished);
+    // A report after the final one of the same run is a runner bug.
+    let mut late = report(1, 2, &[("a", 3)]);
+    late.state.as_mut().expect("state").phase = AssignmentPhase::Succeeded as i32;
+    assert!(matches!(
+        s.accept("node-1", &late),
+        Accept::Rejected {
+            code: RejectionCode::Invalid,
+            ..
+        }
+    ));
+    for i in [0, 3] {
+        let mut f = report(i, 9, &[("a", 1)]);
+        f.r#final = true;
+        s.accept(&format!("node-{i}"), &f);
+    }
+    assert!(s.merged(JOB_UID).expect("known").finished);
+}
+
+#[test]
+fn a_result_over_the_bound_is_cut_and_flagged_truncated() {
+    let mut s = MergeState::default();
+    let mut info = job_info(1);
+    info.top = 10_000;
+    s.set_job(info);
+    let rows: Vec<(String, u64)> = (0..10_000u64)
+        .map(|i| (format!("{}-{i:06}", "x".repeat(120)), 10_000 - i))
+        .collect();
+    let borrowed: Vec<(&str, u64)> = rows.iter().map(|(c, v)| (c.as_str(), *v)).collect();
+    s.accept("node-0", &report(0, 1, &borrowed));
+    let m = s.merged(JOB_UID).expect("known");
+    assert!(m.data.truncated);
+    assert!(serde_json::to_vec(&m.data).expect("json").len() <= 1000 * 1024);
+    assert!(m.data.rows.len() < 10_000);
+    assert_eq!(m.data.value_total(), (1..=10_000u64).sum::<u64>());
+}
+
+#[test]
+fn reports_that_do_not_match_the_api_are_rejected_with_a_reason() {
+    let mut s = merge_state(2);
+    let code = |a: Accept| match a {
+        Accept::Rejected { code, reason, .. } => {
+            assert!(!reason.is_empty());
+            code
+        }
+        other => panic!("accepted: {other:?}"),
+    };
+    let mut unknown = report(0, 1, &[("a", 1)]);
+    unknown.assignment_uid = "nope".into();
+    assert_eq!(
+        code(s.accept("node-0", &unknown)),
+        RejectionCode::UnknownAssignment
+    );
+    // Node 0's runner reporting on node 1's assignment.
+    let mut other_node = report(1, 1, &[("a", 1)]);
+    other_node.node = "node-0".into();
+    assert_eq!(
+        code(s.accept("node-0", &other_node)),
+        RejectionCode::WrongNode
+    );
+    assert_eq!(
+        code(s.accept("node-0", &report(1, 1, &[("a", 1)]))),
+        RejectionCode::WrongNode
+    );
+    let mut wrong_job = report(0, 1, &[("a", 1)]);
+    wrong_job.job_uid = "another-job".into();
+    assert_eq!(
+        code(s.accept("node-0", &wrong_job)),
+        RejectionCode::JobMismatch
+    );
+    let mut info = job_info(2);
+    info.run = 2;
+    for a in &mut info.assignments {
+        a.run = 2;
+    }
+    s.set_job(info);
+    assert_eq!(
+        code(s.accept("node-0", &report(0, 1, &[("a", 1)]))),
+        RejectionCode::StaleRun
+    );
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(m.coverage.nodes_reported, 0, "nothing merged");
+    assert_eq!(m.data.totals.hits, 0);
+    assert_eq!(s.rejected(), 5);
+}
+
+// Write pacing (B10).
+
+fn seed_result(api: &MemoryApi) {
+    api.seed(
+        FATHOM,
+        "traceresults",
+        json!({
+            "apiVersion": "fathom.dev/v1alpha1",
+            "kind": "TraceResult",
+            "metadata": {"name": "drops", "namespace": "shop"},
+            "spec": {"job": {"kind": "TraceJob", "name": "drops", "namespace": "shop", "uid": JOB_UID}},
+        }),
+    );
+}
+
+/// Runs 100 nodes reporting once a second for 60 s against the writer on a virtual clock;
+/// returns the API writes and the final report count.
+pub async fn b10_writes(nodes: usize, seconds: u64) -> (u64, u64) {
+    let clock = ManualClock::new(Timestamp::from_second(1_750_000_000).expect("time"));
+    let api = MemoryApi::new(clock.clone());
+    seed_result(&api);
+    let collector = Collector::new();
+    collector.set_job(job_info(nodes));
+    let mut writer = ResultWriter::new(api.client(), collector.clone(), clock.clone());
+    let start = Instant::now();
+    let mut reports = 0;
+    for second in 0..seconds {
+        // Nodes report spread over the second; the writer ticks every 250 ms.
+        for quarter in 0..4u64 {
+            for i in (0..nodes).filter(|i| (*i as u64) % 4 == quarter) {
+                let last = second + 1 == seconds;
+                let mut r = report(i, second + 1, &[("a", second + 1), ("b", i as u64)]);
+                r.r#final = last;
+                collector.accept(&format!("node-{i}"), &r);
+                reports += 1;
+            }
+            let now = start + Duration::from_millis(second * 1000 + quarter * 250);
+            writer.tick(now).await;
+        }
+    }
+    writer
+        .tick(start + Duration::from_secs(seconds) + WRITE_INTERVAL)
+        .await;
+    let status_writes = api
+        .writes()
+        .iter()
+        .filter(|c| c.path.contains("traceresults"))
+        .inspect(|c| {
+            assert_eq!(c.field_manager.as_deref(), Some("fathom-operator"));
+            assert!(!c.force, "server-side apply without force");
+        })
+        .count() as u64;
+    assert_eq!(status_writes, writer.writes());
+    let stored = api
+        .get(FATHOM, "traceresults", "shop", "drops")
+        .expect("result");
+    assert_eq!(
+        stored["status"]["total"].as_u64(),
+        Some(nodes as u64 * seconds + (0..nodes as u64).sum::<u64>()),
+        "the last write holds the final merge"
+    );
+    assert_eq!(stored["status"]["nodes"].as_u64(), Some(nodes as u64));
+    (status_writes, reports)
+}
+
+#[tokio::test]
+async fn b10_writes_are_paced_to_a_tenth_of_one_per_report() {
+    let (writes, reports) = b10_writes(100, 60).await;
+    assert_eq!(reports, 6_000);
+    assert!(
+        writes * 10 <= reports,
+        "{writes} writes for {reports} reports: more than 0.1×"
+    );
+    assert!(
+        writes <= 62,
+        "at most one a second and one at the end: {writes}"
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_merge_is_not_written_again() {
+    let clock = ManualClock::new(Timestamp::from_second(1_750_000_000).expect("time"));
+    let api = MemoryApi::new(clock.clone());
+    seed_result(&api);
+    let collector = Collector::new();
+    collector.set_job(job_info(1));
+    let mut writer = ResultWriter::new(api.client(), collector.clone(), clock.clone());
+    let t0 = Instant::now();
+    collector.accept("node-0", &report(0, 1, &[("a", 1)]));
+    assert_eq!(writer.tick(t0).await, 1);
+    // A newer report with the same counts: a new version, the same status.
+    collector.accept("node-0", &report(0, 2, &[("a", 1)]));
+    assert_eq!(writer.tick(t0 + Duration::from_secs(2)).await, 0);
+    collector.accept("node-0", &report(0, 3, &[("a", 2)]));
+    assert_eq!(
+        writer.tick(t0 + Duration::from_millis(2500)).await,
+        0,
+        "paced"
+    );
+    assert_eq!(writer.tick(t0 + Duration::from_secs(4)).await, 1);
+}
+
+// The gRPC server, in process.
+
+struct Server {
+    addr: SocketAddr,
+    collector: Arc<Collector>,
+    _stop: watch::Sender<bool>,
+    _leading: watch::Sender<bool>,
+}
+
+async fn start_server(nodes: usize) -> Server {
+    let collector = Collector::new();
+    collector.set_job(job_info(nodes));
+    let tokens = StaticTokens(
+        (0..nodes)
+            .map(|i| (format!("token-{i}"), format!("node-{i}")))
+            .collect(),
+    );
+    let (leading_tx, leading) = watch::channel(true);
+    let service = CollectorService::new(collector.clone(), Arc::new(tokens), leading);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, mut stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        server::serve(
+            listener,
+            Transport::InsecurePlaintext,
+            service,
+            async move {
+                let _ = stopped.wait_for(|v| *v).await;
+            },
+        )
+        .await
+        .expect("serve");
+    });
+    Server {
+        addr,
+        collector,
+        _stop: stop,
+        _leading: leading_tx,
+    }
+}
+
+/// A fake runner's stream: send reports, read acks.
+struct Runner {
+    tx: mpsc::Sender<NodeReport>,
+    acks: tonic::Streaming<v1::ReportAck>,
+}
+
+async fn runner(addr: SocketAddr, token: &str) -> Result<Runner, tonic::Status> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = CollectorClient::new(channel).max_decoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::channel(16);
+    let outbound =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut req = Request::new(outbound);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    let acks = client.report(req).await?.into_inner();
+    Ok(Runner { tx, acks })
+}
+
+impl Runner {
+    async fn send(&mut self, r: NodeReport) -> Result<v1::ReportAck, tonic::Status> {
+        self.tx
+            .send(r)
+            .await
+            .map_err(|_| tonic::Status::unavailable("stream closed"))?;
+        match tokio::time::timeout(Duration::from_secs(5), self.acks.message()).await {
+            Ok(Ok(Some(ack))) => Ok(ack),
+            Ok(Ok(None)) => Err(tonic::Status::unavailable("stream ended")),
+            Ok(Err(s)) => Err(s),
+            Err(_) => Err(tonic::Status::deadline_exceeded("no ack")),
+        }
+    }
+}
+
+fn rejection(ack: &v1::ReportAck) -> RejectionCode {
+    ack.rejection
+        .as_ref()
+        .map_or(RejectionCode::Unspecified, |r| r.code())
+}
+
+#[tokio::test]
+async fn reports_are_acked_in_order_and_merged() {
+    let s = start_server(2).await;
+    let mut r = runner(s.addr, "token-0").await.expect("stream");
+    let ack = r.send(report(0, 1, &[("a", 3)])).await.expect("ack");
+    assert_eq!((ack.acknowledged_seq, ack.rejection), (1, None));
+    assert_eq!(ack.assignment_uid, "a-uid-0");
+    let ack = r.send(report(0, 2, &[("a", 5)])).await.expect("ack");
+    assert_eq!(ack.acknowledged_seq, 2);
+    let ack = r.send(report(0, 2, &[("a", 5)])).await.expect("ack");
+    assert_eq!(rejection(&ack), RejectionCode::Duplicate);
+    assert_eq!(ack.acknowledged_seq, 2);
+    let m = s.collector.merged(JOB_UID).expect("known");
+    assert_eq!(m.data.totals.hits, 5);
+    assert_eq!(s.collector.duplicates_discarded(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_without_a_valid_token_is_unauthenticated() {
+    let s = start_server(1).await;
+    let err = match runner(s.addr, "forged").await {
+        Ok(mut r) => r.send(report(0, 1, &[("a", 1)])).await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        s.collector.merged(JOB_UID).expect("known").data.totals.hits,
+        0
+    );
+}
+
+#[tokio::test]
+async fn t8_a_runner_of_node_a_reporting_for_node_b_is_denied_and_nothing_is_merged() {
+    let s = start_server(2).await;
+    let mut a = runner(s.addr, "token-0").await.expect("stream");
+    // Node 1's assignment, as node 1 would send it, on node 0's stream.
+    let ack = a.send(report(1, 1, &[("evil", 1000)])).await.expect("ack");
+    assert_eq!(rejection(&ack), RejectionCode::WrongNode);
+    let reason = ack.rejection.as_ref().expect("rejected").reason.clone();
+    assert!(
+        reason.contains("node-1") && reason.contains("node-0"),
+        "{reason}"
+    );
+    assert_eq!(
+        fathom_operator::collector::merge::category(RejectionCode::WrongNode),
+        "PermissionDenied"
+    );
+    // Claiming to be node 1 does not help: the stream is node 0's.
+    let mut lying = report(1, 2, &[("evil", 1000)]);
+    lying.node = "node-1".into();
+    assert_eq!(
+        rejection(&a.send(lying).await.expect("ack")),
+        RejectionCode::WrongNode
+    );
+    let m = s.collector.merged(JOB_UID).expect("known");
+    assert_eq!(m.coverage.nodes_reported, 0, "nothing merged");
+    assert_eq!(m.data.totals.hits, 0);
+    // The stream goes on for node 0's own reports.
+    let ack = a.send(report(0, 1, &[("a", 1)])).await.expect("ack");
+    assert_eq!(ack.rejection, None);
+}
+
+#[tokio::test]
+async fn good_reports_keep_flowing_after_a_rejected_one() {
+    let s = start_server(1).await;
+    let mut r = runner(s.addr, "token-0").await.expect("stream");
+    let mut wrong_job = report(0, 1, &[("a", 1)]);
+    wrong_job.job_uid = "another-job".into();
+    let ack = r.send(wrong_job).await.expect("ack");
+    assert_eq!(rejection(&ack), RejectionCode::JobMismatch);
+    let mut invalid = report(0, 2, &[("a", 1)]);
+    invalid.state = None;
+    assert_eq!(
+        rejection(&r.send(invalid).await.expect("ack")),
+        RejectionCode::Invalid
+    );
+    let ack = r.send(report(0, 3, &[("a", 7)])).await.expect("ack");
+    assert_eq!((ack.acknowledged_seq, ack.rejection), (3, None));
+    assert_eq!(
+        s.collector.merged(JOB_UID).expect("known").data.totals.hits,
+        7
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_report_ends_the_stream_with_resource_exhausted() {
+    let s = start_server(1).await;
+    let mut r = runner(s.addr, "token-0").await.expect("stream");
+    let mut big = report(0, 1, &[]);
+    big.events = (0..5_000)
+        .map(|i| v1::Event {
+            time_ns: i,
+            fields: BTreeMap::from([("path".to_string(), "p".repeat(1_000))]),
+        })
+        .collect();
+    let err = r.send(big).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert_eq!(
+        s.collector
+            .merged(JOB_UID)
+            .expect("known")
+            .coverage
+            .nodes_reported,
+        0
+    );
+    // A new stream works.
+    let mut r = runner(s.addr, "token-0").await.expect("stream");
+    assert_eq!(
+        r.send(report(0, 2, &[("a", 1)]))
+            .await
+            .expect("ack")
+            .rejection,
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_follower_answers_unavailable() {
+    let collector = Collector::new();
+    collector.set_job(job_info(1));
+    let (_tx, leading) = watch::channel(false);
+    let tokens = StaticTokens(HashMap::from([("token-0".into(), "node-0".into())]));
+    let service = CollectorService::new(collector, Arc::new(tokens), leading);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server::serve(
+        listener,
+        Transport::InsecurePlaintext,
+        service,
+        futures::future::pending(),
+    ));
+    let err = match runner(addr, "token-0").await {
+        Ok(mut r) => r.send(report(0, 1, &[])).await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test]
+async fn watch_streams_the_merged_result_and_ends_after_the_final_one() {
+    let s = start_server(1).await;
+    let channel = Channel::from_shared(format!("http://{}", s.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut results = ResultsClient::new(channel);
+    let missing = results
+        .watch(v1::JobRef {
+            namespace: "shop".into(),
+            name: "nope".into(),
+            kind: JobKind::TraceJob as i32,
+            include_events: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let mut updates = results
+        .watch(v1::JobRef {
+            namespace: "shop".into(),
+            name: "drops".into(),
+            kind: JobKind::TraceJob as i32,
+            include_events: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = updates.message().await.expect("ok").expect("first");
+    assert_eq!(first.coverage.expect("coverage").nodes_expected, 1);
+    let mut r = runner(s.addr, "token-0").await.expect("stream");
+    let mut fin = report(0, 1, &[("a", 4)]);
+    fin.r#final = true;
+    fin.events = vec![v1::Event {
+        time_ns: 1,
+        fields: BTreeMap::new(),
+    }];
+    r.send(fin).await.expect("ack");
+    s.collector.publish();
+    let last = tokio::time::timeout(Duration::from_secs(5), updates.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("an update");
+    assert!(last.r#final);
+    assert_eq!(last.counters.expect("counters").hits, 4);
+    assert_eq!(last.events.len(), 1);
+    assert!(
+        updates.message().await.expect("ok").is_none(),
+        "the stream ends after the final update"
+    );
+}
+
+// T6: a fault-injecting proxy between the runner and the collector.
+
+/// Forwards connections to `upstream`; each connection, until `faults` reached `max`, is cut
+/// after a pseudo-random number of bytes in one direction: toward the server (the report is
+/// lost, a reset) or toward the runner (the report arrived, its ack is dropped).
+async fn fault_proxy(upstream: SocketAddr, faults: Arc<AtomicU64>, max: u64) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let budget = 200 + (seed >> 33) % 3_000;
+            let toward_runner = (seed >> 20) & 1 == 1;
+            let faults = faults.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let inject = faults.load(Ordering::SeqCst) < max;
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let limit = |dir: bool| (inject && dir).then_some(budget);
+                let up = pipe(cr, sw, limit(!toward_runner));
+                let down = pipe(sr, cw, limit(toward_runner));
+                // Either direction ending (a fault or a close) ends the connection.
+                let cut = tokio::select! { c = up => c, c = down => c };
+                if cut {
+                    faults.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Copies until EOF, an error, or `limit` bytes (then returns true: a fault).
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    limit: Option<u64>,
+) -> bool {
+    let mut buf = vec![0u8; 4096];
+    let mut sent = 0u64;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if let Some(limit) = limit
+            && sent + n as u64 > limit
+        {
+            let keep = (limit - sent) as usize;
+            let _ = to.write_all(&buf[..keep]).await;
+            return true;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return false;
+        }
+        sent += n as u64;
+    }
+}
+
+#[tokio::test]
+async fn t6_retries_never_double_count() {
+    let s = start_server(1).await;
+    let faults = Arc::new(AtomicU64::new(0));
+    let proxy = fault_proxy(s.addr, faults.clone(), 100).await;
+    // Ground truth: the node's cumulative counts.
+    let (mut a, mut b) = (0u64, 0u64);
+    let mut seq = 0u64;
+    let mut step = 0u64;
+    let mut latest = None;
+    let mut stream: Option<Runner> = None;
+    let mut resends = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while faults.load(Ordering::SeqCst) < 100 || step < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "took too long: {} faults",
+            faults.load(Ordering::SeqCst)
+        );
+        let r = match stream.as_mut() {
+            Some(r) => r,
+            None => match runner(proxy, "token-0").await {
+                Ok(r) => stream.insert(r),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+            },
+        };
+        // After a reconnect the latest report is resent; else the next one is made.
+        let report = match latest.clone() {
+            Some(r) => {
+                resends += 1;
+                r
+            }
+            None => {
+                step += 1;
+                a += step % 7 + 1;
+                b += step % 3;
+                seq += 1;
+                let r = self::report(0, seq, &[("a", a), ("b", b)]);
+                latest = Some(r.clone());
+                r
+            }
+        };
+        match r.send(report).await {
+            Ok(ack) => {
+                assert!(
+                    matches!(
+                        rejection(&ack),
+                        RejectionCode::Unspecified | RejectionCode::Duplicate
+                    ),
+                    "{ack:?}"
+                );
+                assert_eq!(ack.acknowledged_seq, seq);
+                latest = None;
+            }
+            Err(_) => stream = None,
+        }
+    }
+    let m = s.collector.merged(JOB_UID).expect("known");
+    assert_eq!(m.data.totals.hits, a + b, "totals equal ground truth");
+    let rows: HashMap<String, u64> = m
+        .data
+        .rows
+        .iter()
+        .map(|r| (r.keys["comm"].clone(), r.value))
+        .collect();
+    assert_eq!(rows["a"], a);
+    assert_eq!(rows["b"], b);
+    let dups = s.collector.duplicates_discarded();
+    assert!(
+        dups > 0,
+        "retries happened: {resends} resends, {dups} duplicates"
+    );
+    assert!(faults.load(Ordering::SeqCst) >= 100);
+}
