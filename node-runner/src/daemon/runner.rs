@@ -372,6 +372,8 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
             if !t.released {
                 self.finish(t, AssignmentPhase::Stopped, now, out);
                 self.unpin(&t.desired.uid);
+                // The final status goes before the finalizer (the writer keeps this order).
+                self.write_status(t, now, out);
                 out.release.push(t.assignment());
                 t.released = true;
             }
@@ -831,6 +833,12 @@ mod tests {
         let out = r.reconcile(at(1), false);
         assert_eq!(engine.0.borrow().detaches, vec!["u1"]);
         assert_eq!(out.release.len(), 1);
+        assert_eq!(
+            phase(&out),
+            Some(AssignmentPhase::Stopped),
+            "final status first"
+        );
+        assert_eq!(out.statuses[0].1.counters.hits, 11);
         let last = out.reports.last().unwrap();
         assert!(last.r#final);
         assert_eq!(
