@@ -11,8 +11,8 @@ stamp() { echo "   ($1: $((SECONDS - t_start)) s since start)"; }
 
 bash scripts/setup.sh
 
-# The cluster's binaries build (Go, cached under /var/cache/fathom/k8s) beside the Rust build
-# and the kernel matrix, whose QEMU VMs keep one core busy at most.
+# The cluster's binaries build (Go, cached under /var/cache/fathom/k8s) beside the Rust build;
+# the kernel matrix waits for it, so that its emulated VMs do not share the cores with it.
 mkdir -p target
 bash scripts/cluster.sh build >target/cluster-build.log 2>&1 &
 cluster_build=$!
@@ -27,16 +27,17 @@ echo "== unit and API tests"
 cargo test --workspace --exclude fathom-node --exclude fathom-e2e
 cargo test -p fathom-node --lib --bins
 stamp "unit tests done"
-echo "== kernel tests: host kernel and VMs (scripts/kernel-matrix.sh)"
-bash scripts/kernel-matrix.sh
-stamp "kernel matrix done"
-
-echo "== e2e: a real cluster on this machine (scripts/cluster.sh)"
 if ! wait "$cluster_build"; then
   cat target/cluster-build.log
   exit 1
 fi
 cat target/cluster-build.log
+stamp "cluster binaries built"
+echo "== kernel tests: host kernel and VMs (scripts/kernel-matrix.sh)"
+bash scripts/kernel-matrix.sh
+stamp "kernel matrix done"
+
+echo "== e2e: a real cluster on this machine (scripts/cluster.sh)"
 cargo build -p fathom-operator --bin fathom-operator
 cargo test -p fathom-e2e --no-run
 trap 'bash scripts/cluster.sh down' EXIT
