@@ -173,7 +173,7 @@ pub async fn run_controllers(
         pods: pods.clone(),
         config: config.clone(),
         events: Box::new(EventRecorder::new(client.clone(), &identity)),
-        metrics,
+        metrics: metrics.clone(),
         clock: Arc::new(SystemClock),
         conflicts: Default::default(),
         collector: collector.clone(),
@@ -184,6 +184,7 @@ pub async fn run_controllers(
         async move {
             if let Some(c) = collector {
                 ResultWriter::new(client, c, Arc::new(SystemClock))
+                    .with_metrics(metrics)
                     .run(shutdown)
                     .await;
             }
@@ -333,7 +334,7 @@ pub async fn run_operator(
                 client.clone(),
                 args.collector_runner_user.clone(),
             ));
-            CollectorService::new(c, auth, leading_rx.clone())
+            CollectorService::new(c, auth, leading_rx.clone()).with_metrics(metrics.clone())
         });
         let listener = match &service {
             Some(_) => Some(http::bind(args.collector_addr).await?),

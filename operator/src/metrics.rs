@@ -29,6 +29,12 @@ pub struct WriteLabels {
     pub resource: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReportLabels {
+    /// `accepted`, or the rejection code (`DUPLICATE` for a discarded duplicate).
+    pub outcome: String,
+}
+
 /// The operator's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -39,6 +45,9 @@ pub struct Metrics {
     pub assignments: Family<KindLabel, Gauge>,
     pub writes: Family<WriteLabels, Counter>,
     pub leader: Gauge,
+    /// Collector reports by outcome; `outcome="REJECTION_CODE_DUPLICATE"` is the
+    /// duplicates-discarded counter.
+    pub reports: Family<ReportLabels, Counter>,
     /// Per job uid: (kind, active, assignments), to set the gauges.
     jobs: Mutex<HashMap<String, (String, bool, i64)>>,
 }
@@ -61,6 +70,12 @@ impl Default for Metrics {
         let assignments = Family::<KindLabel, Gauge>::default();
         let writes = Family::<WriteLabels, Counter>::default();
         let leader = Gauge::default();
+        let reports = Family::<ReportLabels, Counter>::default();
+        registry.register(
+            "collector_reports",
+            "Node reports received by the collector, by outcome (accepted or the rejection code)",
+            reports.clone(),
+        );
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -101,6 +116,7 @@ impl Default for Metrics {
             assignments,
             writes,
             leader,
+            reports,
             jobs: Mutex::new(HashMap::new()),
         }
     }
@@ -127,6 +143,15 @@ impl Metrics {
             .get_or_create(&WriteLabels {
                 verb: verb.into(),
                 resource: resource.into(),
+            })
+            .inc();
+    }
+
+    /// Counts one collector report by `outcome`.
+    pub fn report(&self, outcome: &str) {
+        self.reports
+            .get_or_create(&ReportLabels {
+                outcome: outcome.into(),
             })
             .inc();
     }

@@ -21,6 +21,7 @@ use fathom_operator::collector::{
     pacing::{ResultWriter, WRITE_INTERVAL},
     server::{self, CollectorService, Transport},
 };
+use fathom_operator::metrics::Metrics;
 use fathom_proto::v1::{
     self, AssignmentPhase, AssignmentState, Counters, JobKind, NodeReport, RejectionCode,
     collector_client::CollectorClient, results_client::ResultsClient,
@@ -484,6 +485,7 @@ async fn an_unchanged_merge_is_not_written_again() {
 struct Server {
     addr: SocketAddr,
     collector: Arc<Collector>,
+    metrics: Arc<Metrics>,
     _stop: watch::Sender<bool>,
     _leading: watch::Sender<bool>,
 }
@@ -497,7 +499,9 @@ async fn start_server(nodes: usize) -> Server {
             .collect(),
     );
     let (leading_tx, leading) = watch::channel(true);
-    let service = CollectorService::new(collector.clone(), Arc::new(tokens), leading);
+    let metrics = Arc::new(Metrics::default());
+    let service = CollectorService::new(collector.clone(), Arc::new(tokens), leading)
+        .with_metrics(metrics.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, mut stopped) = watch::channel(false);
@@ -516,6 +520,7 @@ async fn start_server(nodes: usize) -> Server {
     Server {
         addr,
         collector,
+        metrics,
         _stop: stop,
         _leading: leading_tx,
     }
@@ -583,6 +588,13 @@ async fn reports_are_acked_in_order_and_merged() {
     let m = s.collector.merged(JOB_UID).expect("known");
     assert_eq!(m.data.totals.hits, 5);
     assert_eq!(s.collector.duplicates_discarded(), 1);
+    let exposed = s.metrics.encode();
+    assert!(
+        exposed.contains(
+            "fathom_operator_collector_reports_total{outcome=\"REJECTION_CODE_DUPLICATE\"} 1"
+        ) && exposed.contains("fathom_operator_collector_reports_total{outcome=\"accepted\"} 2"),
+        "{exposed}"
+    );
 }
 
 #[tokio::test]

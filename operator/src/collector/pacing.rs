@@ -21,7 +21,10 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{Collector, Merged};
-use crate::reconcile::{Clock, MANAGER};
+use crate::{
+    metrics::Metrics,
+    reconcile::{Clock, MANAGER},
+};
 
 /// The shortest time between two writes of one job's TraceResult (the final one excepted).
 pub const WRITE_INTERVAL: Duration = Duration::from_secs(1);
@@ -107,6 +110,7 @@ pub struct ResultWriter {
     clock: Arc<dyn Clock>,
     pacer: Pacer,
     writes: u64,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ResultWriter {
@@ -117,7 +121,14 @@ impl ResultWriter {
             clock,
             pacer: Pacer::default(),
             writes: 0,
+            metrics: None,
         }
+    }
+
+    /// Counts writes in `metrics` (`api_writes{verb="apply-status",resource="TraceResult"}`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// API writes made so far.
@@ -162,6 +173,9 @@ impl ResultWriter {
             match self.apply(&m, &status).await {
                 Ok(()) => {
                     self.writes += 1;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.wrote("apply-status", "TraceResult");
+                    }
                     written += 1;
                     self.pacer.record(&uid, version, now, Some(status));
                 }

@@ -8,7 +8,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use fathom_proto::{
     MAX_MESSAGE_BYTES,
     v1::{
-        self, JobKind,
+        self, JobKind, RejectionCode,
         collector_server::{Collector as CollectorRpc, CollectorServer},
         results_server::{Results, ResultsServer},
     },
@@ -20,6 +20,8 @@ use tonic::{
     transport::{Identity, Server, ServerTlsConfig},
 };
 use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
 
 use super::{
     Accept, Collector,
@@ -49,6 +51,7 @@ pub struct CollectorService {
     collector: Arc<Collector>,
     auth: Arc<dyn Authenticator>,
     leading: watch::Receiver<bool>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl CollectorService {
@@ -61,7 +64,14 @@ impl CollectorService {
             collector,
             auth,
             leading,
+            metrics: None,
         }
+    }
+
+    /// Counts reports by outcome in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn require_leader(&self) -> Result<(), Status> {
@@ -101,6 +111,7 @@ impl CollectorRpc for CollectorService {
         let (tx, rx) = tokio::sync::mpsc::channel(ACK_QUEUE);
         let collector = self.collector.clone();
         let leading = self.leading.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             loop {
                 let report = match inbound.message().await {
@@ -131,6 +142,13 @@ impl CollectorRpc for CollectorService {
                     break;
                 }
                 let outcome = collector.accept(&node, &report);
+                if let Some(m) = &metrics {
+                    m.report(match &outcome {
+                        Accept::Accepted { .. } => "accepted",
+                        Accept::Duplicate { .. } => RejectionCode::Duplicate.as_str_name(),
+                        Accept::Rejected { code, .. } => code.as_str_name(),
+                    });
+                }
                 match &outcome {
                     Accept::Accepted { seq } => {
                         debug!(%node, assignment = %report.assignment_name, seq, "report accepted")
