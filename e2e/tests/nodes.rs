@@ -197,6 +197,10 @@ async fn o2_a_lost_simulated_node_leaves_the_plan_and_its_assignment_is_released
 
     // From the audit log: the operator deleted the assignment, and released it (removed the
     // detach finalizer) no sooner than --lost-node-seconds later.
+    eprintln!(
+        "{sim}: assignment released and status updated {:?} after the outage began",
+        lost.elapsed()
+    );
     let m = audit.mark(&client, ns).await;
     let events: Vec<_> = audit
         .events()
@@ -225,6 +229,10 @@ async fn o2_a_lost_simulated_node_leaves_the_plan_and_its_assignment_is_released
     );
 
     outage.restore(&client).await;
+    eprintln!(
+        "{sim} Ready again {:?} after the outage began",
+        lost.elapsed()
+    );
 }
 
 /// The cgroup controllers' mount points of this machine: (controllers, mount point); `""` is
