@@ -54,6 +54,8 @@ launcher_stamp() {
 }
 
 build() {
+  # Go's official tarball installs outside the usual PATH.
+  command -v go >/dev/null || [ ! -x /usr/local/go/bin/go ] || PATH=/usr/local/go/bin:$PATH
   command -v go >/dev/null || die "go is not installed (Go >= 1.24 builds the cluster's binaries)"
   local stamp
   stamp=$(launcher_stamp)
