@@ -136,6 +136,26 @@ EOF
   chmod 600 "$file"
 }
 
+# The collector's own CA and serving certificate (what the chart makes for an install): runners
+# trust collector-ca.crt only, so a certificate of the cluster's CA is not the collector.
+collector_pki() {
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/collector-ca.key" 2>/dev/null
+  openssl req -x509 -new -key "$PKI/collector-ca.key" -subj "/CN=fathom-collector-ca" -days 30 \
+    -sha256 -out "$PKI/collector-ca.crt" 2>/dev/null
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/collector.key" 2>/dev/null
+  openssl req -new -key "$PKI/collector.key" -subj "/CN=fathom-collector" \
+    -out "$PKI/collector.csr" 2>/dev/null
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth" \
+    "subjectAltName=IP:127.0.0.1,IP:$NODE_IP,DNS:localhost,DNS:fathom-collector.fathom-system.svc" \
+    >"$PKI/collector.ext"
+  openssl x509 -req -in "$PKI/collector.csr" -CA "$PKI/collector-ca.crt" \
+    -CAkey "$PKI/collector-ca.key" -CAcreateserial -days 30 -sha256 \
+    -extfile "$PKI/collector.ext" -out "$PKI/collector.crt" 2>"$PKI/openssl.err" \
+    || die "signing the collector certificate failed: $(cat "$PKI/openssl.err")"
+  rm -f "$PKI/collector.csr" "$PKI/collector.ext"
+}
+
 make_pki() {
   mkdir -p "$PKI"
   openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/ca.key" 2>/dev/null
@@ -150,6 +170,7 @@ make_pki() {
   cert kubelet "system:node:$NODE" system:nodes
   cert kubelet-serving "$NODE" "" "IP:$NODE_IP,DNS:$NODE"
   cert simnodes fathom-simnodes system:masters
+  collector_pki
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
   kubeconfig "$STATE/admin.kubeconfig" fathom-admin --cert admin
@@ -370,6 +391,13 @@ images() {
   while read -r a; do applets+=("@busybox:/bin/$a"); done < <("$bb" --list | grep -vx busybox)
   python3 "$HERE/e2e/cluster/oci-image.py" --name fathom.local/busybox:1 --out "$out/busybox.tar" \
     --cmd /bin/sh --dir /tmp:1777 "$bb:/bin/busybox:0755" "${applets[@]}"
+  # The e2e workload (node-runner/tests/workload/workload.c, static) with busybox: a binary
+  # whose function a uprobe inside the container counts, and a shell to drive it.
+  gcc -static -O1 -g -o "$out/workload" "$HERE/node-runner/tests/workload/workload.c" \
+    2>"$out/gcc.err" || die "building the workload image's binary failed: $(cat "$out/gcc.err")"
+  python3 "$HERE/e2e/cluster/oci-image.py" --name fathom.local/workload:1 --out "$out/workload.tar" \
+    --cmd /bin/sh --dir /tmp:1777 "$bb:/bin/busybox:0755" "${applets[@]}" \
+    "$out/workload:/workload:0755"
   local f
   for f in "$out"/*.tar; do
     ctr_ images import --all-platforms "$f" >/dev/null || die "importing $f into containerd failed"
@@ -694,6 +722,9 @@ export FATHOM_E2E_RUNNER_KUBECONFIG=$STATE/fathom-node-runner.kubeconfig
 export FATHOM_E2E_REAL_NODE=$NODE
 export FATHOM_E2E_SIM_NODES=$SIM_NODES
 export FATHOM_E2E_CONTAINERD=$STATE/containerd/containerd.sock
+export FATHOM_E2E_COLLECTOR_CA=$PKI/collector-ca.crt
+export FATHOM_E2E_COLLECTOR_CERT=$PKI/collector.crt
+export FATHOM_E2E_COLLECTOR_KEY=$PKI/collector.key
 EOF
 }
 

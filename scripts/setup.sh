@@ -72,7 +72,7 @@ fetch_matrix_kernels() {
 need_root
 apt_install bpftrace bpftool libbpf-tools qemu-system-x86 busybox-static cpio python3 linux-perf
 # The local cluster's node (scripts/cluster.sh): container runtime, CNI plugins, iptables.
-apt_install containerd runc containernetworking-plugins iptables conntrack ethtool socat openssl
+apt_install containerd runc containernetworking-plugins iptables conntrack ethtool socat openssl gcc libc6-dev
 install_nightly
 install_bpf_linker
 mount_fs tracefs /sys/kernel/tracing

@@ -38,7 +38,10 @@ bash scripts/kernel-matrix.sh
 stamp "kernel matrix done"
 
 echo "== e2e: a real cluster on this machine (scripts/cluster.sh)"
-cargo build -p fathom-operator --bin fathom-operator
+# The components the tests run as processes, built once here (the tests would build them).
+cargo build -p fathom-operator --bin fathom-operator -p fathom-node --bin fathom-node-runner
+export FATHOM_E2E_OPERATOR_BIN=$PWD/target/debug/fathom-operator
+export FATHOM_E2E_RUNNER_BIN=$PWD/target/debug/fathom-node-runner
 cargo test -p fathom-e2e --no-run
 trap 'bash scripts/cluster.sh down' EXIT
 bash scripts/cluster.sh up

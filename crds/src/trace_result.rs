@@ -31,6 +31,8 @@ pub const MAX_RESULT_BYTES: usize = 1000 * 1024;
     printcolumn = r#"{"name": "Job", "type": "string", "jsonPath": ".spec.job.name"}"#,
     printcolumn = r#"{"name": "Rows", "type": "integer", "jsonPath": ".status.rows"}"#,
     printcolumn = r#"{"name": "Total", "type": "integer", "jsonPath": ".status.total"}"#,
+    printcolumn = r#"{"name": "Nodes", "type": "string", "jsonPath": ".status.coverage.summary"}"#,
+    printcolumn = r#"{"name": "Lost", "type": "integer", "jsonPath": ".status.loss.total"}"#,
     printcolumn = r#"{"name": "Updated", "type": "date", "jsonPath": ".status.updated"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -57,7 +59,70 @@ pub struct TraceResultStatus {
     /// Nodes whose reports are merged in.
     #[serde(default)]
     pub nodes: u32,
+    /// Which of the job's nodes the result covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Coverage>,
+    /// What did not make it into the result, by where it was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<Loss>,
     pub data: ResultData,
+}
+
+/// Which of the job's nodes a result covers: a partial result says so.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Coverage {
+    /// Nodes whose reports are merged in.
+    pub reported: u32,
+    /// Nodes the job has an assignment on.
+    pub expected: u32,
+    /// Nodes that sent their final report.
+    pub finished: u32,
+    /// Nodes whose assignment failed or was not feasible (they report no counts).
+    pub failed: u32,
+    /// `reported/expected`, for `kubectl get results`.
+    pub summary: String,
+}
+
+impl Coverage {
+    pub fn new(reported: u32, expected: u32, finished: u32, failed: u32) -> Coverage {
+        Coverage {
+            reported,
+            expected,
+            finished,
+            failed,
+            summary: format!("{reported}/{expected}"),
+        }
+    }
+}
+
+/// Hits and events that did not make it into a result, summed over the nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Loss {
+    /// New keys the kernel dropped because the aggregation map was full.
+    pub kernel: u64,
+    /// Events the kernel had no ring-buffer room for, and events dropped in the runner's
+    /// bounded queues.
+    pub ring_buffer: u64,
+    /// Events the runner read but could not send (stream down longer than its queue lasts).
+    pub transport: u64,
+    /// Hits dropped on purpose by `limits.eventsPerSecond` (counted apart from loss in `total`).
+    pub rate_limited: u64,
+    /// `kernel + ringBuffer + transport`: what was lost by accident.
+    pub total: u64,
+}
+
+impl Loss {
+    pub fn new(kernel: u64, ring_buffer: u64, transport: u64, rate_limited: u64) -> Loss {
+        Loss {
+            kernel,
+            ring_buffer,
+            transport,
+            rate_limited,
+            total: kernel + ring_buffer + transport,
+        }
+    }
 }
 
 /// Cuts `data` until its JSON form is at most `max_bytes`: last events first (oldest dropped),

@@ -39,6 +39,8 @@ use kube::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+pub mod runner;
+
 /// The field manager of everything the tests write as the cluster admin.
 pub const MANAGER: &str = "fathom-e2e";
 /// Where the operator runs: its ServiceAccount, its Lease, ClusterTraceJobs' assignments.
@@ -57,7 +59,7 @@ pub const SIM_HEARTBEAT_LABEL: &str = "fathom.dev/sim-heartbeat";
 /// The local images (no registry is reachable: pods use `imagePullPolicy: Never`).
 pub const BUSYBOX: &str = "fathom.local/busybox:1";
 
-const HOWTO: &str = "the e2e suite runs against the local cluster of scripts/cluster.sh: \
+pub(crate) const HOWTO: &str = "the e2e suite runs against the local cluster of scripts/cluster.sh: \
 start it with `scripts/cluster.sh up` (as root), load its environment with \
 `eval \"$(scripts/cluster.sh env)\"`, then run `cargo test -p fathom-e2e -- --test-threads=1`";
 
@@ -1001,40 +1003,45 @@ impl AuditLog {
 pub fn operator_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("FATHOM_E2E_OPERATOR_BIN") {
-            return PathBuf::from(p);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(&cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "-p",
-                "fathom-operator",
-                "--bin",
-                "fathom-operator",
-                "--message-format=json-render-diagnostics",
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("running {cargo}: {e}"));
-        assert!(
-            out.status.success(),
-            "cargo build -p fathom-operator --bin fathom-operator failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|m| {
-                m["reason"] == "compiler-artifact" && m["target"]["name"] == "fathom-operator"
-            })
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .unwrap_or_else(|| {
-                // Cargo names no artifact when nothing was rebuilt on some versions: the
-                // usual place.
-                target_dir().join("debug/fathom-operator")
-            })
+        cargo_binary(
+            "fathom-operator",
+            "fathom-operator",
+            "FATHOM_E2E_OPERATOR_BIN",
+        )
     })
+}
+
+/// Builds binary `bin` of `package` (a no-op when it is up to date) and returns its path;
+/// the variable `overrides` names another binary instead.
+pub fn cargo_binary(package: &str, bin: &str, overrides: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(overrides) {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--message-format=json-render-diagnostics",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --bin {bin} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        // Cargo names no artifact when nothing was rebuilt on some versions: the usual place.
+        .unwrap_or_else(|| target_dir().join("debug").join(bin))
 }
 
 /// The runner tolerations the operator needs so the simulated nodes count as nodes the runner
@@ -1078,6 +1085,8 @@ pub struct OperatorOptions {
     pub runner_tolerations: Option<Value>,
     /// Names the log file `target/e2e-logs/<log_name>.log`.
     pub log_name: String,
+    /// Serve the collector (TLS with the cluster's collector certificate) on a free port.
+    pub collector: bool,
 }
 
 impl OperatorOptions {
@@ -1093,6 +1102,7 @@ impl OperatorOptions {
             lost_node_seconds: 60,
             runner_tolerations: None,
             log_name: test.to_string(),
+            collector: false,
         }
     }
 
@@ -1105,10 +1115,7 @@ impl OperatorOptions {
             Some(t) => t.clone(),
             None => sim_node_tolerations(admin).await,
         };
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let dir = target_dir().join("e2e-logs");
         std::fs::create_dir_all(&dir).expect("log dir");
         let log = dir.join(format!("{}.log", self.log_name));
@@ -1137,6 +1144,18 @@ impl OperatorOptions {
         if let Some(retry) = self.retry_period_seconds {
             args.extend(["--retry-period-seconds".into(), retry.to_string()]);
         }
+        let collector_port = self.collector.then(free_port);
+        if let Some(cport) = collector_port {
+            let pki = runner::collector_pki();
+            args.extend([
+                "--collector-addr".into(),
+                format!("127.0.0.1:{cport}"),
+                "--collector-tls-cert".into(),
+                pki.cert.display().to_string(),
+                "--collector-tls-key".into(),
+                pki.key.display().to_string(),
+            ]);
+        }
         let child = Command::new(bin)
             .args(&args)
             .env_clear()
@@ -1152,6 +1171,7 @@ impl OperatorOptions {
             child,
             options: self,
             port,
+            collector_port,
             log,
             killed: false,
         };
@@ -1185,6 +1205,8 @@ pub struct Operator {
     child: Child,
     pub options: OperatorOptions,
     pub port: u16,
+    /// The collector's port (127.0.0.1, TLS), when it serves one.
+    pub collector_port: Option<u16>,
     pub log: PathBuf,
     killed: bool,
 }
@@ -1274,6 +1296,14 @@ impl Drop for Operator {
             "--wait=false",
         ]);
     }
+}
+
+/// A port nobody listens on now, on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// The holder of a Lease in the operator's namespace, if any.

@@ -5,7 +5,7 @@
 //! drive it the same way.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     fs,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     time::{Duration, Instant},
@@ -34,7 +34,7 @@ use crate::{
     error::EngineError,
     kernel::Kernel,
     plan::{AttachPoint, JobPlan, Scope, UprobeTarget},
-    render::{Cgroups, Renderer, StackFrames},
+    render::{CgroupLabels, Cgroups, Renderer, StackFrames},
     symbols::Symbols,
 };
 
@@ -267,6 +267,14 @@ impl Engine {
     /// The result so far of job `id`.
     pub fn snapshot(&mut self, id: &str) -> Option<Result<ResultData, EngineError>> {
         self.jobs.get_mut(id).map(|(_, _, s)| s.snapshot())
+    }
+
+    /// Names the target containers' cgroups of job `id` (namespace, pod, container), so its
+    /// keys show names instead of ids; a no-op when `id` is not running.
+    pub fn label_cgroups(&mut self, id: &str, labels: HashMap<u64, CgroupLabels>) {
+        if let Some((_, _, s)) = self.jobs.get_mut(id) {
+            s.cgroups.set_labels(labels);
+        }
     }
 
     /// The running session of job `id`.

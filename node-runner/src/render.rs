@@ -56,14 +56,35 @@ pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
     })
 }
 
-/// Resolves cgroup ids to paths (cgroup v2: the id is the directory's inode number).
+/// Who a container cgroup belongs to in Kubernetes terms: the node runner knows it from the
+/// assignment's target pods, the kernel only sees a cgroup id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+/// Resolves cgroup ids to paths (cgroup v2: the id is the directory's inode number), and to
+/// the namespace, pod and container names the runner gave ([`Cgroups::set_labels`]).
 #[derive(Default)]
 pub struct Cgroups {
     paths: HashMap<u64, String>,
     scanned: bool,
+    labels: HashMap<u64, CgroupLabels>,
 }
 
 impl Cgroups {
+    /// Names the cgroups of target containers (replacing earlier names).
+    pub fn set_labels(&mut self, labels: HashMap<u64, CgroupLabels>) {
+        self.labels = labels;
+    }
+
+    /// The runner's names of a cgroup, if it gave some.
+    pub fn labels(&self, id: u64) -> Option<&CgroupLabels> {
+        self.labels.get(&id)
+    }
+
     fn scan(&mut self) {
         self.scanned = true;
         let root = cgroup2_root();
@@ -148,6 +169,14 @@ impl Renderer<'_> {
             KeyPart::Comm => comm_str(&k.comm),
             KeyPart::Cpu => k.cpu.to_string(),
             KeyPart::Cgroup(view) => {
+                if let Some(l) = self.cgroups.labels(k.cgroup) {
+                    return match view {
+                        CgroupView::Id => self.cgroups.path(k.cgroup),
+                        CgroupView::Namespace => l.namespace.clone(),
+                        CgroupView::Pod => l.pod.clone(),
+                        CgroupView::Container => l.container.clone(),
+                    };
+                }
                 let path = self.cgroups.path(k.cgroup);
                 match view {
                     CgroupView::Id => path,

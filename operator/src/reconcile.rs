@@ -22,11 +22,12 @@ use fathom_crds::{
     ClusterTraceJob, TraceAssignment, TraceAssignmentSpec, TraceJob, TraceJobSpec, TraceJobStatus,
     TraceResult, TraceResultSpec, TraceResultStatus,
     assignment::{
-        DETACH_FINALIZER, JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_UID_LABEL, JobRef, NODE_LABEL,
-        assignment_name, label_value, node_label_value, result_name,
+        AssignmentPhase, DETACH_FINALIZER, JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_UID_LABEL, JobRef,
+        NODE_LABEL, assignment_name, label_value, node_label_value, result_name,
     },
     job::{JobPhase, ResultRef},
     result::{ResultData, Totals},
+    trace_result::{Coverage, Loss},
 };
 use jiff::Timestamp;
 use k8s_openapi::{
@@ -1019,12 +1020,20 @@ async fn sync_result<K: JobObject>(
 
     let mut totals = Totals::default();
     let mut nodes = 0u32;
+    let mut expected = 0u32;
+    let (mut finished, mut failed) = (0u32, 0u32);
     let mut updated: Option<Time> = None;
     for a in assignments.iter().filter(|a| a.spec.run == run) {
+        expected += 1;
         let Some(s) = a.status.as_ref().filter(|s| s.run == Some(run)) else {
             continue;
         };
         nodes += 1;
+        match s.phase {
+            Some(AssignmentPhase::Succeeded | AssignmentPhase::Stopped) => finished += 1,
+            Some(AssignmentPhase::Failed | AssignmentPhase::NotFeasible) => failed += 1,
+            _ => {}
+        }
         let c = &s.counters;
         totals.hits += c.hits;
         totals.distinct_keys += c.distinct_keys;
@@ -1080,6 +1089,13 @@ async fn sync_result<K: JobObject>(
         total: data.totals.hits,
         updated: updated.or_else(|| old.as_ref().and_then(|o| o.updated.clone())),
         nodes,
+        coverage: Some(Coverage::new(nodes, expected, finished, failed)),
+        loss: Some(Loss::new(
+            data.totals.map_full,
+            data.totals.events_lost + data.totals.events_dropped,
+            0,
+            data.totals.rate_limited,
+        )),
         data,
     };
     if old.as_ref() != Some(&status) {

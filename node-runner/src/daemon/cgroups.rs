@@ -115,6 +115,8 @@ pub struct Found {
 /// One scan of the v2 hierarchy: container id → the directories named after it.
 #[derive(Debug, Default)]
 pub struct CgroupIndex {
+    /// The v2 mount scanned.
+    root: PathBuf,
     containers: HashMap<String, Vec<Found>>,
 }
 
@@ -122,7 +124,10 @@ impl CgroupIndex {
     /// Scans `root` (the v2 mount) to [`MAX_DEPTH`]. Unreadable directories (a cgroup removed
     /// while scanning) are skipped.
     pub fn scan(root: &Path) -> CgroupIndex {
-        let mut index = CgroupIndex::default();
+        let mut index = CgroupIndex {
+            root: root.to_path_buf(),
+            ..CgroupIndex::default()
+        };
         let mut stack = vec![(root.to_path_buf(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
             let Ok(entries) = fs::read_dir(&dir) else {
@@ -175,6 +180,39 @@ impl CgroupIndex {
         ids.sort_unstable();
         ids.dedup();
         ids
+    }
+}
+
+impl CgroupIndex {
+    /// The processes of a container of the pod `pod_uid` now (its cgroup's and sub-cgroups'
+    /// `cgroup.procs`), sorted; empty when it has none on this node.
+    pub fn container_pids(&self, container: &ContainerId, pod_uid: &str) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for f in self
+            .containers
+            .get(&container.id)
+            .into_iter()
+            .flatten()
+            .filter(|f| under_pod(&f.path, pod_uid))
+        {
+            let mut stack = vec![(self.root.join(&f.path), 0usize)];
+            while let Some((dir, level)) = stack.pop() {
+                if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+                    pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+                }
+                if level >= MAX_DEPTH {
+                    continue;
+                }
+                for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push((e.path(), level + 1));
+                    }
+                }
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 }
 

@@ -17,7 +17,8 @@
 //!   so a changed pod list re-scopes the job.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -39,7 +40,11 @@ use crate::{
     engine::{Applied, Engine},
     error::EngineError,
     plan::{NOTHING_ATTACHED, Scope},
+    render::CgroupLabels,
 };
+
+/// Where the runner sees the node's processes (the DaemonSet runs with `hostPID`).
+pub const PROC_ROOT: &str = "/proc";
 
 /// The engine as the runner uses it (implemented by [`Engine`]; tests use a fake).
 pub trait Probes {
@@ -52,6 +57,8 @@ pub trait Probes {
     fn detach(&mut self, id: &str) -> Result<Option<ResultData>, EngineError>;
     /// The attached probes and the feasibility verdict of a running `id`.
     fn attached(&self, id: &str) -> Option<(Vec<String>, Verdict)>;
+    /// Names the target cgroups of a running `id` (namespace, pod, container) for its keys.
+    fn label(&mut self, id: &str, labels: HashMap<u64, CgroupLabels>);
 }
 
 impl Probes for Engine {
@@ -75,6 +82,10 @@ impl Probes for Engine {
     fn attached(&self, id: &str) -> Option<(Vec<String>, Verdict)> {
         self.session(id)
             .map(|s| (s.attached_probes(), s.plan().verdict.clone()))
+    }
+
+    fn label(&mut self, id: &str, labels: HashMap<u64, CgroupLabels>) {
+        self.label_cgroups(id, labels);
     }
 }
 
@@ -147,6 +158,9 @@ struct Tracked {
     final_reported: bool,
     released: bool,
     last_status: Option<(TraceAssignmentStatus, SystemTime)>,
+    /// A user-space probe's binary inside the target containers: the process it was found
+    /// through, and the path through that process' root.
+    binary_root: Option<(u32, PathBuf)>,
 }
 
 impl Tracked {
@@ -166,6 +180,7 @@ impl Tracked {
             final_reported: false,
             released: false,
             last_status: None,
+            binary_root: None,
         }
     }
 
@@ -438,6 +453,46 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
             Err(e) => return fail(t, AssignmentPhase::Failed, format!("refused: {e}")),
         };
         let nothing = !resolved.scope.attaches();
+        let mut checked = checked;
+        let in_containers = !matches!(resolved.scope, Scope::Node);
+        if in_containers && let Some(binary) = targets::user_binary(&mut checked.probe) {
+            // A pod-limited job names the binary as its containers see it.
+            if nothing {
+                // No target container here: nothing to look the binary up in, and nothing
+                // to attach (the engine would check the path on the host).
+                if t.attached
+                    && let Ok(Some(r)) = self.probes.detach(&t.desired.uid)
+                {
+                    t.result = Some(r);
+                }
+                t.attached = false;
+                t.binary_root = None;
+                t.probes.clear();
+                t.phase = AssignmentPhase::Attached;
+                t.error = None;
+                t.message = NOTHING_ATTACHED.to_string();
+                return;
+            }
+            match targets::container_binary(
+                Path::new(PROC_ROOT),
+                binary,
+                resolved.pids(),
+                t.binary_root.as_ref(),
+            ) {
+                Some((pid, path)) => {
+                    *binary = path.display().to_string();
+                    t.binary_root = Some((pid, path));
+                }
+                None => {
+                    let n = resolved.containers.len();
+                    let msg = format!(
+                        "spec.trace.probe: {binary} is in none of the {n} target container(s) on this node (looked up through /proc/<pid>/root of their processes); name the binary as the container sees it"
+                    );
+                    return fail(t, AssignmentPhase::Failed, msg);
+                }
+            }
+        }
+        let labels = resolved.labels();
         match self.probes.apply(&t.desired.uid, &checked, resolved.scope) {
             Ok(applied) => {
                 if applied != Applied::Unchanged || !t.attached {
@@ -449,6 +504,7 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
                         tracing::warn!(uid = %t.desired.uid, error = %e, "marking the pin directory failed");
                     }
                 }
+                self.probes.label(&t.desired.uid, labels);
                 t.attached = true;
                 t.phase = AssignmentPhase::Attached;
                 t.error = None;
@@ -587,6 +643,7 @@ mod tests {
         running: BTreeMap<String, (CheckedSpec, Scope, u64)>,
         applies: Vec<(String, Scope)>,
         detaches: Vec<String>,
+        labels: BTreeMap<String, HashMap<u64, CgroupLabels>>,
         infeasible: bool,
     }
 
@@ -647,6 +704,10 @@ mod tests {
                     },
                 )
             })
+        }
+
+        fn label(&mut self, id: &str, labels: HashMap<u64, CgroupLabels>) {
+            self.0.borrow_mut().labels.insert(id.to_string(), labels);
         }
     }
 
@@ -765,6 +826,16 @@ mod tests {
             engine.0.borrow().applies,
             vec![("u1".to_string(), Scope::targets([tree.1]))]
         );
+        // Its keys name the pod, not the cgroup id.
+        let names = HashMap::from([(
+            tree.1,
+            CgroupLabels {
+                namespace: "shop".into(),
+                pod: "p".into(),
+                container: "c".into(),
+            },
+        )]);
+        assert_eq!(engine.0.borrow().labels.get("u1"), Some(&names));
         // Unchanged: nothing to write, nothing to report unless it is the tick.
         let out = r.reconcile(at(1), false);
         assert!(out.statuses.is_empty() && out.reports.is_empty(), "{out:?}");

@@ -10,9 +10,17 @@
 
 use fathom_crds::assignment::{TargetPod, TraceAssignmentSpec};
 
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use fathom_crds::spec::Probe;
+
 use crate::{
     daemon::cgroups::{CgroupIndex, ContainerId},
     plan::Scope,
+    render::CgroupLabels,
 };
 
 pub const TRACE_JOB: &str = "TraceJob";
@@ -133,6 +141,33 @@ pub struct Resolved {
     pub scope: Scope,
     /// Containers with an id whose cgroup was not found on this node.
     pub unresolved: usize,
+    /// The target containers found on this node (none for a node-wide assignment).
+    pub containers: Vec<Container>,
+}
+
+/// A target container on this node: its names, cgroups and processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub labels: CgroupLabels,
+    /// Its cgroup ids (its sub-cgroups' included).
+    pub ids: Vec<u64>,
+    /// Its processes when the index was taken.
+    pub pids: Vec<u32>,
+}
+
+impl Resolved {
+    /// Namespace, pod and container of every target cgroup, for the engine's keys.
+    pub fn labels(&self) -> HashMap<u64, CgroupLabels> {
+        self.containers
+            .iter()
+            .flat_map(|c| c.ids.iter().map(|id| (*id, c.labels.clone())))
+            .collect()
+    }
+
+    /// The processes of the target containers, in pod order.
+    pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.containers.iter().flat_map(|c| c.pids.iter().copied())
+    }
 }
 
 /// The scope of an assignment: [`allowed`], then its pods' containers looked up in `index`.
@@ -147,11 +182,13 @@ pub fn resolve(
             return Ok(Resolved {
                 scope: Scope::Node,
                 unresolved: 0,
+                containers: Vec::new(),
             });
         }
         Allowed::Pods(pods) => pods,
     };
     let mut ids = Vec::new();
+    let mut containers = Vec::new();
     let mut unresolved = 0;
     for (index_pod, pod) in pods.iter().enumerate() {
         for (index_c, c) in pod.containers.iter().enumerate() {
@@ -163,9 +200,20 @@ pub fn resolve(
                 container: index_c,
                 message: e.to_string(),
             })?;
-            let found = index.map(|i| i.container_ids(&id, &pod.uid));
+            let found = index.map(|i| (i.container_ids(&id, &pod.uid), i));
             match found {
-                Some(found) if !found.is_empty() => ids.extend(found),
+                Some((found, index)) if !found.is_empty() => {
+                    ids.extend(found.iter().copied());
+                    containers.push(Container {
+                        labels: CgroupLabels {
+                            namespace: pod.namespace.clone(),
+                            pod: pod.name.clone(),
+                            container: c.name.clone(),
+                        },
+                        ids: found,
+                        pids: index.container_pids(&id, &pod.uid),
+                    });
+                }
                 _ => unresolved += 1,
             }
         }
@@ -173,7 +221,51 @@ pub fn resolve(
     Ok(Resolved {
         scope: Scope::targets(ids),
         unresolved,
+        containers,
     })
+}
+
+/// The binary of a user-space probe (uprobe, uretprobe, USDT), which a pod-limited job names
+/// as the containers see it.
+pub fn user_binary(probe: &mut Probe) -> Option<&mut String> {
+    match probe {
+        Probe::Uprobe { binary, .. }
+        | Probe::Uretprobe { binary, .. }
+        | Probe::Usdt { binary, .. } => Some(binary),
+        _ => None,
+    }
+}
+
+/// The path, seen from this node, of `binary` as the process `pid` sees it: through
+/// `<proc>/<pid>/root`, its mount namespace's root (the kernel resolves the container's
+/// filesystem, overlays included). `None` when that process is gone or has no such file.
+pub fn in_process_root(proc_root: &Path, pid: u32, binary: &str) -> Option<PathBuf> {
+    let rel = binary.trim_start_matches('/');
+    if rel.is_empty() || rel.split('/').any(|p| p == "..") {
+        return None;
+    }
+    let path = proc_root.join(pid.to_string()).join("root").join(rel);
+    path.is_file().then_some(path)
+}
+
+/// `binary` inside the target containers: `previous` while it still resolves (the same
+/// process still runs, so the session is not restarted for a new path), else through the first
+/// target process that has it. `None`: no target process here has that file.
+pub fn container_binary(
+    proc_root: &Path,
+    binary: &str,
+    pids: impl IntoIterator<Item = u32>,
+    previous: Option<&(u32, PathBuf)>,
+) -> Option<(u32, PathBuf)> {
+    let pids: Vec<u32> = pids.into_iter().collect();
+    if let Some((pid, path)) = previous
+        && pids.contains(pid)
+        && path.is_file()
+    {
+        return Some((*pid, path.clone()));
+    }
+    pids.into_iter()
+        .find_map(|pid| in_process_root(proc_root, pid, binary).map(|p| (pid, p)))
 }
 
 #[cfg(test)]
@@ -325,5 +417,52 @@ mod tests {
         let r = resolve(&s, Some(&index)).unwrap();
         assert_eq!((r.scope, r.unresolved), (Scope::Nothing, 0));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_binary_is_found_through_a_process_root_and_kept_while_it_runs() {
+        let proc_root = Path::new("/proc");
+        let me = std::process::id();
+        let sh = in_process_root(proc_root, me, "/bin/sh").expect("/bin/sh through /proc/self");
+        assert_eq!(sh, PathBuf::from(format!("/proc/{me}/root/bin/sh")));
+        assert_eq!(in_process_root(proc_root, me, "/no/such/binary"), None);
+        assert_eq!(
+            in_process_root(proc_root, me, "/bin/../bin/sh"),
+            None,
+            "no .."
+        );
+        assert_eq!(in_process_root(proc_root, me, "/"), None);
+        // The first target process that has it; a kept path while its process is a target.
+        assert_eq!(
+            container_binary(proc_root, "/bin/sh", [u32::MAX, me], None),
+            Some((me, sh.clone()))
+        );
+        let kept = (me, sh.clone());
+        assert_eq!(
+            container_binary(proc_root, "/bin/sh", [1, me], Some(&kept)),
+            Some(kept.clone())
+        );
+        assert_eq!(container_binary(proc_root, "/no/such", [me], None), None);
+        assert_eq!(
+            container_binary(proc_root, "/bin/sh", [], Some(&kept)),
+            None
+        );
+    }
+
+    #[test]
+    fn user_probes_have_a_binary_kernel_probes_none() {
+        let mut p = Probe::Uprobe {
+            binary: "/app".into(),
+            symbol: "f".into(),
+        };
+        *user_binary(&mut p).expect("uprobe") = "/proc/1/root/app".into();
+        assert_eq!(
+            p,
+            Probe::Uprobe {
+                binary: "/proc/1/root/app".into(),
+                symbol: "f".into()
+            }
+        );
+        assert!(user_binary(&mut Probe::Kprobe("f".into())).is_none());
     }
 }

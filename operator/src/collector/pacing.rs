@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fathom_crds::{TraceResult, TraceResultStatus};
+use fathom_crds::{
+    TraceResult, TraceResultStatus,
+    trace_result::{Coverage, Loss},
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, Client, Resource,
@@ -99,6 +102,18 @@ pub fn status_of(m: &Merged, now: jiff::Timestamp) -> TraceResultStatus {
         total: m.data.totals.hits,
         updated: Some(Time(now)),
         nodes: m.coverage.nodes_reported,
+        coverage: Some(Coverage::new(
+            m.coverage.nodes_reported,
+            m.coverage.nodes_expected,
+            m.coverage.nodes_finished,
+            m.coverage.nodes_failed,
+        )),
+        loss: Some(Loss::new(
+            m.counters.map_full,
+            m.counters.ringbuf_lost + m.counters.user_dropped,
+            m.counters.transport_dropped,
+            m.counters.rate_limited,
+        )),
         data: m.data.clone(),
     }
 }
