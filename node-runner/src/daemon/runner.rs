@@ -440,6 +440,9 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         let nothing = !resolved.scope.attaches();
         match self.probes.apply(&t.desired.uid, &checked, resolved.scope) {
             Ok(applied) => {
+                if applied == Applied::Resumed {
+                    tracing::info!(uid = %t.desired.uid, "resumed the session a previous runner left pinned");
+                }
                 if applied != Applied::Unchanged || !t.attached {
                     t.start_time = Some(now);
                     t.result = None;
@@ -496,8 +499,10 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
             }
             t.attached = false;
             t.probes.clear();
-            self.unpin(&t.desired.uid);
         }
+        // Also when not attached here: a session a previous process left pinned (a restart
+        // that finds the assignment suspended or past its deadline) detaches with its pins.
+        self.unpin(&t.desired.uid);
         if !t.phase.is_final() {
             t.phase = phase;
         }
