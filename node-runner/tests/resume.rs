@@ -23,8 +23,9 @@ use fathom_node::{
         pins::{BPFFS, Pins},
         runner::{Desired, Runner, RunnerOptions},
     },
-    engine::{Engine, EngineOptions},
+    engine::{Applied, Engine, EngineOptions},
     kernel::Kernel,
+    plan::Scope,
 };
 
 /// Set in a child: `<pin root>|<assignment uid>|<comm>|<wanted: 1 or 0>`.
@@ -472,4 +473,99 @@ fn t2_crash_with_an_active_job_resumes_without_double_counting() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The engine alone, two "processes" in one: an engine dropped without stopping closes every
+/// fd it had, as a SIGKILL does. Events written to the pinned ring buffer while no engine ran
+/// are read by the resumed session, and nothing is lost.
+#[test]
+fn t2_a_resumed_session_reads_the_events_the_pinned_ring_buffer_kept() {
+    let _k = KernelTest::begin();
+    let root = PinRoot::new("t2ev");
+    let id = "7e2e0000-events";
+    let c = comm("t2ev");
+    let job = spec(&format!(
+        "probe: {{ catalog: open }}\naggregate: {{ by: [comm] }}\nfilter: {{ comm: {c} }}\nevents: {{ last: 1000 }}"
+    ));
+    let engine = || Engine::new(Kernel::running(), EngineOptions::default()).with_pin_root(&root.0);
+
+    let mut first = engine();
+    assert_eq!(
+        first.apply(id, &job, Scope::Node).unwrap(),
+        Applied::Started
+    );
+    workload(&c, "open", 10, Some("/etc/hostname"));
+    let r = first.snapshot(id).unwrap().unwrap();
+    assert_eq!((r.totals.hits, r.totals.events_delivered), (10, 10));
+    let links = first.session(id).unwrap().link_count();
+    drop(first);
+
+    workload(&c, "open", 20, Some("/etc/hostname"));
+    let mut second = engine();
+    assert_eq!(
+        second.apply(id, &job, Scope::Node).unwrap(),
+        Applied::Resumed
+    );
+    assert_eq!(
+        second.session(id).unwrap().link_count(),
+        links,
+        "the same links, reopened"
+    );
+    workload(&c, "open", 5, Some("/etc/hostname"));
+    let r = second.detach(id).unwrap().expect("a final result");
+    assert_eq!(
+        r.totals.hits, 35,
+        "every open, before, during and after the downtime"
+    );
+    assert_eq!(r.totals.events_emitted, 35);
+    assert_eq!(
+        (r.totals.events_delivered, r.totals.events_lost),
+        (25, 0),
+        "the downtime's events were kept in the pinned ring buffer"
+    );
+    assert_eq!(r.events.len(), 25);
+    assert!(!root.0.join(id).exists(), "detach removes the pins");
+}
+
+/// A spec changed while no engine ran: the pins of the old spec are removed (which detaches
+/// them) and the new spec starts afresh, its counts from zero — never the old maps read
+/// with the new layout.
+#[test]
+fn t2_a_spec_changed_during_the_downtime_starts_afresh() {
+    let _k = KernelTest::begin();
+    let root = PinRoot::new("t2spec");
+    let id = "7e2c0000-spec";
+    let c = comm("t2sp");
+    let old = spec(&format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [comm] }}\nfilter: {{ comm: {c} }}"
+    ));
+    let new = spec(&format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [comm, pid] }}\nfilter: {{ comm: {c} }}"
+    ));
+    let engine = || Engine::new(Kernel::running(), EngineOptions::default()).with_pin_root(&root.0);
+
+    let mut first = engine();
+    first.apply(id, &old, Scope::Node).unwrap();
+    workload(&c, "getppid", 100, None);
+    let old_record = root.record(id);
+    let old_counters = pinned_map_id(&old_record.join("COUNTERS"));
+    let old_programs = programs_using(old_counters);
+    drop(first);
+    assert_eq!(links_of(&old_programs), 1, "still attached by its pin");
+
+    let mut second = engine();
+    assert_eq!(
+        second.apply(id, &new, Scope::Node).unwrap(),
+        Applied::Started
+    );
+    assert_ne!(root.record(id), old_record, "one record, the new spec's");
+    assert!(!old_record.exists());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !programs_using(old_counters).is_empty() || map_exists(old_counters) {
+        assert!(Instant::now() < deadline, "the old spec's objects remain");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    workload(&c, "getppid", 30, None);
+    let r = second.detach(id).unwrap().expect("a final result");
+    assert_eq!(r.totals.hits, 30, "counts of the new spec only");
 }
