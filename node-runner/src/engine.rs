@@ -683,8 +683,9 @@ impl Session {
     /// `record` with every link the plan attaches, the pins are reopened: nothing is loaded
     /// or attached anew, and the counts go on from what the kernel kept counting meanwhile.
     /// Anything else in `job_dir` (another spec or scope, a start cut short) is removed
-    /// first, which detaches it. All or nothing as [`Session::start`]: on error nothing of
-    /// the job remains pinned or attached. Returns the session and whether it was resumed.
+    /// first, which detaches it. All or nothing as [`Session::start`]: when loading or
+    /// attaching fails, the pins made so far are removed and nothing of the job stays
+    /// attached. Returns the session and whether it was resumed.
     pub fn start_pinned(
         plan: JobPlan,
         kernel: &Kernel,

@@ -389,6 +389,10 @@ fn t1_crash_with_a_deleted_job_leaves_no_orphans() {
                 .any(|p| p["id"].as_u64().is_some_and(|id| programs.contains(&id)));
         let map_gone = !map_exists(counters);
         if pins_gone && programs_gone && map_gone {
+            eprintln!(
+                "t1: nothing of the job remains {:?} after the restart",
+                restarted.elapsed()
+            );
             break;
         }
         assert!(
