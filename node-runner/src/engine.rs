@@ -5,17 +5,22 @@
 //! drive it the same way.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     fs,
     os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
+    maps::{
+        HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap,
+    },
     programs::{
-        FEntry, FExit, KProbe, Lsm, PerfEvent, ProgramError, RawTracePoint, TracePoint, UProbe,
+        FEntry, FExit, KProbe, Lsm, PerfEvent, ProgramError, ProgramInfo, RawTracePoint,
+        TracePoint, UProbe,
+        links::{FdLink, PinnedLink},
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
@@ -204,6 +209,10 @@ pub enum Applied {
     Unchanged,
     /// The spec changed: the old probes were detached and the new ones attached.
     Restarted,
+    /// The job was not running in this process but its pins were (a restarted runner): the
+    /// pinned links and maps were reopened, nothing was loaded or attached anew, and the
+    /// counts continue from what the kernel kept counting.
+    Resumed,
 }
 
 /// The jobs of one machine by id (an assignment's uid, or a file name): applying the same
@@ -211,7 +220,10 @@ pub enum Applied {
 pub struct Engine {
     kernel: Kernel,
     opts: EngineOptions,
-    jobs: std::collections::BTreeMap<String, (CheckedSpec, Scope, Session)>,
+    jobs: BTreeMap<String, (CheckedSpec, Scope, Session)>,
+    /// Where sessions pin their links and maps, one directory per job id; `None`: nothing is
+    /// pinned and everything dies with the process (`fathom run`).
+    pin_root: Option<PathBuf>,
 }
 
 impl Engine {
@@ -220,7 +232,16 @@ impl Engine {
             kernel,
             opts,
             jobs: Default::default(),
+            pin_root: None,
         }
+    }
+
+    /// Pins every job's links and maps under `root/<id>/` (see [`Session::start_pinned`]), so
+    /// that the probes keep counting when this process dies and a new engine with the same
+    /// root resumes them instead of attaching twice (RELIABILITY T2).
+    pub fn with_pin_root(mut self, root: impl Into<PathBuf>) -> Engine {
+        self.pin_root = Some(root.into());
+        self
     }
 
     pub fn kernel(&self) -> &Kernel {
@@ -246,11 +267,23 @@ impl Engine {
             None => false,
         };
         let plan = crate::plan::plan(spec, &self.kernel, scope.clone())?;
-        let session = Session::start(plan, &self.kernel, self.opts.clone())?;
+        let (session, resumed) = match &self.pin_root {
+            Some(root) => {
+                let dir = job_pin_dir(root, id)?;
+                let record = pin_record(spec, &scope, &self.opts);
+                Session::start_pinned(plan, &self.kernel, self.opts.clone(), &dir, &record)?
+            }
+            None => (
+                Session::start(plan, &self.kernel, self.opts.clone())?,
+                false,
+            ),
+        };
         self.jobs
             .insert(id.to_string(), (spec.clone(), scope, session));
         Ok(if restarted {
             Applied::Restarted
+        } else if resumed {
+            Applied::Resumed
         } else {
             Applied::Started
         })
@@ -309,6 +342,129 @@ pub struct Session {
     /// Seconds attached, fixed at detach.
     final_elapsed: Option<f64>,
     last_remember: Instant,
+    /// The pins of a session started with [`Session::start_pinned`]; `None` otherwise.
+    pinned: Option<Pinned>,
+}
+
+/// What a pinned session holds besides (or, resumed, instead of) its `Ebpf`.
+struct Pinned {
+    /// `<root>/<id>/`: removed at stop, which detaches the links once their fds close.
+    job_dir: PathBuf,
+    /// The links, taken from their programs: their pins keep them attached without us.
+    links: Vec<FdLink>,
+    /// Maps reopened from their pins (a resumed session has no `Ebpf`; empty otherwise).
+    maps: BTreeMap<String, Map>,
+    /// The ids of the attached programs of a resumed session (empty otherwise).
+    program_ids: Vec<u32>,
+}
+
+/// Pinned links are `link-<n>` in a session's pin directory; maps keep their names.
+const LINK_PREFIX: &str = "link-";
+
+/// A job's pin directory, `root/<id>`; an id that is not a plain name (letters, digits, `-`,
+/// `_`) is refused, so nothing walks out of the root.
+pub fn job_pin_dir(root: &Path, id: &str) -> Result<PathBuf, EngineError> {
+    let plain = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !plain {
+        return Err(EngineError::Pin {
+            path: root.display().to_string(),
+            message: format!("{id:?} cannot name a pin directory"),
+        });
+    }
+    Ok(root.join(id))
+}
+
+/// The record of what a pinned session runs, used as the name of the directory its pins live
+/// in (bpffs holds only directories and BPF objects, so the record is a name): a digest of
+/// everything its kernel objects depend on — the checked spec, the scope, the engine's sizes
+/// and the kernel programs themselves — so that a session is resumed only from pins of the
+/// same job built by the same programs, never from maps laid out for another.
+pub fn pin_record(spec: &CheckedSpec, scope: &Scope, opts: &EngineOptions) -> String {
+    static PROGRAMS_DIGEST: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    let (p1, p2) =
+        *PROGRAMS_DIGEST.get_or_init(|| (fnv1a(FNV_A, PROGRAMS), fnv1a(FNV_B, PROGRAMS)));
+    let text = format!(
+        "{spec:?}\n{scope:?}\n{} {} {}",
+        opts.ringbuf_bytes, opts.stack_entries, opts.stash_entries
+    );
+    format!(
+        "record-{:016x}{:016x}",
+        fnv1a(p1, text.as_bytes()),
+        fnv1a(p2, text.as_bytes())
+    )
+}
+
+const FNV_A: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_B: u64 = 0x6c62_272e_07bb_0142;
+
+/// FNV-1a over `bytes` from `seed`: stable across builds and platforms (unlike `Hash`).
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Removes a job's pin directory with everything pinned in it (absent is fine). A pinned
+/// link whose pin goes and whose fds are all closed is detached.
+pub fn remove_pins(job_dir: &Path) -> Result<(), EngineError> {
+    match fs::remove_dir_all(job_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(pin_err(job_dir)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn pin_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> EngineError + '_ {
+    move |e| EngineError::Pin {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// A map's name as a pin: its name, with anything but letters, digits and `_` replaced (the
+/// object's `.rodata` becomes `_rodata`).
+fn pin_name(map: &str) -> String {
+    map.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// An attached link taken from its program, to be pinned.
+fn fd_link<L>(link: Result<L, ProgramError>, probe: &str) -> Result<FdLink, EngineError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let link =
+        link.map_err(|e| kernel_error(probe, Reason::AttachKindUnsupported, e.to_string()))?;
+    FdLink::try_from(link).map_err(|e| {
+        kernel_error(
+            probe,
+            Reason::AttachKindUnsupported,
+            format!("this link cannot be pinned ({e}); the node runner needs BPF links (Linux 5.15 or later)"),
+        )
+    })
+}
+
+/// The links a plan attaches: one per attach point, one per online CPU for sampling.
+fn expected_links(plan: &JobPlan) -> usize {
+    let cpus = online_cpus().map(|c| c.len()).unwrap_or(1);
+    plan.attachments
+        .iter()
+        .map(|a| match a.point {
+            AttachPoint::Profile { .. } => cpus,
+            _ => 1,
+        })
+        .sum()
 }
 
 fn kernel_error(probe: &str, reason: Reason, message: impl Into<String>) -> EngineError {
@@ -520,11 +676,135 @@ pub fn trial_load(point: &AttachPoint, kernel: &Kernel) -> Result<(), (Reason, S
 impl Session {
     /// Loads and attaches every program of `plan`. Either all attach or none remain: on any
     /// error everything already attached is detached before the error is returned. A plan
-    /// whose scope is [`Scope::Nothing`] loads and attaches nothing.
+    /// whose scope is [`Scope::Nothing`] loads and attaches nothing. Nothing is pinned: the
+    /// job ends with the session or the process.
     pub fn start(
         plan: JobPlan,
         kernel: &Kernel,
         opts: EngineOptions,
+    ) -> Result<Session, EngineError> {
+        Session::load(plan, kernel, opts, None)
+    }
+
+    /// Starts `plan` with its links and maps pinned under `job_dir/record/`, or resumes it
+    /// from there. When a previous process (a runner killed or restarted) left the same
+    /// `record` with every link the plan attaches, the pins are reopened: nothing is loaded
+    /// or attached anew, and the counts go on from what the kernel kept counting meanwhile.
+    /// Anything else in `job_dir` (another spec or scope, a start cut short) is removed
+    /// first, which detaches it. All or nothing as [`Session::start`]: when loading or
+    /// attaching fails, the pins made so far are removed and nothing of the job stays
+    /// attached. Returns the session and whether it was resumed.
+    pub fn start_pinned(
+        plan: JobPlan,
+        kernel: &Kernel,
+        opts: EngineOptions,
+        job_dir: &Path,
+        record: &str,
+    ) -> Result<(Session, bool), EngineError> {
+        let dir = job_dir.join(record);
+        if plan.scope.attaches() && dir.is_dir() {
+            match Session::resume(plan.clone(), opts.clone(), job_dir, &dir) {
+                Ok(s) => return Ok((s, true)),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "the pins cannot be resumed; starting afresh");
+                }
+            }
+        }
+        remove_pins(job_dir)?;
+        if !plan.scope.attaches() {
+            return Ok((Session::start(plan, kernel, opts)?, false));
+        }
+        fs::create_dir_all(&dir).map_err(pin_err(&dir))?;
+        match Session::load(plan, kernel, opts, Some((job_dir, &dir))) {
+            Ok(s) => Ok((s, false)),
+            Err(e) => {
+                // The links pinned so far detach when their pins go (our fds are closed).
+                if let Err(e) = remove_pins(job_dir) {
+                    tracing::warn!(error = %e, "removing the pins of a failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reopens the pinned links and maps a session of `plan` left in `dir` (see
+    /// [`Session::start_pinned`], which checks the record first). Fails, leaving the pins as
+    /// they are, when a link or a map the plan reads is missing.
+    pub fn resume(
+        plan: JobPlan,
+        opts: EngineOptions,
+        job_dir: &Path,
+        dir: &Path,
+    ) -> Result<Session, EngineError> {
+        let mut plan = plan;
+        prepare_plan(&mut plan, &opts);
+        let mut maps = BTreeMap::new();
+        let mut link_paths = Vec::new();
+        for entry in fs::read_dir(dir).map_err(pin_err(dir))? {
+            let path = entry.map_err(pin_err(dir))?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.starts_with(LINK_PREFIX) {
+                link_paths.push(path);
+                continue;
+            }
+            let data = MapData::from_pin(&path).map_err(pin_err(&path))?;
+            maps.insert(name, Map::from_map_data(data).map_err(pin_err(&path))?);
+        }
+        let want = expected_links(&plan);
+        if link_paths.len() != want {
+            return Err(EngineError::Pin {
+                path: dir.display().to_string(),
+                message: format!(
+                    "{} pinned link(s) where the job attaches {want}",
+                    link_paths.len()
+                ),
+            });
+        }
+        let agg = agg_map_name(&plan.config);
+        for name in [names::COUNTERS, agg, names::STACKS, names::EVENTS] {
+            if !maps.contains_key(name) {
+                return Err(EngineError::Pin {
+                    path: dir.display().to_string(),
+                    message: format!("map {name} is not pinned"),
+                });
+            }
+        }
+        let mut links = Vec::new();
+        let mut program_ids = Vec::new();
+        for path in link_paths {
+            let link = FdLink::from(PinnedLink::from_pin(&path).map_err(pin_err(&path))?);
+            let id = link.info().map_err(pin_err(&path))?.program_id();
+            if !program_ids.contains(&id) {
+                program_ids.push(id);
+            }
+            links.push(link);
+        }
+        let ring = match maps.remove(names::EVENTS) {
+            Some(m) if plan.events.is_some() => Some(RingBuf::try_from(m).map_err(pin_err(dir))?),
+            _ => None,
+        };
+        let stats = RunTimeSampler::start(opts.stats_duty);
+        tracing::info!(job = %plan.label, scope = %plan.scope, links = links.len(), "resumed from pins");
+        let mut session = Session::new(None, plan, opts, stats, ring, links.len());
+        session.pinned = Some(Pinned {
+            job_dir: job_dir.to_path_buf(),
+            links,
+            maps,
+            program_ids,
+        });
+        Ok(session)
+    }
+
+    /// Loads and attaches; with `pin` (the job's directory and the record directory in it)
+    /// every map and link is pinned in the record directory.
+    fn load(
+        plan: JobPlan,
+        kernel: &Kernel,
+        opts: EngineOptions,
+        pin: Option<(&Path, &Path)>,
     ) -> Result<Session, EngineError> {
         let label = plan.label.clone();
         if !plan.scope.attaches() {
@@ -538,15 +818,8 @@ impl Session {
                 0,
             ));
         }
-        let ringbuf = if plan.events.is_some() {
-            opts.ringbuf_bytes.max(4096).next_power_of_two()
-        } else {
-            4096
-        };
         let mut plan = plan;
-        plan.config.wakeup_bytes = u64::from(ringbuf / 8);
-        // The cgroup filter follows the scope, whatever was done to the plan after planning.
-        plan.apply_scope();
+        let ringbuf = prepare_plan(&mut plan, &opts);
         let cgroups = plan.scope.cgroup_ids();
         // Maps a job does not use are created at their smallest: a stack map is preallocated
         // (1 KiB per entry) and would otherwise dominate the job's locked memory.
@@ -590,6 +863,14 @@ impl Session {
             .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
         fill_set(&mut ebpf, names::CGROUPS, &cgroups)
             .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
+        if let Some((_, dir)) = pin {
+            for (name, map) in ebpf.maps() {
+                let path = dir.join(pin_name(name));
+                map.pin(&path).map_err(pin_err(&path))?;
+            }
+        }
+        // With pinning, each link is taken from its program to be pinned.
+        let mut taken: Option<Vec<FdLink>> = pin.map(|_| Vec::new());
 
         // Run-time statistics for the CPU budget; the kernel keeps them on while the fd lives.
         let stats = RunTimeSampler::start(opts.stats_duty);
@@ -608,39 +889,57 @@ impl Session {
                     if p.fd().is_err() {
                         p.load().map_err(perr)?;
                     }
-                    p.attach(category, name).map_err(perr)?;
+                    let id = p.attach(category, name).map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
                 }
                 AttachPoint::RawTracepoint { name } => {
                     let p: &mut RawTracePoint = prog.try_into().map_err(perr)?;
                     if p.fd().is_err() {
                         p.load().map_err(perr)?;
                     }
-                    p.attach(name).map_err(perr)?;
+                    let id = p.attach(name).map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
                 }
                 AttachPoint::Kprobe { function } | AttachPoint::Kretprobe { function } => {
                     let p: &mut KProbe = prog.try_into().map_err(perr)?;
                     if p.fd().is_err() {
                         p.load().map_err(perr)?;
                     }
-                    p.attach(function, 0).map_err(perr)?;
+                    let id = p.attach(function, 0).map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
                 }
                 AttachPoint::Fentry { function } => {
                     let btf = need_btf(kernel, &probe)?;
                     let p: &mut FEntry = prog.try_into().map_err(perr)?;
                     p.load(function, btf).map_err(perr)?;
-                    p.attach().map_err(perr)?;
+                    let id = p.attach().map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
                 }
                 AttachPoint::Fexit { function } => {
                     let btf = need_btf(kernel, &probe)?;
                     let p: &mut FExit = prog.try_into().map_err(perr)?;
                     p.load(function, btf).map_err(perr)?;
-                    p.attach().map_err(perr)?;
+                    let id = p.attach().map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
                 }
                 AttachPoint::Lsm { hook } => {
                     let btf = need_btf(kernel, &probe)?;
                     let p: &mut Lsm = prog.try_into().map_err(perr)?;
                     p.load(hook, btf).map_err(perr)?;
-                    p.attach().map_err(perr)?;
+                    let id = p.attach().map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
                 }
                 AttachPoint::Uprobe { binary, target, .. } => {
                     let path = crate::elf::resolve_binary(binary)
@@ -655,8 +954,12 @@ impl Session {
                             UProbeAttachLocation::AbsoluteOffset(*offset)
                         }
                     };
-                    p.attach(location, &path, UProbeScope::AllProcesses)
+                    let id = p
+                        .attach(location, &path, UProbeScope::AllProcesses)
                         .map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
                 }
                 AttachPoint::Profile { frequency } => {
                     let p: &mut PerfEvent = prog.try_into().map_err(perr)?;
@@ -667,13 +970,17 @@ impl Session {
                         kernel_error(&probe, Reason::AttachKindUnsupported, e.to_string())
                     })?;
                     for cpu in cpus {
-                        p.attach(
-                            PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                            PerfEventScope::AllProcessesOneCpu { cpu },
-                            SamplePolicy::Frequency(u64::from(*frequency)),
-                            true,
-                        )
-                        .map_err(perr)?;
+                        let id = p
+                            .attach(
+                                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                                PerfEventScope::AllProcessesOneCpu { cpu },
+                                SamplePolicy::Frequency(u64::from(*frequency)),
+                                true,
+                            )
+                            .map_err(perr)?;
+                        if let Some(t) = taken.as_mut() {
+                            t.push(fd_link(p.take_link(id), &probe)?);
+                        }
                         link_count += 1;
                     }
                     continue;
@@ -689,15 +996,27 @@ impl Session {
                 })?),
                 _ => None,
             };
-        tracing::info!(job = %label, scope = %plan.scope, links = link_count, "attached");
-        Ok(Session::new(
-            Some(ebpf),
-            plan,
-            opts,
-            stats,
-            ring,
-            link_count,
-        ))
+        // Pinned last: a record directory holds every link of the job or is not resumed.
+        let pinned = match (pin, taken) {
+            (Some((job_dir, dir)), Some(taken)) => {
+                let mut links = Vec::with_capacity(taken.len());
+                for (i, link) in taken.into_iter().enumerate() {
+                    let path = dir.join(format!("{LINK_PREFIX}{i}"));
+                    links.push(FdLink::from(link.pin(&path).map_err(pin_err(&path))?));
+                }
+                Some(Pinned {
+                    job_dir: job_dir.to_path_buf(),
+                    links,
+                    maps: BTreeMap::new(),
+                    program_ids: Vec::new(),
+                })
+            }
+            _ => None,
+        };
+        tracing::info!(job = %label, scope = %plan.scope, links = link_count, pinned = pinned.is_some(), "attached");
+        let mut session = Session::new(Some(ebpf), plan, opts, stats, ring, link_count);
+        session.pinned = pinned;
+        Ok(session)
     }
 
     fn new(
@@ -724,7 +1043,46 @@ impl Session {
             final_run_time: None,
             final_elapsed: None,
             last_remember: Instant::now(),
+            pinned: None,
         }
+    }
+
+    /// A map of the job: the loaded object's, or one reopened from its pin.
+    fn map(&self, name: &str) -> Option<&Map> {
+        self.ebpf
+            .as_ref()
+            .and_then(|e| e.map(name))
+            .or_else(|| self.pinned.as_ref()?.maps.get(name))
+    }
+
+    /// Whether the job's programs are in the kernel (loaded here, or resumed from pins).
+    fn in_kernel(&self) -> bool {
+        self.ebpf.is_some() || self.pinned.is_some()
+    }
+
+    /// Whether this session's links and maps are pinned (they outlive the process).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
+    /// The kernel's information about the job's programs.
+    fn program_infos(&self) -> Vec<ProgramInfo> {
+        let mut infos: Vec<ProgramInfo> = self
+            .ebpf
+            .iter()
+            .flat_map(Ebpf::programs)
+            .filter_map(|(_, p)| p.info().ok())
+            .collect();
+        if let Some(ids) = self.pinned.as_ref().map(|p| &p.program_ids)
+            && !ids.is_empty()
+        {
+            infos.extend(
+                aya::programs::loaded_programs()
+                    .filter_map(Result::ok)
+                    .filter(|p| ids.contains(&p.id())),
+            );
+        }
+        infos
     }
 
     pub fn plan(&self) -> &JobPlan {
@@ -740,7 +1098,7 @@ impl Session {
     /// The attach points that are attached (an assignment's `status.attachedProbes`): none
     /// when the scope attaches nothing.
     pub fn attached_probes(&self) -> Vec<String> {
-        if self.ebpf.is_some() {
+        if self.in_kernel() {
             self.plan.probe_labels()
         } else {
             Vec::new()
@@ -837,10 +1195,9 @@ impl Session {
 
     /// The kernel programs' counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, EngineError> {
-        let Some(ebpf) = &self.ebpf else {
+        let Some(map) = self.map(names::COUNTERS) else {
             return Ok(Counters::default());
         };
-        let map = ebpf.map(names::COUNTERS).expect("COUNTERS in object");
         let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(read_err("counters"))?;
         let mut c = [0u64; counter::COUNT as usize];
         for (i, slot) in c.iter_mut().enumerate() {
@@ -867,11 +1224,9 @@ impl Session {
         }
         let mut ns = 0;
         let mut runs = 0;
-        for (_, p) in self.ebpf.iter().flat_map(Ebpf::programs) {
-            if let Ok(info) = p.info() {
-                ns += info.run_time().as_nanos() as u64;
-                runs += info.run_count();
-            }
+        for info in self.program_infos() {
+            ns += info.run_time().as_nanos() as u64;
+            runs += info.run_count();
         }
         let scale = self.stats.scale();
         ((ns as f64 * scale) as u64, (runs as f64 * scale) as u64)
@@ -893,6 +1248,16 @@ impl Session {
                 total += fdinfo_memlock(fd.as_fd().as_raw_fd());
             }
         }
+        if let Some(pinned) = self.pinned.as_ref().filter(|p| !p.program_ids.is_empty()) {
+            for m in pinned.maps.values() {
+                if let Some(fd) = map_fd(m) {
+                    total += fdinfo_memlock(fd);
+                }
+            }
+            for info in self.program_infos() {
+                total += info.memory_locked().map_or(0, u64::from);
+            }
+        }
         total
     }
 
@@ -906,16 +1271,18 @@ impl Session {
             v
         };
         let mut out = Vec::new();
-        let Some(ebpf) = &self.ebpf else {
+        if !self.in_kernel() {
             return Ok(out);
-        };
-        // A key deleted between listing and lookup is skipped, not an error.
+        }
         let cfg = &self.plan.config;
+        let map = self
+            .map(agg_map_name(cfg))
+            .ok_or_else(|| read_err("aggregation map")("the map is missing"))?;
+        // A key deleted between listing and lookup is skipped, not an error.
         let slots = cfg.compact_slots;
         if cfg.flags & fathom_common::flags::COMPACT != 0
             && cfg.compact_words as usize <= compact::TINY_WORDS
         {
-            let map = ebpf.map(names::AGG_TINY).expect("AGG_TINY in object");
             let agg: PerCpuHashMap<_, [u64; compact::TINY_WORDS], AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
@@ -923,14 +1290,12 @@ impl Session {
                 out.push((compact::unpack(&w, &slots), sum(&per_cpu)));
             }
         } else if cfg.flags & fathom_common::flags::COMPACT != 0 {
-            let map = ebpf.map(names::AGG_SMALL).expect("AGG_SMALL in object");
             let agg: PerCpuHashMap<_, [u64; compact::WORDS], AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
                 out.push((compact::unpack(&k, &slots), sum(&per_cpu)));
             }
         } else {
-            let map = ebpf.map(names::AGG).expect("AGG in object");
             let agg: PerCpuHashMap<_, AggKey, AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
@@ -942,7 +1307,7 @@ impl Session {
 
     fn stack_frames(&self, entries: &[(AggKey, AggValue)]) -> StackFrames {
         let mut frames = StackFrames::new();
-        let Some(map) = self.ebpf.as_ref().and_then(|e| e.map(names::STACKS)) else {
+        let Some(map) = self.map(names::STACKS) else {
             return frames;
         };
         let Ok(stacks) = StackTraceMap::try_from(map) else {
@@ -1034,12 +1399,14 @@ impl Session {
         // Detach first so the final read is the final count, then read what remains.
         self.final_run_time = Some(self.run_time());
         self.final_elapsed = Some(self.started.elapsed().as_secs_f64());
-        let ids: Vec<u32> = self
-            .ebpf
-            .iter()
-            .flat_map(Ebpf::programs)
-            .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
-            .collect();
+        let ids: Vec<u32> = self.program_infos().iter().map(ProgramInfo::id).collect();
+        if let Some(pinned) = self.pinned.as_mut() {
+            // Unpinned, then closed: each link's last reference goes and it detaches.
+            if let Err(e) = remove_pins(&pinned.job_dir) {
+                tracing::warn!(error = %e, "removing the job's pins");
+            }
+            pinned.links.clear();
+        }
         for (_, p) in self.ebpf.iter_mut().flat_map(Ebpf::programs_mut) {
             detach_all(p);
         }
@@ -1048,6 +1415,31 @@ impl Session {
         wait_until_released(&ids);
         tracing::info!("detached");
         result
+    }
+}
+
+/// Sizes the ring buffer and sets what follows from the scope, as every session of `plan`
+/// needs it (started or resumed). Returns the ring buffer's bytes.
+fn prepare_plan(plan: &mut JobPlan, opts: &EngineOptions) -> u32 {
+    let ringbuf = if plan.events.is_some() {
+        opts.ringbuf_bytes.max(4096).next_power_of_two()
+    } else {
+        4096
+    };
+    plan.config.wakeup_bytes = u64::from(ringbuf / 8);
+    // The cgroup filter follows the scope, whatever was done to the plan after planning.
+    plan.apply_scope();
+    ringbuf
+}
+
+/// The aggregation map the job's key layout uses.
+fn agg_map_name(cfg: &fathom_common::ProbeConfig) -> &'static str {
+    if cfg.flags & fathom_common::flags::COMPACT == 0 {
+        names::AGG
+    } else if cfg.compact_words as usize <= compact::TINY_WORDS {
+        names::AGG_TINY
+    } else {
+        names::AGG_SMALL
     }
 }
 
@@ -1170,5 +1562,48 @@ mod tests {
         assert!(s.contains("R1 invalid mem access"));
         assert!(s.starts_with("… ("));
         assert_eq!(summarize_verifier_log("short\n", 4096), "short");
+    }
+
+    #[test]
+    fn the_pin_record_changes_with_spec_scope_and_sizes_only() {
+        let spec = |yaml: &str| {
+            serde_yaml::from_str::<fathom_crds::TraceJobSpec>(yaml)
+                .unwrap()
+                .validate()
+                .unwrap()
+        };
+        let a = spec("probe: {tracepoint: syscalls/sys_enter_getppid}");
+        let b = spec("probe: {tracepoint: syscalls/sys_enter_getpid}");
+        let opts = EngineOptions::default();
+        let record = pin_record(&a, &Scope::Node, &opts);
+        assert!(
+            record.starts_with("record-") && record.len() == 7 + 32,
+            "{record}"
+        );
+        assert_eq!(record, pin_record(&a.clone(), &Scope::Node, &opts.clone()));
+        assert_ne!(record, pin_record(&b, &Scope::Node, &opts));
+        assert_ne!(record, pin_record(&a, &Scope::targets([7]), &opts));
+        let bigger = EngineOptions {
+            ringbuf_bytes: opts.ringbuf_bytes * 2,
+            ..opts.clone()
+        };
+        assert_ne!(record, pin_record(&a, &Scope::Node, &bigger));
+        let other_node = EngineOptions {
+            node: "elsewhere".into(),
+            ..opts.clone()
+        };
+        assert_eq!(record, pin_record(&a, &Scope::Node, &other_node));
+    }
+
+    #[test]
+    fn pin_directories_are_plain_names_under_the_root() {
+        let root = Path::new("/sys/fs/bpf/fathom");
+        assert_eq!(
+            job_pin_dir(root, "3a4b-5c6d_7").unwrap(),
+            root.join("3a4b-5c6d_7")
+        );
+        for bad in ["", "..", "../etc", "a/b", "a.b", &"x".repeat(129)] {
+            assert!(job_pin_dir(root, bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -31,6 +31,10 @@ pub enum EngineError {
     /// Reading the job's maps or ring buffer failed.
     #[error("reading {what}: {message}")]
     Read { what: String, message: String },
+
+    /// Pinning the job's links and maps in bpffs, or reopening them, failed.
+    #[error("pins at {path}: {message}")]
+    Pin { path: String, message: String },
 }
 
 impl EngineError {
@@ -44,7 +48,7 @@ impl EngineError {
                 Reason::PermissionDenied | Reason::KernelLockdown => "PermissionDenied",
                 _ => "FailedPrecondition",
             },
-            EngineError::Read { .. } => "Unavailable",
+            EngineError::Read { .. } | EngineError::Pin { .. } => "Unavailable",
         }
     }
 

@@ -228,13 +228,16 @@ fn engine_loop(
     writes: mpsc::Sender<Output>,
     stats: Arc<RunnerStats>,
 ) {
+    // Sessions are pinned under the assignments' directories: they outlive this process, and
+    // the next one resumes the wanted ones (T2) after sweeping the others (T1).
     let engine = Engine::new(
         Kernel::running(),
         EngineOptions {
             node: node.clone(),
             ..Default::default()
         },
-    );
+    )
+    .with_pin_root(&pin_root);
     let cgroups = match CgroupRoot::host() {
         Ok(root) => Some(root),
         Err(e) => {

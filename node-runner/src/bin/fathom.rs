@@ -86,7 +86,7 @@ fn exit_code(e: &EngineError) -> ExitCode {
     match e {
         EngineError::File { .. } | EngineError::InvalidSpec(_) => ExitCode::from(2),
         EngineError::NotFeasible(_) | EngineError::Kernel { .. } => ExitCode::from(3),
-        EngineError::Read { .. } => ExitCode::from(1),
+        EngineError::Read { .. } | EngineError::Pin { .. } => ExitCode::from(1),
     }
 }
 

@@ -1,12 +1,12 @@
 //! What the runner leaves in bpffs: one directory per running assignment,
 //! `/sys/fs/bpf/fathom/<assignment-uid>/`, so that a restarted runner knows what it was
-//! running. At start the runner keeps the directories of the assignments it still wants and
-//! removes the others with everything pinned in them (RELIABILITY T1).
-//!
-//! Today the directory is a marker: the engine does not pin its maps and links yet, so they
-//! die with the runner's process and a wanted assignment is attached afresh after a restart
-//! (its counts start again). bpffs holds only directories and BPF objects (no regular files),
-//! so the marker carries no data.
+//! running. The engine (built [`with_pin_root`](crate::engine::Engine::with_pin_root)) pins
+//! each session's links and maps there, in a directory named by the record of what it runs
+//! (`record-<digest of spec, scope, sizes and programs>/`), so the probes keep counting
+//! while no runner runs and the next runner resumes them (RELIABILITY T2). At start the
+//! runner keeps the directories of the assignments it still wants and removes the others
+//! with everything pinned in them (T1): a pinned link whose pin is removed and which no
+//! process holds is detached, and its programs and maps are freed.
 
 use std::{
     collections::BTreeSet,

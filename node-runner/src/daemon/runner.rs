@@ -14,7 +14,10 @@
 //!   infeasible probe NotFeasible; a final phase stays until the run changes (the collector
 //!   takes no report of a run after its final one);
 //! - otherwise `Engine::apply` (idempotent) with the scope resolved from the pods' cgroups,
-//!   so a changed pod list re-scopes the job.
+//!   so a changed pod list re-scopes the job; with an engine that pins (the daemon), a
+//!   session a previous runner left pinned is resumed rather than attached twice;
+//! - whatever ends a run also removes the assignment's pin directory, so a session pinned by
+//!   a previous runner detaches even when this one never ran it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -495,6 +498,9 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         let labels = resolved.labels();
         match self.probes.apply(&t.desired.uid, &checked, resolved.scope) {
             Ok(applied) => {
+                if applied == Applied::Resumed {
+                    tracing::info!(uid = %t.desired.uid, "resumed the session a previous runner left pinned");
+                }
                 if applied != Applied::Unchanged || !t.attached {
                     t.start_time = Some(now);
                     t.result = None;
@@ -552,8 +558,10 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
             }
             t.attached = false;
             t.probes.clear();
-            self.unpin(&t.desired.uid);
         }
+        // Also when not attached here: a session a previous process left pinned (a restart
+        // that finds the assignment suspended or past its deadline) detaches with its pins.
+        self.unpin(&t.desired.uid);
         if !t.phase.is_final() {
             t.phase = phase;
         }
@@ -1018,6 +1026,33 @@ mod tests {
         let out = r.reconcile(at(31), true);
         assert_eq!(out.statuses.len(), 1);
         assert!(out.statuses[0].1.counters.hits > 0);
+    }
+
+    #[test]
+    fn ending_a_run_removes_pins_a_previous_runner_left() {
+        let tree = Tree::new("leftover");
+        let pins = Pins::at(tree.0.join("pins"));
+        let left = pins.mark("u1").unwrap();
+        let engine = FakeEngine::default();
+        let mut r = Runner::new(
+            RunnerOptions {
+                node: "node-a".into(),
+                status_interval: Duration::from_secs(30),
+            },
+            engine.clone(),
+            Some(CgroupRoot::at(&tree.0)),
+            Some(pins),
+        );
+        let mut d = desired("u1", TRACE_JOB, Some("shop"), &["shop"]);
+        d.spec.suspend = true;
+        r.sync([d]);
+        let out = r.reconcile(at(0), false);
+        assert_eq!(phase(&out), Some(AssignmentPhase::Stopped));
+        assert!(
+            engine.0.borrow().detaches.is_empty(),
+            "not running in this engine"
+        );
+        assert!(!left.exists(), "the pins go all the same");
     }
 
     #[test]
