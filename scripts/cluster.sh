@@ -402,6 +402,13 @@ images() {
   for f in "$out"/*.tar; do
     ctr_ images import --all-platforms "$f" >/dev/null || die "importing $f into containerd failed"
   done
+  # Pinned: the kubelet's image garbage collection (a full disk reclaims images) must never
+  # remove images no registry could give back.
+  local ref
+  for ref in $(ctr_ images ls -q | grep '^fathom\.local/'); do
+    ctr_ images label "$ref" io.cri-containerd.pinned=pinned >/dev/null \
+      || die "pinning image $ref failed"
+  done
 }
 
 save_sysctls() {

@@ -350,6 +350,7 @@ pub fn fathom_programs() -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("name fathom"))
-        .map(String::from)
+        // "<id>: <type>  name <name>  tag <tag>" (not the run-time statistics after it).
+        .map(|l| l.split_whitespace().take(6).collect::<Vec<_>>().join(" "))
         .collect()
 }

@@ -464,3 +464,156 @@ async fn a_cluster_tracejob_merges_each_nodes_report_exactly_once() {
         "programs left after the runners stopped: {left:?}"
     );
 }
+
+/// Fathom's programs and the pin directories of the e2e runner of `node`.
+fn kernel_state(node: &str) -> (Vec<String>, Vec<String>) {
+    let pins = std::fs::read_dir(Path::new(fathom_e2e::runner::PIN_ROOT).join(node))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    (fathom_programs(), pins)
+}
+
+#[tokio::test]
+async fn t2_a_runner_killed_mid_job_resumes_its_pinned_probe_and_counts_exactly() {
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::create(&client, "t2").await;
+    let node = env().real_node.clone();
+    let dir = trigger_dir("t2");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("trigger dir");
+    workload(&client, ns.as_str(), "target", 1, &node, &dir).await;
+    let pods = running_pods(&client, ns.as_str(), "target", 1).await;
+    let pod = pods[0].name_any();
+
+    let mut opts = OperatorOptions::new("t2");
+    opts.collector = true;
+    let operator = opts.start(&client).await;
+    let cport = operator.collector_port.expect("collector port");
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    create(
+        &client,
+        ns.as_str(),
+        "opens",
+        json!({
+            "probe": {"tracepoint": "syscalls/sys_enter_openat"},
+            "aggregate": {"by": ["pod", "comm"]},
+            "podSelector": {"matchLabels": {"app": "target"}},
+            "duration": "45s",
+        }),
+    )
+    .await;
+    wait_attached(ns.as_str(), "opens", "TraceJob", 1).await;
+    let (programs, pins) = kernel_state(&node);
+    assert_eq!(
+        (programs.len(), pins.len()),
+        (1, 1),
+        "{programs:?} {pins:?}"
+    );
+
+    // kill -9: the pinned link keeps the probe attached and counting while no runner runs.
+    runner.kill();
+    trigger(&dir, std::slice::from_ref(&pod)).await;
+    assert_eq!(
+        kernel_state(&node),
+        (programs.clone(), pins.clone()),
+        "after kill -9"
+    );
+
+    // The restarted runner resumes the same program (no second attachment) and its counts.
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    let jobs = job_api(&client, ns.as_str());
+    eventually(secs(30), "the resumed assignment Attached", async || {
+        let (p, _) = kernel_state(&node);
+        ensure!(
+            p == programs,
+            "programs {p:?}, before the kill {programs:?}"
+        );
+        Ok(())
+    })
+    .await;
+    wait_phase(&jobs, "opens", JobPhase::Succeeded, 90).await;
+    let result = final_result(&client, ns.as_str(), "opens", 1).await;
+    let s = result.status.as_ref().expect("status");
+    let ours: BTreeMap<String, u64> = rows_where(&s.data.rows, "comm", COMM)
+        .iter()
+        .map(|r| (r.keys.get("pod").cloned().unwrap_or_default(), r.value))
+        .collect();
+    assert_eq!(
+        ours,
+        BTreeMap::from([(pod.clone(), N_OPENS)]),
+        "opens done while the runner was dead: {:#?}",
+        s.data.rows
+    );
+    runner.stop();
+    drop(operator);
+    assert_eq!(kernel_state(&node), (vec![], vec![]), "after the job ended");
+    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn t1_a_runner_killed_then_its_job_deleted_leaves_nothing_once_it_restarts() {
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::create(&client, "t1").await;
+    let node = env().real_node.clone();
+    let dir = trigger_dir("t1");
+    std::fs::create_dir_all(&dir).expect("trigger dir");
+    workload(&client, ns.as_str(), "target", 1, &node, &dir).await;
+    running_pods(&client, ns.as_str(), "target", 1).await;
+
+    let mut opts = OperatorOptions::new("t1");
+    opts.collector = true;
+    let operator = opts.start(&client).await;
+    let cport = operator.collector_port.expect("collector port");
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    create(
+        &client,
+        ns.as_str(),
+        "opens",
+        json!({
+            "probe": {"tracepoint": "syscalls/sys_enter_openat"},
+            "podSelector": {"matchLabels": {"app": "target"}},
+            "duration": "1h",
+        }),
+    )
+    .await;
+    wait_attached(ns.as_str(), "opens", "TraceJob", 1).await;
+    runner.kill();
+    assert_ne!(
+        kernel_state(&node),
+        (vec![], vec![]),
+        "pinned after kill -9"
+    );
+
+    // Deleted while no runner runs: the job waits on its assignment's detach finalizer.
+    let jobs = job_api(&client, ns.as_str());
+    jobs.delete("opens", &Default::default())
+        .await
+        .expect("deleting the job");
+    let runner = RunnerOptions::new(&node, cport).start(&client).await;
+    eventually(
+        secs(5),
+        "nothing of the deleted job in the kernel or bpffs",
+        async || {
+            let state = kernel_state(&node);
+            ensure!(state == (vec![], vec![]), "{state:?}");
+            Ok(())
+        },
+    )
+    .await;
+    eventually(secs(30), "the job gone", async || {
+        ensure!(jobs.get_opt("opens").await?.is_none(), "still there");
+        Ok(())
+    })
+    .await;
+    drop(runner);
+    drop(operator);
+    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
