@@ -444,6 +444,35 @@ pub async fn b10_writes(nodes: usize, seconds: u64) -> (u64, u64) {
 }
 
 #[tokio::test]
+async fn a_result_removed_under_a_running_job_is_made_again_owned_by_the_job() {
+    // No TraceResult seeded: the garbage collector took it (a job deleted and created again
+    // under its name), or someone deleted it.
+    let clock = ManualClock::new(Timestamp::from_second(1_750_000_000).expect("time"));
+    let api = MemoryApi::new(clock.clone());
+    let collector = Collector::new();
+    collector.set_job(job_info(2));
+    let mut writer = ResultWriter::new(api.client(), collector.clone(), clock.clone());
+    collector.accept("node-0", &report(0, 1, &[("a", 7)]));
+    writer.tick(Instant::now()).await;
+    assert_eq!(writer.writes(), 1);
+    let stored = api
+        .get(FATHOM, "traceresults", "shop", "drops")
+        .expect("the result, made again");
+    assert_eq!(stored["status"]["total"].as_u64(), Some(7));
+    assert_eq!(stored["spec"]["job"]["uid"].as_str(), Some(JOB_UID));
+    let owner = &stored["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (
+            owner["kind"].as_str(),
+            owner["uid"].as_str(),
+            owner["controller"].as_bool()
+        ),
+        (Some("TraceJob"), Some(JOB_UID), Some(true)),
+        "owned by the job: {stored:#}"
+    );
+}
+
+#[tokio::test]
 async fn b10_writes_are_paced_to_a_tenth_of_one_per_report() {
     let (writes, reports) = b10_writes(100, 60).await;
     assert_eq!(reports, 6_000);

@@ -5,23 +5,24 @@
 //! and one write.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use fathom_crds::{
-    TraceResult, TraceResultStatus,
+    TraceJob, TraceResult, TraceResultSpec, TraceResultStatus,
+    assignment::{JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_UID_LABEL, JobRef, label_value},
     trace_result::{Coverage, Loss},
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},
 };
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Collector, Merged};
 use crate::{
@@ -118,6 +119,31 @@ pub fn status_of(m: &Merged, now: jiff::Timestamp) -> TraceResultStatus {
     }
 }
 
+/// The TraceResult object of `job` (no status): what the reconciler creates, made again by
+/// the writer when it is missing. Owned by the job, so it goes with it.
+pub fn result_object(job: &JobRef, namespace: &str, name: &str) -> TraceResult {
+    let mut r = TraceResult::new(name, TraceResultSpec { job: job.clone() });
+    r.metadata.namespace = Some(namespace.to_string());
+    r.metadata.labels = Some(BTreeMap::from([
+        (JOB_UID_LABEL.to_string(), job.uid.clone()),
+        (JOB_NAME_LABEL.to_string(), label_value(&job.name)),
+        (JOB_KIND_LABEL.to_string(), job.kind.clone()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+    ]));
+    r.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: TraceJob::api_version(&()).into_owned(),
+        kind: job.kind.clone(),
+        name: job.name.clone(),
+        uid: job.uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }]);
+    r
+}
+
 /// Writes merged results to the API, paced.
 pub struct ResultWriter {
     client: Client,
@@ -210,12 +236,26 @@ impl ResultWriter {
             "kind": "TraceResult",
             "status": status,
         });
-        api.patch_status(
-            &m.result_name,
-            &PatchParams::apply(MANAGER),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let params = PatchParams::apply(MANAGER);
+        match api
+            .patch_status(&m.result_name, &params, &Patch::Apply(&patch))
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                // Gone: the garbage collector removed it (a job deleted and created again
+                // under the same name can lose its result that way), or it was deleted by
+                // hand. The job still runs, so the result is made again, owned by it.
+                let object = result_object(&m.job, &m.result_namespace, &m.result_name);
+                api.patch(&m.result_name, &params, &Patch::Apply(&object))
+                    .await?;
+                api.patch_status(&m.result_name, &params, &Patch::Apply(&patch))
+                    .await?;
+                info!(result = %m.result_name, namespace = %m.result_namespace, "made the missing TraceResult again");
+            }
+            other => {
+                other?;
+            }
+        }
         debug!(result = %m.result_name, nodes = m.coverage.nodes_reported, "wrote the TraceResult");
         Ok(())
     }
