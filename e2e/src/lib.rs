@@ -998,25 +998,9 @@ impl AuditLog {
 
 // ------------------------------------------------------------------ the operator process
 
-/// Builds `fathom-operator` (a no-op when it is up to date: the test command builds it
-/// beforehand) and returns its path; `FATHOM_E2E_OPERATOR_BIN` overrides.
-pub fn operator_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        cargo_binary(
-            "fathom-operator",
-            "fathom-operator",
-            "FATHOM_E2E_OPERATOR_BIN",
-        )
-    })
-}
-
-/// Builds binary `bin` of `package` (a no-op when it is up to date) and returns its path;
-/// the variable `overrides` names another binary instead.
-pub fn cargo_binary(package: &str, bin: &str, overrides: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(overrides) {
-        return PathBuf::from(p);
-    }
+/// Builds binary `bin` of package `package` (a no-op when it is up to date: the test command
+/// builds it beforehand) and returns its path.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .current_dir(workspace_root())
@@ -1042,6 +1026,56 @@ pub fn cargo_binary(package: &str, bin: &str, overrides: &str) -> PathBuf {
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         // Cargo names no artifact when nothing was rebuilt on some versions: the usual place.
         .unwrap_or_else(|| target_dir().join("debug").join(bin))
+}
+
+/// [`workspace_binary`], unless the variable `overrides` names another binary.
+pub fn cargo_binary(package: &str, bin: &str, overrides: &str) -> PathBuf {
+    match std::env::var_os(overrides) {
+        Some(p) => PathBuf::from(p),
+        None => workspace_binary(package, bin),
+    }
+}
+
+/// Builds `fathom-operator` and returns its path; `FATHOM_E2E_OPERATOR_BIN` overrides.
+pub fn operator_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("FATHOM_E2E_OPERATOR_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_binary("fathom-operator", "fathom-operator"),
+    })
+}
+
+/// Builds the kubectl plugin `kubectl-fathom` and returns the directory holding it, to put on
+/// `PATH` so that `kubectl fathom …` finds it.
+pub fn plugin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        workspace_binary("kubectl-fathom", "kubectl-fathom")
+            .parent()
+            .expect("the binary is in a directory")
+            .to_path_buf()
+    })
+}
+
+/// Runs `kubectl fathom ARGS` (the plugin found on `PATH` by kubectl) as the user of
+/// `kubeconfig`: (exit code, stdout, stderr).
+pub fn kubectl_fathom(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
+    let path = std::env::join_paths(std::iter::once(plugin_dir().to_path_buf()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .expect("PATH");
+    let out = Command::new("kubectl")
+        .arg("fathom")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("PATH", path)
+        .output()
+        .expect("running kubectl (is it installed?)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The runner tolerations the operator needs so the simulated nodes count as nodes the runner
@@ -1317,15 +1351,14 @@ pub async fn lease_holder(client: &Client, name: &str) -> anyhow::Result<Option<
 /// A kubeconfig for a ServiceAccount of the operator's namespace: the operator's kubeconfig
 /// with a token minted by `kubectl create token`. Written under `target/e2e-logs/`.
 pub fn service_account_kubeconfig(sa: &str) -> PathBuf {
-    let token = kubectl_ok(&[
-        "-n",
-        OPERATOR_NAMESPACE,
-        "create",
-        "token",
-        sa,
-        "--duration",
-        "1h",
-    ]);
+    service_account_kubeconfig_in(OPERATOR_NAMESPACE, sa)
+}
+
+/// A kubeconfig for ServiceAccount `ns/sa`: the operator's kubeconfig (its cluster and CA)
+/// with a token minted by `kubectl create token`, and `ns` as the context's namespace.
+/// Written under `target/e2e-logs/`.
+pub fn service_account_kubeconfig_in(ns: &str, sa: &str) -> PathBuf {
+    let token = kubectl_ok(&["-n", ns, "create", "token", sa, "--duration", "1h"]);
     let base = &env().operator_kubeconfig;
     let text = std::fs::read_to_string(base).unwrap_or_else(|e| panic!("{}: {e}", base.display()));
     let mut kc: serde_yaml::Value =
@@ -1336,9 +1369,14 @@ pub fn service_account_kubeconfig(sa: &str) -> PathBuf {
     for u in users.iter_mut() {
         u["user"]["token"] = serde_yaml::Value::String(token.trim().to_string());
     }
+    if let Some(contexts) = kc["contexts"].as_sequence_mut() {
+        for c in contexts.iter_mut() {
+            c["context"]["namespace"] = serde_yaml::Value::String(ns.to_string());
+        }
+    }
     let dir = target_dir().join("e2e-logs");
     std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join(format!("{sa}.kubeconfig"));
+    let path = dir.join(format!("{ns}.{sa}.kubeconfig"));
     std::fs::write(&path, serde_yaml::to_string(&kc).expect("yaml")).expect("write kubeconfig");
     #[cfg(unix)]
     {

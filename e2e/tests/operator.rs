@@ -756,6 +756,8 @@ async fn operator_rbac_allows_what_the_operator_does_and_denies_the_rest() {
         ("watch", "nodes", None),
         ("get", "deployments.apps", Some("default")),
         ("create", "events.events.k8s.io", Some("default")),
+        ("create", "tokenreviews.authentication.k8s.io", None),
+        ("create", "subjectaccessreviews.authorization.k8s.io", None),
         (
             "update",
             "leases.coordination.k8s.io",

@@ -95,9 +95,7 @@ fn table(r: &ResultData) -> String {
     } else if r.histograms.is_empty() && r.events.is_empty() {
         let _ = writeln!(out, "(no rows: nothing matched)");
     }
-    for h in &r.histograms {
-        hist(&mut out, h, &r.value);
-    }
+    out.push_str(&histograms(r));
     if !r.events.is_empty() {
         if !out.is_empty() {
             out.push('\n');
@@ -167,6 +165,15 @@ fn write_table(out: &mut String, headers: &[String], cells: &[Vec<String>]) {
     for row in cells {
         line(out, row);
     }
+}
+
+/// The result's histograms alone, bpftrace-style, one block each (`kubectl fathom hist`).
+pub fn histograms(r: &ResultData) -> String {
+    let mut out = String::new();
+    for h in &r.histograms {
+        hist(&mut out, h, &r.value);
+    }
+    out
 }
 
 /// A bpftrace-style histogram: `[low, high)  count |@@@@   |`.

@@ -1,13 +1,128 @@
-//! Driving a session to its end: duration, Ctrl-C, CPU budget, live progress.
+//! Driving a session to its end: duration, Ctrl-C, CPU budget, live progress; and the local
+//! commands on a TraceJob file (`fathom run`, `fathom check`, and the same in
+//! `kubectl fathom run`/`explain`): [`load_job`], [`check_job`], [`run_file`].
 
 use std::{
+    io::IsTerminal,
+    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use fathom_crds::result::ResultData;
+use fathom_crds::{
+    CheckedSpec, FieldError,
+    result::ResultData,
+    spec::parse_duration,
+    verdict::{Reason, Verdict},
+};
 
-use crate::{engine::Session, error::EngineError};
+use crate::{
+    engine::{EngineOptions, Session},
+    error::EngineError,
+    jobfile::{self, JobFile},
+    kernel::Kernel,
+    plan,
+};
+
+/// Reads and validates a TraceJob file, noting on stderr the fields that only matter in a
+/// cluster.
+pub fn load_job(file: &Path) -> Result<(JobFile, CheckedSpec), EngineError> {
+    let job = jobfile::read(file)?;
+    let cluster_only = job.spec.cluster_only_fields();
+    if !cluster_only.is_empty() {
+        eprintln!(
+            "note: {} only matter in a cluster; ignored here",
+            cluster_only.join(", ")
+        );
+    }
+    let checked = job.spec.validate().map_err(EngineError::InvalidSpec)?;
+    Ok((job, checked))
+}
+
+/// The feasibility verdict of a checked spec on `kernel`, nothing attached.
+pub fn check_job(checked: &CheckedSpec, kernel: &Kernel) -> Result<Verdict, EngineError> {
+    match plan::plan(checked, kernel, plan::Scope::Node) {
+        Ok(p) => Ok(p.verdict),
+        Err(EngineError::NotFeasible(v)) => Ok(v),
+        Err(e) => Err(e),
+    }
+}
+
+/// A verdict as `fathom check` prints it: one line per probe.
+pub fn verdict_lines(verdict: &Verdict) -> Vec<String> {
+    verdict
+        .probes
+        .iter()
+        .map(|p| {
+            if p.feasible {
+                format!("{}: feasible", p.probe)
+            } else {
+                format!(
+                    "{}: not feasible: {:?}: {}",
+                    p.probe,
+                    p.reason.unwrap_or(Reason::SymbolNotFound),
+                    p.message
+                )
+            }
+        })
+        .collect()
+}
+
+/// `fathom run FILE`: loads the job, attaches it on this machine (the whole machine, as
+/// bpftrace does), shows progress on a terminal stderr unless `quiet`, runs until its duration
+/// (or `duration`, which overrides it), `stop`, or a budget, and returns the final result with
+/// everything detached.
+pub fn run_file(
+    file: &Path,
+    duration: Option<&str>,
+    quiet: bool,
+    stop: &AtomicBool,
+) -> Result<ResultData, EngineError> {
+    let (job, mut checked) = load_job(file)?;
+    if let Some(d) = duration {
+        checked.duration = Some(parse_duration(d).filter(|d| !d.is_zero()).ok_or_else(|| {
+            EngineError::InvalidSpec(vec![FieldError {
+                field: "--duration".into(),
+                message: format!("{d:?} is not a duration; write e.g. 10s, 5m"),
+            }])
+        })?);
+    }
+    let kernel = Kernel::running();
+    let plan = plan::plan(&checked, &kernel, plan::Scope::Node)?;
+    let labels = plan.probe_labels().join(", ");
+    let duration = plan.duration;
+    let session = Session::start(plan, &kernel, EngineOptions::default())?;
+    let live = !quiet && std::io::stderr().is_terminal();
+    eprintln!(
+        "{}: attached {} ({} link{}); {}",
+        job.name,
+        labels,
+        session.link_count(),
+        if session.link_count() == 1 { "" } else { "s" },
+        match duration {
+            Some(d) => format!("running for {}s, Ctrl-C to stop early", d.as_secs_f64()),
+            None => "running until Ctrl-C".into(),
+        }
+    );
+    let result = run_session(session, duration, stop, |p: &Progress| {
+        if live {
+            let remaining = p.remaining.map_or(String::new(), |r| {
+                format!(" / {:.0}s left", r.as_secs_f64())
+            });
+            eprint!(
+                "\r\x1b[K{:.0}s{remaining}: {} hits, {} events, probes {:.2}% CPU",
+                p.elapsed.as_secs_f64(),
+                p.hits,
+                p.events,
+                p.cpu_percent
+            );
+        }
+    })?;
+    if live {
+        eprintln!("\r\x1b[Kdetached");
+    }
+    Ok(result)
+}
 
 /// Consecutive seconds over `limits.cpuPercent` before a job is stopped.
 pub const CPU_STRIKES: u32 = 3;

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::{
     collector::{
         Collector,
-        auth::TokenReviewAuthenticator,
+        auth::{AccessReviewAuthorizer, TokenReviewAuthenticator},
         pacing::ResultWriter,
         server::{self, CollectorService},
     },
@@ -334,7 +334,9 @@ pub async fn run_operator(
                 client.clone(),
                 args.collector_runner_user.clone(),
             ));
-            CollectorService::new(c, auth, leading_rx.clone()).with_metrics(metrics.clone())
+            let readers = Arc::new(AccessReviewAuthorizer::new(client.clone()));
+            CollectorService::new(c, auth, readers, leading_rx.clone())
+                .with_metrics(metrics.clone())
         });
         let listener = match &service {
             Some(_) => Some(http::bind(args.collector_addr).await?),

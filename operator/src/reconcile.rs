@@ -345,7 +345,7 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
         pods.iter().map(|p| p.as_ref()),
         &ctx.config.runner_tolerations,
     );
-    let workload = resolve_workload(spec, id.namespace.as_deref(), ctx).await?;
+    let workload = resolve_workload(spec, id.namespace.as_deref(), &ctx.client).await?;
     let intent = intent::<K>(spec, id.namespace.as_deref(), workload, &view);
     let decision = lifecycle::decide(&snapshot, intent, &existing, now, &ctx.config.lifecycle);
     debug!(phase = ?decision.status.phase, run = ?decision.status.run, "decided");
@@ -423,12 +423,13 @@ fn min_duration(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 
 /// The selector of `spec.targetRef`'s workload: Ok(None) without targetRef, Err(message)
 /// when the workload cannot be read.
-type Workload = Option<Result<LabelSelector, String>>;
+pub type Workload = Option<Result<LabelSelector, String>>;
 
-async fn resolve_workload(
+/// Reads the selector of `spec.targetRef`'s workload in `namespace` (a `get` of it).
+pub async fn resolve_workload(
     spec: &TraceJobSpec,
     namespace: Option<&str>,
-    ctx: &Context,
+    client: &Client,
 ) -> Result<Workload> {
     let (Some(target), Some(ns)) = (&spec.target_ref, namespace) else {
         return Ok(None);
@@ -449,7 +450,7 @@ async fn resolve_workload(
             Err(e) => Err(Error::api(format!("reading the workload {name}"), e)),
         }
     }
-    let c = ctx.client.clone();
+    let c = client.clone();
     let name = target.name.as_str();
     match target.kind.as_str() {
         "Deployment" => {

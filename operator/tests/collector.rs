@@ -17,7 +17,7 @@ use std::{
 use fathom_crds::{assignment::JobRef, result::Row};
 use fathom_operator::collector::{
     Accept, Collector, ExpectedAssignment, JobInfo, MergeState,
-    auth::StaticTokens,
+    auth::{StaticReaders, StaticTokens},
     pacing::{ResultWriter, WRITE_INTERVAL},
     server::{self, CollectorService, Transport},
 };
@@ -511,6 +511,71 @@ async fn an_unchanged_merge_is_not_written_again() {
 
 // The gRPC server, in process.
 
+/// Readers of the watch tests: `reader-shop` may read results in namespace shop,
+/// `reader-other` only in namespace other, `reader-cluster` everywhere.
+fn readers() -> Arc<StaticReaders> {
+    Arc::new(StaticReaders(HashMap::from([
+        (
+            "reader-shop".to_string(),
+            ("shop-dev".to_string(), vec![Some("shop".to_string())]),
+        ),
+        (
+            "reader-other".to_string(),
+            ("other-dev".to_string(), vec![Some("other".to_string())]),
+        ),
+        (
+            "reader-cluster".to_string(),
+            ("admin".to_string(), vec![None]),
+        ),
+    ])))
+}
+
+/// A Results client that sends `token` as its bearer token.
+async fn results_client(
+    addr: SocketAddr,
+    token: &'static str,
+) -> ResultsClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl FnMut(Request<()>) -> Result<Request<()>, tonic::Status> + Clone,
+    >,
+> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    ResultsClient::with_interceptor(channel, move |mut req: Request<()>| {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        Ok(req)
+    })
+}
+
+/// Watches `job` as the reader of `token`.
+async fn watch_as(
+    addr: SocketAddr,
+    token: &'static str,
+    job: v1::JobRef,
+) -> Result<tonic::Streaming<v1::ResultUpdate>, tonic::Status> {
+    results_client(addr, token)
+        .await
+        .watch(job)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn job_ref(namespace: &str, name: &str) -> v1::JobRef {
+    v1::JobRef {
+        namespace: namespace.into(),
+        name: name.into(),
+        kind: JobKind::TraceJob as i32,
+        include_events: true,
+    }
+}
+
 struct Server {
     addr: SocketAddr,
     collector: Arc<Collector>,
@@ -529,7 +594,7 @@ async fn start_server(nodes: usize) -> Server {
     );
     let (leading_tx, leading) = watch::channel(true);
     let metrics = Arc::new(Metrics::default());
-    let service = CollectorService::new(collector.clone(), Arc::new(tokens), leading)
+    let service = CollectorService::new(collector.clone(), Arc::new(tokens), readers(), leading)
         .with_metrics(metrics.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -731,7 +796,7 @@ async fn a_follower_answers_unavailable() {
     collector.set_job(job_info(1));
     let (_tx, leading) = watch::channel(false);
     let tokens = StaticTokens(HashMap::from([("token-0".into(), "node-0".into())]));
-    let service = CollectorService::new(collector, Arc::new(tokens), leading);
+    let service = CollectorService::new(collector, Arc::new(tokens), readers(), leading);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(server::serve(
@@ -750,29 +815,11 @@ async fn a_follower_answers_unavailable() {
 #[tokio::test]
 async fn watch_streams_the_merged_result_and_ends_after_the_final_one() {
     let s = start_server(1).await;
-    let channel = Channel::from_shared(format!("http://{}", s.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut results = ResultsClient::new(channel);
-    let missing = results
-        .watch(v1::JobRef {
-            namespace: "shop".into(),
-            name: "nope".into(),
-            kind: JobKind::TraceJob as i32,
-            include_events: true,
-        })
-        .await
-        .unwrap_err();
+    let mut results = results_client(s.addr, "reader-shop").await;
+    let missing = results.watch(job_ref("shop", "nope")).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     let mut updates = results
-        .watch(v1::JobRef {
-            namespace: "shop".into(),
-            name: "drops".into(),
-            kind: JobKind::TraceJob as i32,
-            include_events: true,
-        })
+        .watch(job_ref("shop", "drops"))
         .await
         .expect("watch")
         .into_inner();
@@ -945,4 +992,99 @@ async fn t6_retries_never_double_count() {
         "retries happened: {resends} resends, {dups} duplicates"
     );
     assert!(faults.load(Ordering::SeqCst) >= 100);
+}
+
+#[tokio::test]
+async fn watch_needs_a_bearer_token() {
+    let s = start_server(1).await;
+    let channel = Channel::from_shared(format!("http://{}", s.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let err = ResultsClient::new(channel)
+        .watch(job_ref("shop", "drops"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("Bearer"), "{}", err.message());
+    let unknown = watch_as(s.addr, "not-a-token", job_ref("shop", "drops"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn watch_is_denied_without_get_on_traceresults_in_the_jobs_namespace() {
+    let s = start_server(1).await;
+    let denied = watch_as(s.addr, "reader-other", job_ref("shop", "drops"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied
+            .message()
+            .contains("other-dev may not get traceresults.fathom.dev in namespace shop"),
+        "{}",
+        denied.message()
+    );
+    // Denied before the lookup: a job that does not exist answers the same.
+    let unknown = watch_as(s.addr, "reader-other", job_ref("shop", "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::PermissionDenied);
+    // A runner's node token proves no reader.
+    let runner = watch_as(s.addr, "token-0", job_ref("shop", "drops"))
+        .await
+        .unwrap_err();
+    assert_eq!(runner.code(), tonic::Code::Unauthenticated);
+    let allowed = watch_as(s.addr, "reader-cluster", job_ref("shop", "drops")).await;
+    assert!(allowed.is_ok(), "{:?}", allowed.err());
+}
+
+#[tokio::test]
+async fn a_cluster_jobs_result_needs_the_permission_cluster_wide() {
+    let collector = Collector::new();
+    let mut info = job_info(1);
+    info.job.kind = "ClusterTraceJob".into();
+    info.job.namespace = None;
+    info.job.name = "everywhere".into();
+    info.result_namespace = "fathom-system".into();
+    info.result_name = "cluster.everywhere".into();
+    collector.set_job(info);
+    let (_leading_tx, leading) = watch::channel(true);
+    let service = CollectorService::new(
+        collector,
+        Arc::new(StaticTokens::default()),
+        readers(),
+        leading,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server::serve(
+        listener,
+        Transport::InsecurePlaintext,
+        service,
+        futures::future::pending(),
+    ));
+    let cluster_ref = v1::JobRef {
+        namespace: String::new(),
+        name: "everywhere".into(),
+        kind: JobKind::ClusterTraceJob as i32,
+        include_events: false,
+    };
+    let denied = watch_as(addr, "reader-shop", cluster_ref.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied.message().contains("cluster-wide"),
+        "{}",
+        denied.message()
+    );
+    let mut updates = watch_as(addr, "reader-cluster", cluster_ref)
+        .await
+        .expect("an admin may watch");
+    let first = updates.message().await.expect("ok").expect("first");
+    assert_eq!(first.job_uid, JOB_UID);
 }

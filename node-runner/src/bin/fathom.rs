@@ -1,23 +1,19 @@
 //! `fathom`: run a TraceJob on this machine, check it, or list what it can attach to.
 
 use std::{
-    io::{IsTerminal, Write},
+    io::Write,
     path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
 };
 
 use clap::{Parser, Subcommand};
-use fathom_crds::spec::parse_duration;
 use fathom_node::{
     EngineError,
-    engine::{EngineOptions, Session},
-    jobfile,
     kernel::Kernel,
     list,
     output::{self, Format},
-    plan,
-    run::{Progress, run_session},
+    run,
 };
 
 /// Fathom: eBPF tracing driven by TraceJob YAML — the same file you `kubectl apply`.
@@ -130,48 +126,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(
-    file: &std::path::Path,
-) -> Result<(jobfile::JobFile, fathom_crds::CheckedSpec), EngineError> {
-    let job = jobfile::read(file)?;
-    let cluster_only = job.spec.cluster_only_fields();
-    if !cluster_only.is_empty() {
-        eprintln!(
-            "note: {} only matter in a cluster; ignored here",
-            cluster_only.join(", ")
-        );
-    }
-    let checked = job.spec.validate().map_err(EngineError::InvalidSpec)?;
-    Ok((job, checked))
-}
-
 /// Prints the verdict; Ok(true) when every probe is feasible.
 fn check(file: &std::path::Path, json: bool) -> Result<bool, EngineError> {
-    let (_, checked) = load(file)?;
-    let kernel = Kernel::running();
-    let verdict = match plan::plan(&checked, &kernel, plan::Scope::Node) {
-        Ok(p) => p.verdict,
-        Err(EngineError::NotFeasible(v)) => v,
-        Err(e) => return Err(e),
-    };
+    let (_, checked) = run::load_job(file)?;
+    let verdict = run::check_job(&checked, &Kernel::running())?;
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&verdict).unwrap_or_default()
         );
     } else {
-        for p in &verdict.probes {
-            if p.feasible {
-                println!("{}: feasible", p.probe);
-            } else {
-                println!(
-                    "{}: not feasible: {:?}: {}",
-                    p.probe,
-                    p.reason
-                        .unwrap_or(fathom_crds::verdict::Reason::SymbolNotFound),
-                    p.message
-                );
-            }
+        for line in run::verdict_lines(&verdict) {
+            println!("{line}");
         }
     }
     Ok(verdict.feasible)
@@ -183,52 +149,8 @@ fn run(
     format: Format,
     quiet: bool,
 ) -> Result<(), EngineError> {
-    let (job, mut checked) = load(file)?;
-    if let Some(d) = duration {
-        checked.duration = Some(parse_duration(d).filter(|d| !d.is_zero()).ok_or_else(|| {
-            EngineError::InvalidSpec(vec![fathom_crds::FieldError {
-                field: "--duration".into(),
-                message: format!("{d:?} is not a duration; write e.g. 10s, 5m"),
-            }])
-        })?);
-    }
-    let kernel = Kernel::running();
-    // A local run traces the whole machine, as bpftrace does.
-    let plan = plan::plan(&checked, &kernel, plan::Scope::Node)?;
-    let labels = plan.probe_labels().join(", ");
-    let duration = plan.duration;
     install_signal_handlers();
-    let session = Session::start(plan, &kernel, EngineOptions::default())?;
-    let stderr = std::io::stderr();
-    let live = !quiet && stderr.is_terminal();
-    eprintln!(
-        "{}: attached {} ({} link{}); {}",
-        job.name,
-        labels,
-        session.link_count(),
-        if session.link_count() == 1 { "" } else { "s" },
-        match duration {
-            Some(d) => format!("running for {}s, Ctrl-C to stop early", d.as_secs_f64()),
-            None => "running until Ctrl-C".into(),
-        }
-    );
-    let result = run_session(session, duration, &STOP, |p: &Progress| {
-        if live {
-            let remaining = p.remaining.map_or(String::new(), |r| {
-                format!(" / {:.0}s left", r.as_secs_f64())
-            });
-            eprint!(
-                "\r\x1b[K{:.0}s{remaining}: {} hits, {} events, probes {:.2}% CPU",
-                p.elapsed.as_secs_f64(),
-                p.hits,
-                p.events,
-                p.cpu_percent
-            );
-        }
-    })?;
-    if live {
-        eprintln!("\r\x1b[Kdetached");
-    }
+    let result = run::run_file(file, duration, quiet, &STOP)?;
     print!("{}", output::render(&result, format));
     Ok(())
 }

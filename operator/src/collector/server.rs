@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 
 use super::{
     Accept, Collector,
-    auth::{Authenticator, bearer},
+    auth::{Authenticator, WatchAuthorizer, bearer, reader_bearer},
     merge::category,
 };
 
@@ -49,7 +49,10 @@ pub enum Transport {
 #[derive(Clone)]
 pub struct CollectorService {
     collector: Arc<Collector>,
+    /// Which node a runner's stream speaks for (`Collector.Report`).
     auth: Arc<dyn Authenticator>,
+    /// Who may watch which job's result (`Results.Watch`).
+    readers: Arc<dyn WatchAuthorizer>,
     leading: watch::Receiver<bool>,
     metrics: Option<Arc<Metrics>>,
 }
@@ -58,11 +61,13 @@ impl CollectorService {
     pub fn new(
         collector: Arc<Collector>,
         auth: Arc<dyn Authenticator>,
+        readers: Arc<dyn WatchAuthorizer>,
         leading: watch::Receiver<bool>,
     ) -> Self {
         CollectorService {
             collector,
             auth,
+            readers,
             leading,
             metrics: None,
         }
@@ -197,18 +202,36 @@ impl Results for CollectorService {
         request: Request<v1::JobRef>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.require_leader()?;
+        // Authorized before the job is looked up, so a caller learns nothing of jobs whose
+        // results it may not read.
+        let token = reader_bearer(request.metadata())?.to_string();
         let job = request.into_inner();
         let kind = kind_name(job.kind)?;
-        let namespace = (!job.namespace.is_empty()).then_some(job.namespace.as_str());
+        let namespace = match JobKind::try_from(job.kind) {
+            Ok(JobKind::TraceJob) if job.namespace.is_empty() => {
+                return Err(Status::invalid_argument(
+                    "JobRef.namespace is empty: a TraceJob lives in a namespace",
+                ));
+            }
+            Ok(JobKind::TraceJob) => Some(job.namespace.as_str()),
+            _ => None,
+        };
+        self.readers.authorize_watch(&token, namespace).await?;
+        debug!(
+            kind,
+            namespace = job.namespace,
+            job = job.name,
+            "watch authorized"
+        );
         let uid = self
             .collector
             .state()
             .find_job(kind, namespace, &job.name)
             .ok_or_else(|| {
-                Status::not_found(format!(
-                    "{kind} {}/{} is not known to the collector",
-                    job.namespace, job.name
-                ))
+                Status::not_found(match namespace {
+                    Some(ns) => format!("{kind} {ns}/{} is not known to the collector", job.name),
+                    None => format!("{kind} {} is not known to the collector", job.name),
+                })
             })?;
         let (rx, mut first) = self
             .collector
