@@ -257,7 +257,10 @@ async fn t3_a_collector_that_stops_reading_keeps_the_runner_bounded() {
     let high = runner.stat(|s| &s.queued_events_high);
     let dropped = runner.stat(|s| &s.events_dropped);
     assert!(high <= 5_000, "spooled events within the cap: {high}");
-    assert!(runner.stat(|s| &s.queued) <= 64, "queued reports within the cap");
+    assert!(
+        runner.stat(|s| &s.queued) <= 64,
+        "queued reports within the cap"
+    );
     assert!(dropped > 0, "drops are counted");
     assert_eq!(
         runner.stat(|s| &s.connects),
@@ -294,12 +297,13 @@ async fn t3_a_collector_that_stops_reading_keeps_the_runner_bounded() {
 }
 
 /// A listener per runner that accepts and closes at once (a collector that is down but
-/// reachable, so each attempt can be seen), recording when each attempt arrived.
-async fn refusing_listener(times: Arc<Mutex<Vec<Instant>>>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// reachable, so each attempt can be seen), recording when each attempt arrived. A thread of
+/// its own blocks in accept, so a busy async runtime does not delay the timestamps.
+fn refusing_listener(times: Arc<Mutex<Vec<Instant>>>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((conn, _)) = listener.accept().await {
+    std::thread::spawn(move || {
+        while let Ok((conn, _)) = listener.accept() {
             times.lock().unwrap().push(Instant::now());
             drop(conn);
         }
@@ -318,7 +322,7 @@ async fn t4_twenty_runners_back_off_with_jitter_against_a_down_collector() {
     let mut runners = Vec::new();
     for _ in 0..RUNNERS {
         let times = Arc::new(Mutex::new(Vec::new()));
-        let addr = refusing_listener(times.clone()).await;
+        let addr = refusing_listener(times.clone());
         let mut config = plaintext(addr);
         config.backoff = BackoffPolicy {
             cap: Duration::from_secs_f64(cap),
@@ -396,8 +400,12 @@ impl Blackhole {
     fn rules(port: u16) -> [Vec<String>; 2] {
         let p = port.to_string();
         [
-            ["INPUT", "-i", "lo", "-p", "tcp", "--dport", &p, "-j", "DROP"],
-            ["INPUT", "-i", "lo", "-p", "tcp", "--sport", &p, "-j", "DROP"],
+            [
+                "INPUT", "-i", "lo", "-p", "tcp", "--dport", &p, "-j", "DROP",
+            ],
+            [
+                "INPUT", "-i", "lo", "-p", "tcp", "--sport", &p, "-j", "DROP",
+            ],
         ]
         .map(|r| r.iter().map(|s| s.to_string()).collect())
     }
@@ -445,9 +453,11 @@ async fn t5_a_half_open_connection_is_noticed_and_replaced() {
     );
     let runner = start_runner(config);
     runner.tx.send(report("a", 1, 0)).await.unwrap();
-    wait_for("the first report", Duration::from_secs(20), || {
-        collector.seen(|s| s.accepted) == 1
-    })
+    wait_for(
+        "the first report, acknowledged",
+        Duration::from_secs(20),
+        || collector.seen(|s| s.accepted) == 1 && runner.stat(|s| &s.acknowledged) == 1,
+    )
     .await;
     assert!(runner.stats.connected.load(Ordering::SeqCst));
 
@@ -570,9 +580,11 @@ async fn t7_a_collector_restart_loses_nothing_within_the_spool_and_counts_the_ov
         send_events(&runner, reports, &mut seq, &mut generated).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         switch.up().await;
-        wait_for("the spool after the restart", Duration::from_secs(30), || {
-            collector.seen(|s| s.last_seq.get("a").copied()) == Some(seq)
-        })
+        wait_for(
+            "the spool after the restart",
+            Duration::from_secs(30),
+            || collector.seen(|s| s.last_seq.get("a").copied()) == Some(seq),
+        )
         .await;
         let (received, dropped) = collector.seen(|s| {
             (
@@ -589,7 +601,9 @@ async fn t7_a_collector_restart_loses_nothing_within_the_spool_and_counts_the_ov
             generated,
             "round {round}: received + dropped = generated"
         );
-        eprintln!("t7 round {round}: {generated} generated, {received} received, {dropped} dropped");
+        eprintln!(
+            "t7 round {round}: {generated} generated, {received} received, {dropped} dropped"
+        );
     }
     runner.stop().await;
     switch.down();

@@ -237,9 +237,11 @@ async fn events_over_grpc(streams: usize, seconds: u64) {
                 .expect("connect");
             let mut client = CollectorClient::new(channel);
             let (tx, rx) = mpsc::channel::<NodeReport>(16);
-            let outbound = futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|r| (r, rx))
-            });
+            let outbound =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+                );
             let mut req = tonic::Request::new(outbound);
             req.metadata_mut().insert(
                 "authorization",
@@ -277,7 +279,9 @@ async fn events_over_grpc(streams: usize, seconds: u64) {
                 if ack.rejection.is_none() {
                     delivered.fetch_add(per_report, Ordering::Relaxed);
                 }
-                if sender.is_finished() && delivered.load(Ordering::Relaxed) >= sent.load(Ordering::Relaxed) {
+                if sender.is_finished()
+                    && delivered.load(Ordering::Relaxed) >= sent.load(Ordering::Relaxed)
+                {
                     break;
                 }
             }
@@ -287,7 +291,10 @@ async fn events_over_grpc(streams: usize, seconds: u64) {
         let _ = t.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let (sent, delivered) = (sent.load(Ordering::Relaxed), delivered.load(Ordering::Relaxed));
+    let (sent, delivered) = (
+        sent.load(Ordering::Relaxed),
+        delivered.load(Ordering::Relaxed),
+    );
     println!(
         "events over gRPC: {streams} streams, {delivered} events delivered in {elapsed:.2} s = {:.0} events/s (target ≥ 1,000,000 on 2 cores); sent {sent}, lost {}",
         delivered as f64 / elapsed,

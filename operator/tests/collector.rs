@@ -1012,7 +1012,9 @@ async fn t8_plaintext_is_refused_by_a_tls_collector() {
     let (cert, key) = ca.server_cert((2020, 1, 1), (2100, 1, 1));
     let (addr, collector) = start_tls_server(cert, key).await;
     // The control: the right CA over TLS works, so the refusals below are the TLS's doing.
-    let ack = send_over_tls(addr, &ca.pem).await.expect("TLS with the right CA");
+    let ack = send_over_tls(addr, &ca.pem)
+        .await
+        .expect("TLS with the right CA");
     assert_eq!(ack.rejection, None);
     let err = match runner(addr, "token-0").await {
         Ok(mut r) => r.send(report(0, 2, &[("a", 5)])).await.unwrap_err(),
@@ -1038,7 +1040,11 @@ async fn t8_a_server_certificate_of_another_ca_is_refused_by_the_runner() {
         "{err}"
     );
     assert_eq!(
-        collector.merged(JOB_UID).expect("known").coverage.nodes_reported,
+        collector
+            .merged(JOB_UID)
+            .expect("known")
+            .coverage
+            .nodes_reported,
         0
     );
     // The control: trusting the other CA, the same server is accepted.
@@ -1053,7 +1059,11 @@ async fn t8_an_expired_server_certificate_is_refused() {
     let err = send_over_tls(addr, &ca.pem).await.unwrap_err();
     assert!(err.contains("Expired"), "{err}");
     assert_eq!(
-        collector.merged(JOB_UID).expect("known").coverage.nodes_reported,
+        collector
+            .merged(JOB_UID)
+            .expect("known")
+            .coverage
+            .nodes_reported,
         0
     );
 }

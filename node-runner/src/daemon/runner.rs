@@ -582,8 +582,9 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
                 continue;
             }
             for _ in 0..max_batches {
-                let Some((events, dropped)) =
-                    self.probes.take_events(&t.desired.uid, MAX_EVENTS_PER_REPORT)
+                let Some((events, dropped)) = self
+                    .probes
+                    .take_events(&t.desired.uid, MAX_EVENTS_PER_REPORT)
                 else {
                     break;
                 };
@@ -836,10 +837,20 @@ mod tests {
         let c = out[2].counters.unwrap();
         assert_eq!(c.user_dropped, 7, "the engine's live-queue drops");
         assert_eq!(
-            out[2].result.as_ref().unwrap().totals.as_ref().unwrap().events_dropped,
+            out[2]
+                .result
+                .as_ref()
+                .unwrap()
+                .totals
+                .as_ref()
+                .unwrap()
+                .events_dropped,
             7
         );
-        assert!(r.report_events(at(2), 16).is_empty(), "nothing new: no report");
+        assert!(
+            r.report_events(at(2), 16).is_empty(),
+            "nothing new: no report"
+        );
         // At most `max_batches` per call; the rest waits.
         engine.0.borrow_mut().events = 3_000;
         assert_eq!(r.report_events(at(3), 2).len(), 2);

@@ -314,8 +314,9 @@ impl Outbox {
         self.latest.retain(|(uid, _), r| {
             !(uid == &ack.assignment_uid && r.r#final && r.seq <= ack.acknowledged_seq)
         });
-        self.in_flight
-            .retain(|(uid, _, seq, _)| !(uid == &ack.assignment_uid && *seq <= ack.acknowledged_seq));
+        self.in_flight.retain(|(uid, _, seq, _)| {
+            !(uid == &ack.assignment_uid && *seq <= ack.acknowledged_seq)
+        });
     }
 
     /// Reports that fell off the full queue.
@@ -388,8 +389,7 @@ impl TransportConfig {
             .http2_keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .connect_timeout(self.connect_timeout)
-            .tcp_keepalive(Some(self.keepalive_interval));
+            .connect_timeout(self.connect_timeout);
         if self.url.starts_with("http://") {
             if !self.insecure_plaintext {
                 return Err(TransportError::PlaintextRefused(self.url.clone()));
@@ -459,7 +459,8 @@ impl TransportStats {
             .store(outbox.events_dropped(), Ordering::Relaxed);
         self.queued.store(outbox.len() as u64, Ordering::Relaxed);
         self.queued_events.store(now as u64, Ordering::Relaxed);
-        self.queued_events_high.store(high as u64, Ordering::Relaxed);
+        self.queued_events_high
+            .store(high as u64, Ordering::Relaxed);
     }
 }
 
@@ -543,6 +544,52 @@ enum Ended {
     },
 }
 
+/// The connector of one attempt: it opens one TCP connection and refuses any other, so that
+/// tonic's channel, which reconnects on its own when its connection breaks, never opens a
+/// second connection behind the backoff (T4: not more than one attempt a second). TLS, when
+/// configured, is layered on it by the endpoint.
+#[derive(Clone, Debug, Default)]
+struct OneConnection(Arc<AtomicBool>);
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for OneConnection {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        let first = !self.0.swap(true, Ordering::SeqCst);
+        Box::pin(async move {
+            if !first {
+                return Err(std::io::Error::other(
+                    "one connection per attempt: the transport reconnects after its backoff",
+                ));
+            }
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other("the collector URL has no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("http") => 80,
+                _ => 443,
+            });
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
 /// One connection and stream.
 struct Session<'a> {
     config: &'a TransportConfig,
@@ -567,7 +614,7 @@ impl Session<'_> {
         };
         // Reports keep arriving while connecting: the runner never blocks on us.
         let endpoint = self.endpoint;
-        let connect = endpoint.connect();
+        let connect = endpoint.connect_with_connector(OneConnection::default());
         tokio::pin!(connect);
         let channel: Channel = loop {
             tokio::select! {
