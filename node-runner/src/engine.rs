@@ -310,6 +310,12 @@ impl Engine {
         }
     }
 
+    /// Takes up to `max` of job `id`'s live events (oldest first) and how many the live
+    /// queue dropped so far; `None` when `id` is not running.
+    pub fn take_events(&mut self, id: &str, max: usize) -> Option<(Vec<EventRecord>, u64)> {
+        self.jobs.get_mut(id).map(|(_, _, s)| s.take_events(max))
+    }
+
     /// The running session of job `id`.
     pub fn session(&self, id: &str) -> Option<&Session> {
         self.jobs.get(id).map(|(_, _, s)| s)
@@ -320,6 +326,10 @@ impl Engine {
         self.jobs.keys().cloned().collect()
     }
 }
+
+/// Live events kept per session for [`Session::take_events`] (the node runner streams them);
+/// older ones are dropped and counted.
+pub const LIVE_EVENTS: usize = 8192;
 
 /// A running job: programs loaded and attached — or, for a plan whose scope is
 /// [`Scope::Nothing`], nothing in the kernel at all and a result that stays empty.
@@ -332,6 +342,10 @@ pub struct Session {
     stats: RunTimeSampler,
     ring: Option<RingBuf<MapData>>,
     events: VecDeque<EventRecord>,
+    /// Events read and not yet taken by [`Session::take_events`], at most [`LIVE_EVENTS`].
+    live: VecDeque<EventRecord>,
+    /// Events the live queue dropped (oldest first) because nobody took them in time.
+    live_dropped: u64,
     delivered: u64,
     dropped: u64,
     symbols: Symbols,
@@ -1035,6 +1049,8 @@ impl Session {
             stats,
             ring,
             events: VecDeque::new(),
+            live: VecDeque::new(),
+            live_dropped: 0,
             delivered: 0,
             dropped: 0,
             symbols: Symbols::new(),
@@ -1141,14 +1157,17 @@ impl Session {
             return 0;
         };
         let last = ev_plan.last;
-        // Every record is counted; only the newest `last` are copied and decoded.
-        let mut raw: VecDeque<Event> = VecDeque::with_capacity(last.min(1024));
+        // Every record is counted; only the newest `last` (or LIVE_EVENTS for the live queue)
+        // are copied and decoded.
+        let keep = last.max(LIVE_EVENTS);
+        let mut raw: VecDeque<Event> = VecDeque::with_capacity(keep.min(1024));
         let mut n = 0;
         while let Some(item) = ring.next() {
             if item.len() >= std::mem::size_of::<Event>() {
                 n += 1;
-                if raw.len() == last {
+                if raw.len() == keep {
                     raw.pop_front();
+                    self.live_dropped += 1;
                 }
                 // SAFETY: the record is at least an Event; Event is plain data.
                 #[expect(unsafe_code, reason = "decoding a #[repr(C)] ring-buffer record")]
@@ -1168,12 +1187,26 @@ impl Session {
             cgroups: &mut self.cgroups,
         };
         for e in &raw {
-            self.events.push_back(renderer.event(e));
+            let record = renderer.event(e);
+            if self.live.len() == LIVE_EVENTS {
+                self.live.pop_front();
+                self.live_dropped += 1;
+            }
+            self.live.push_back(record.clone());
+            self.events.push_back(record);
             if self.events.len() > last {
                 self.events.pop_front();
             }
         }
         n
+    }
+
+    /// Takes up to `max` live events (oldest first), and how many the live queue dropped so
+    /// far because they were not taken in time.
+    pub fn take_events(&mut self, max: usize) -> (Vec<EventRecord>, u64) {
+        self.drain_ring();
+        let n = max.min(self.live.len());
+        (self.live.drain(..n).collect(), self.live_dropped)
     }
 
     /// Keeps the mappings of processes in user-stack keys while they still exist, so their

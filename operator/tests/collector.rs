@@ -737,7 +737,7 @@ async fn t8_a_runner_of_node_a_reporting_for_node_b_is_denied_and_nothing_is_mer
 }
 
 #[tokio::test]
-async fn good_reports_keep_flowing_after_a_rejected_one() {
+async fn t8_a_wrong_job_uid_or_an_invalid_report_is_rejected_and_good_reports_keep_flowing() {
     let s = start_server(1).await;
     let mut r = runner(s.addr, "token-0").await.expect("stream");
     let mut wrong_job = report(0, 1, &[("a", 1)]);
@@ -759,7 +759,7 @@ async fn good_reports_keep_flowing_after_a_rejected_one() {
 }
 
 #[tokio::test]
-async fn an_oversized_report_ends_the_stream_with_resource_exhausted() {
+async fn t8_an_oversized_report_ends_the_stream_and_a_new_stream_keeps_going() {
     let s = start_server(1).await;
     let mut r = runner(s.addr, "token-0").await.expect("stream");
     let mut big = report(0, 1, &[]);
@@ -1087,4 +1087,314 @@ async fn a_cluster_jobs_result_needs_the_permission_cluster_wide() {
         .expect("an admin may watch");
     let first = updates.message().await.expect("ok").expect("first");
     assert_eq!(first.job_uid, JOB_UID);
+}
+
+// T8: TLS. A collector with a certificate of a test CA; clients configured as the runner's
+// transport is (the CA bundle of --ca-file, the collector's name).
+
+/// A CA, and certificates for `localhost` it signs.
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("self-signed");
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `localhost`, valid from `not_before` to `not_after`.
+    fn server_cert(
+        &self,
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> (Vec<u8>, Vec<u8>) {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    }
+}
+
+/// The collector over TLS with this certificate; its address.
+async fn start_tls_server(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> (SocketAddr, Arc<Collector>) {
+    let collector = Collector::new();
+    collector.set_job(job_info(1));
+    let tokens = StaticTokens(HashMap::from([("token-0".into(), "node-0".into())]));
+    let (leading_tx, leading) = watch::channel(true);
+    // Leading for the rest of the test.
+    std::mem::forget(leading_tx);
+    let service = CollectorService::new(collector.clone(), Arc::new(tokens), readers(), leading);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server::serve(
+        listener,
+        Transport::Tls { cert_pem, key_pem },
+        service,
+        futures::future::pending(),
+    ));
+    (addr, collector)
+}
+
+/// One report over TLS trusting `ca_pem`, as the runner's transport connects.
+async fn send_over_tls(addr: SocketAddr, ca_pem: &str) -> Result<v1::ReportAck, String> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut client = CollectorClient::new(channel);
+    let mut req = Request::new(futures::stream::iter([report(0, 1, &[("a", 1)])]));
+    req.metadata_mut()
+        .insert("authorization", "Bearer token-0".parse().expect("ascii"));
+    let mut acks = client
+        .report(req)
+        .await
+        .map_err(|s| format!("report: {s:?}"))?
+        .into_inner();
+    match tokio::time::timeout(Duration::from_secs(10), acks.message()).await {
+        Ok(Ok(Some(ack))) => Ok(ack),
+        other => Err(format!("no ack: {other:?}")),
+    }
+}
+
+#[tokio::test]
+async fn t8_plaintext_is_refused_by_a_tls_collector() {
+    let ca = TestCa::new("fathom test CA");
+    let (cert, key) = ca.server_cert((2020, 1, 1), (2100, 1, 1));
+    let (addr, collector) = start_tls_server(cert, key).await;
+    // The control: the right CA over TLS works, so the refusals below are the TLS's doing.
+    let ack = send_over_tls(addr, &ca.pem)
+        .await
+        .expect("TLS with the right CA");
+    assert_eq!(ack.rejection, None);
+    let err = match runner(addr, "token-0").await {
+        Ok(mut r) => r.send(report(0, 2, &[("a", 5)])).await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_ne!(err.code(), tonic::Code::Ok, "{err}");
+    assert_eq!(
+        collector.merged(JOB_UID).expect("known").data.totals.hits,
+        1,
+        "nothing of the plaintext stream merged"
+    );
+}
+
+#[tokio::test]
+async fn t8_a_server_certificate_of_another_ca_is_refused_by_the_runner() {
+    let ca = TestCa::new("fathom test CA");
+    let other = TestCa::new("another CA");
+    let (cert, key) = other.server_cert((2020, 1, 1), (2100, 1, 1));
+    let (addr, collector) = start_tls_server(cert, key).await;
+    let err = send_over_tls(addr, &ca.pem).await.unwrap_err();
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("invalid peer certificate"),
+        "{err}"
+    );
+    assert_eq!(
+        collector
+            .merged(JOB_UID)
+            .expect("known")
+            .coverage
+            .nodes_reported,
+        0
+    );
+    // The control: trusting the other CA, the same server is accepted.
+    assert!(send_over_tls(addr, &other.pem).await.is_ok());
+}
+
+#[tokio::test]
+async fn t8_an_expired_server_certificate_is_refused() {
+    let ca = TestCa::new("fathom test CA");
+    let (cert, key) = ca.server_cert((2020, 1, 1), (2021, 1, 1));
+    let (addr, collector) = start_tls_server(cert, key).await;
+    let err = send_over_tls(addr, &ca.pem).await.unwrap_err();
+    assert!(err.contains("Expired"), "{err}");
+    assert_eq!(
+        collector
+            .merged(JOB_UID)
+            .expect("known")
+            .coverage
+            .nodes_reported,
+        0
+    );
+}
+
+/// Raw gRPC frames out (for a message that is not a NodeReport), acks in.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = v1::ReportAck;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = v1::ReportAck;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<v1::ReportAck>, tonic::Status> {
+        <v1::ReportAck as prost::Message>::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// A writer into a shared buffer, to read what the collector logged.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+/// A malformed message (bytes that are no NodeReport) after a good report: the good one is
+/// merged and acknowledged, the stream ends with the decoding error logged with its reason,
+/// and the runner's next stream keeps going. A wrong job uid is rejected with its reason
+/// logged while the stream goes on.
+#[tokio::test]
+async fn t8_a_malformed_message_is_rejected_with_a_logged_reason_and_the_runner_goes_on() {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let s = start_server(1).await;
+    let channel = Channel::from_shared(format!("http://{}", s.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let good = prost::Message::encode_to_vec(&report(0, 1, &[("a", 3)]));
+    // Field 1 as a length-delimited string of 100 bytes, with 3 bytes there: not a message.
+    let malformed = vec![0x0a, 100, b'x', b'y', b'z'];
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+    let outbound =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut req = Request::new(outbound);
+    req.metadata_mut()
+        .insert("authorization", "Bearer token-0".parse().expect("ascii"));
+    tx.send(good).await.expect("send");
+    let mut acks = grpc
+        .streaming(
+            req,
+            http::uri::PathAndQuery::from_static("/fathom.v1.Collector/Report"),
+            RawCodec,
+        )
+        .await
+        .expect("stream")
+        .into_inner();
+    let ack = acks.message().await.expect("ok").expect("ack");
+    assert_eq!((ack.acknowledged_seq, ack.rejection), (1, None));
+    tx.send(malformed).await.expect("send");
+    let err = tokio::time::timeout(Duration::from_secs(5), acks.message())
+        .await
+        .expect("in time")
+        .unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    let logged = logs.text();
+    assert!(
+        logged.contains("malformed or oversized report") && logged.contains("decode"),
+        "the reason is logged: {logged}"
+    );
+    // The runner reconnects and goes on; a wrong job uid is rejected with a logged reason
+    // while the stream's good reports keep flowing.
+    let mut r = runner(s.addr, "token-0").await.expect("stream");
+    let mut wrong_job = report(0, 2, &[("a", 100)]);
+    wrong_job.job_uid = "another-job".into();
+    assert_eq!(
+        rejection(&r.send(wrong_job).await.expect("ack")),
+        RejectionCode::JobMismatch
+    );
+    assert!(logs.text().contains("report rejected") && logs.text().contains("another-job"));
+    let ack = r.send(report(0, 3, &[("a", 7)])).await.expect("ack");
+    assert_eq!((ack.acknowledged_seq, ack.rejection), (3, None));
+    assert_eq!(
+        s.collector.merged(JOB_UID).expect("known").data.totals.hits,
+        7
+    );
+}
+
+/// T7 on the collector's side: the transport drops a runner counts in its reports show in
+/// the merged result's totals (eventsDropped) and its EventsLost degradation.
+#[test]
+fn t7_transport_drops_show_in_the_result() {
+    let mut s = merge_state(1);
+    let mut r = report(0, 1, &[("a", 1)]);
+    r.counters.as_mut().expect("counters").transport_dropped = 5_000;
+    s.accept("node-0", &r);
+    let m = s.merged(JOB_UID).expect("known");
+    assert_eq!(m.data.totals.events_dropped, 5_000);
+    assert!(
+        m.data
+            .degraded
+            .iter()
+            .any(|d| d.reason == "EventsLost" && d.message.contains("5000 dropped")),
+        "{:?}",
+        m.data.degraded
+    );
 }

@@ -65,10 +65,21 @@ struct Args {
     /// Seconds between two reports of an attached assignment.
     #[arg(long, env = "FATHOM_REPORT_INTERVAL", default_value_t = 2)]
     report_interval: u64,
+    /// Events the runner spools while the collector is unreachable or not reading; more are
+    /// dropped (oldest first) and counted in the reports' transportDropped.
+    #[arg(long, env = "FATHOM_SPOOL_EVENTS", default_value_t = 100_000)]
+    spool_events: usize,
     /// Seconds between two status writes that only update counters.
     #[arg(long, env = "FATHOM_STATUS_INTERVAL", default_value_t = 30)]
     status_interval: u64,
 }
+
+/// Reports between the engine thread and the transport.
+const REPORT_QUEUE: usize = 64;
+/// How often the engine thread sends the live events read since the last time.
+const EVENTS_INTERVAL: Duration = Duration::from_millis(200);
+/// Event batches (of MAX_EVENTS_PER_REPORT) per assignment each EVENTS_INTERVAL.
+const EVENT_BATCHES: usize = 16;
 
 /// What the async side tells the engine thread.
 enum Command {
@@ -93,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
     let (stop, shutdown) = watch::channel(false);
     let runner_stats = Arc::new(RunnerStats::default());
     let transport_stats = Arc::new(TransportStats::default());
-    let (report_tx, report_rx) = mpsc::channel::<NodeReport>(1024);
+    // Small: reports may carry 1,000 events each; the transport's bounded outbox is the spool.
+    let (report_tx, report_rx) = mpsc::channel::<NodeReport>(REPORT_QUEUE);
     let (write_tx, write_rx) = mpsc::channel::<Output>(256);
     let (ack_tx, ack_rx) = mpsc::channel::<ReportAck>(256);
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
@@ -119,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
             c.token_file = args.token_file.clone();
             c.ca_file = args.ca_file.clone();
             c.insecure_plaintext = args.insecure_plaintext;
+            c.spool_events = args.spool_events;
             c
         });
         async move {
@@ -256,8 +269,11 @@ fn engine_loop(
     );
     let mut synced = false;
     let mut next_tick = Instant::now() + report_interval;
+    let mut next_events = Instant::now() + EVENTS_INTERVAL;
     loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
+        let wait = next_tick
+            .min(next_events)
+            .saturating_duration_since(Instant::now());
         let output = match commands.recv_timeout(wait) {
             Ok(Command::Sync { desired, first }) => {
                 runner.sync(desired);
@@ -275,6 +291,19 @@ fn engine_loop(
             }
             Ok(Command::Acknowledged { uid, seq }) => {
                 runner.acknowledged(&uid, seq);
+                continue;
+            }
+            Err(std_mpsc::RecvTimeoutError::Timeout) if Instant::now() < next_tick => {
+                next_events = Instant::now() + EVENTS_INTERVAL;
+                if !synced {
+                    continue;
+                }
+                let events = runner.report_events(SystemTime::now(), EVENT_BATCHES);
+                for report in events {
+                    if reports.blocking_send(report).is_err() {
+                        return;
+                    }
+                }
                 continue;
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {

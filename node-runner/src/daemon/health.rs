@@ -35,7 +35,7 @@ pub struct RunnerStats {
 pub fn metrics_text(runner: &RunnerStats, transport: &TransportStats) -> String {
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let b = |a: &AtomicBool| u64::from(a.load(Ordering::Relaxed));
-    let lines: [(&str, &str, &str, u64); 12] = [
+    let lines: [(&str, &str, &str, u64); 15] = [
         (
             "fathom_runner_synced",
             "gauge",
@@ -107,6 +107,24 @@ pub fn metrics_text(runner: &RunnerStats, transport: &TransportStats) -> String 
             "counter",
             "reports that fell off the full outgoing queue",
             g(&transport.dropped),
+        ),
+        (
+            "fathom_runner_events_dropped_total",
+            "counter",
+            "events the transport dropped (spool full, or unacknowledged on a broken stream)",
+            g(&transport.events_dropped),
+        ),
+        (
+            "fathom_runner_spool_reports",
+            "gauge",
+            "reports queued for the collector",
+            g(&transport.queued),
+        ),
+        (
+            "fathom_runner_spool_events",
+            "gauge",
+            "events queued for the collector",
+            g(&transport.queued_events),
         ),
     ];
     let mut out = String::new();

@@ -28,9 +28,10 @@ use std::{
 use fathom_crds::{
     CheckedSpec,
     assignment::{AssignmentPhase, TraceAssignmentSpec, TraceAssignmentStatus},
-    result::ResultData,
+    result::{EventRecord, ResultData},
     verdict::Verdict,
 };
+use fathom_proto::MAX_EVENTS_PER_REPORT;
 use fathom_proto::v1;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
@@ -62,6 +63,12 @@ pub trait Probes {
     fn attached(&self, id: &str) -> Option<(Vec<String>, Verdict)>;
     /// Names the target cgroups of a running `id` (namespace, pod, container) for its keys.
     fn label(&mut self, id: &str, labels: HashMap<u64, CgroupLabels>);
+    /// Up to `max` live events of a running `id` not taken yet (oldest first), and how many
+    /// its live queue dropped so far; `None` when it is not running or has no events.
+    fn take_events(&mut self, id: &str, max: usize) -> Option<(Vec<EventRecord>, u64)> {
+        let _ = (id, max);
+        None
+    }
 }
 
 impl Probes for Engine {
@@ -89,6 +96,10 @@ impl Probes for Engine {
 
     fn label(&mut self, id: &str, labels: HashMap<u64, CgroupLabels>) {
         self.label_cgroups(id, labels);
+    }
+
+    fn take_events(&mut self, id: &str, max: usize) -> Option<(Vec<EventRecord>, u64)> {
+        Engine::take_events(self, id, max)
     }
 }
 
@@ -158,6 +169,8 @@ struct Tracked {
     start_time: Option<SystemTime>,
     result: Option<ResultData>,
     seq: u64,
+    /// Live events the engine's queue dropped (not taken in time), cumulative for the run.
+    live_dropped: u64,
     final_reported: bool,
     released: bool,
     last_status: Option<(TraceAssignmentStatus, SystemTime)>,
@@ -180,6 +193,7 @@ impl Tracked {
             start_time: None,
             result: None,
             seq: 0,
+            live_dropped: 0,
             final_reported: false,
             released: false,
             last_status: None,
@@ -237,8 +251,11 @@ impl Tracked {
             CLUSTER_TRACE_JOB => v1::JobKind::ClusterTraceJob,
             _ => v1::JobKind::Unspecified,
         };
+        // Live events the engine's queue dropped are user-space drops of this result too.
+        let live_dropped = self.live_dropped;
         let result = self.result.clone().map(|mut r| {
             r.events.clear();
+            r.totals.events_dropped += live_dropped;
             v1::ResultData::from(r)
         });
         let counters = self.result.as_ref().map(|r| v1::Counters {
@@ -246,7 +263,7 @@ impl Tracked {
             map_full: r.totals.map_full,
             ringbuf_lost: r.totals.events_lost,
             rate_limited: r.totals.rate_limited,
-            user_dropped: r.totals.events_dropped,
+            user_dropped: r.totals.events_dropped + self.live_dropped,
             transport_dropped: 0,
         });
         let message = match (&self.error, &self.verdict) {
@@ -550,6 +567,17 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         now: SystemTime,
         out: &mut Output,
     ) {
+        // The live events not taken yet go with the final report (at most one batch; what
+        // remains in the engine's queue is dropped with the session).
+        let mut last_events = Vec::new();
+        if t.attached
+            && let Some((events, dropped)) = self
+                .probes
+                .take_events(&t.desired.uid, MAX_EVENTS_PER_REPORT)
+        {
+            t.live_dropped = dropped;
+            last_events = events;
+        }
         if t.attached {
             match self.probes.detach(&t.desired.uid) {
                 Ok(Some(r)) => t.result = Some(r),
@@ -566,7 +594,9 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
             t.phase = phase;
         }
         if !t.final_reported {
-            out.reports.push(t.report(&self.opts.node, now, true));
+            let mut r = t.report(&self.opts.node, now, true);
+            r.events = last_events.into_iter().map(Into::into).collect();
+            out.reports.push(r);
             t.final_reported = true;
         }
     }
@@ -603,6 +633,39 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         {
             tracing::warn!(uid, error = %e, "removing the pin directory failed");
         }
+    }
+
+    /// Reports carrying the live events of the attached assignments: batches of at most
+    /// [`MAX_EVENTS_PER_REPORT`], each in a report with the latest cumulative result (no new
+    /// snapshot) and its own seq; at most `max_batches` per assignment, the rest waits in the
+    /// engine's bounded queue (which counts what it drops, in `counters.user_dropped`).
+    pub fn report_events(&mut self, now: SystemTime, max_batches: usize) -> Vec<v1::NodeReport> {
+        let mut reports = Vec::new();
+        for t in self.tracked.values_mut() {
+            if !t.attached || t.phase.is_final() || t.desired.deleting {
+                continue;
+            }
+            for _ in 0..max_batches {
+                let Some((events, dropped)) = self
+                    .probes
+                    .take_events(&t.desired.uid, MAX_EVENTS_PER_REPORT)
+                else {
+                    break;
+                };
+                t.live_dropped = dropped;
+                if events.is_empty() {
+                    break;
+                }
+                let full = events.len() == MAX_EVENTS_PER_REPORT;
+                let mut r = t.report(&self.opts.node, now, false);
+                r.events = events.into_iter().map(Into::into).collect();
+                reports.push(r);
+                if !full {
+                    break;
+                }
+            }
+        }
+        reports
     }
 
     /// Raises an assignment's next sequence number above what the collector acknowledged
@@ -653,6 +716,9 @@ mod tests {
         detaches: Vec<String>,
         labels: BTreeMap<String, HashMap<u64, CgroupLabels>>,
         infeasible: bool,
+        /// Live events waiting in the engine, and how many it dropped.
+        events: u64,
+        events_dropped: u64,
     }
 
     #[derive(Clone, Default)]
@@ -700,6 +766,20 @@ mod tests {
             let mut c = self.0.borrow_mut();
             c.detaches.push(id.to_string());
             Ok(c.running.remove(id).map(|(_, _, h)| result(h + 1)))
+        }
+
+        fn take_events(&mut self, id: &str, max: usize) -> Option<(Vec<EventRecord>, u64)> {
+            let mut c = self.0.borrow_mut();
+            c.running.get(id)?;
+            let n = c.events.min(max as u64);
+            c.events -= n;
+            let events = (0..n)
+                .map(|i| EventRecord {
+                    time_ns: i,
+                    ..Default::default()
+                })
+                .collect();
+            Some((events, c.events_dropped))
         }
 
         fn attached(&self, id: &str) -> Option<(Vec<String>, Verdict)> {
@@ -809,6 +889,41 @@ mod tests {
 
     fn phase(out: &Output) -> Option<AssignmentPhase> {
         out.statuses.last().and_then(|(_, s)| s.phase)
+    }
+
+    #[test]
+    fn live_events_go_in_batches_of_at_most_max_events_per_report_with_drops_counted() {
+        let tree = Tree::new("events");
+        let (mut r, engine) = runner(&tree);
+        r.sync([desired("u1", TRACE_JOB, Some("shop"), &["shop"])]);
+        let first = r.reconcile(at(0), false).reports[0].seq;
+        engine.0.borrow_mut().events = 2_500;
+        engine.0.borrow_mut().events_dropped = 7;
+        let out = r.report_events(at(1), 16);
+        let batches: Vec<usize> = out.iter().map(|r| r.events.len()).collect();
+        assert_eq!(batches, vec![1000, 1000, 500]);
+        assert!(out.windows(2).all(|w| w[0].seq < w[1].seq) && out[0].seq > first);
+        let c = out[2].counters.unwrap();
+        assert_eq!(c.user_dropped, 7, "the engine's live-queue drops");
+        assert_eq!(
+            out[2]
+                .result
+                .as_ref()
+                .unwrap()
+                .totals
+                .as_ref()
+                .unwrap()
+                .events_dropped,
+            7
+        );
+        assert!(
+            r.report_events(at(2), 16).is_empty(),
+            "nothing new: no report"
+        );
+        // At most `max_batches` per call; the rest waits.
+        engine.0.borrow_mut().events = 3_000;
+        assert_eq!(r.report_events(at(3), 2).len(), 2);
+        assert_eq!(r.report_events(at(4), 2).len(), 1);
     }
 
     #[test]

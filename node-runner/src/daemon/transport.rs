@@ -25,7 +25,7 @@ use std::{
 };
 
 use fathom_proto::{
-    MAX_MESSAGE_BYTES,
+    MAX_EVENTS_PER_REPORT, MAX_MESSAGE_BYTES,
     v1::{NodeReport, ReportAck, collector_client::CollectorClient},
 };
 use tokio::sync::{mpsc, watch};
@@ -135,52 +135,140 @@ impl Backoff {
     }
 }
 
-/// The bounded queue of reports to send, and the latest report of each assignment for resend.
+/// The bounded queue of reports to send (the spool while the collector is unreachable or not
+/// reading), and the latest report of each assignment for resend.
+///
+/// Reports are cumulative, so a queued report is replaced by a newer one of the same
+/// assignment; their event batches (not cumulative) are joined while they fit in one report
+/// ([`MAX_EVENTS_PER_REPORT`]), else the newer report queues behind. Bounds: at most
+/// `capacity` reports and `spool_events` events queued; what falls off is counted, events per
+/// assignment and run, and every report sent carries its assignment's count in
+/// `counters.transport_dropped` (added to what the runner counted itself).
 #[derive(Debug)]
 pub struct Outbox {
-    /// Latest report per (assignment uid, run); a run's final report stays until acknowledged.
+    /// Latest report per (assignment uid, run), without its events (they are sent once); a
+    /// run's final report stays until acknowledged.
     latest: BTreeMap<(String, u64), NodeReport>,
     queue: VecDeque<NodeReport>,
     capacity: usize,
+    spool_events: usize,
+    queued_events: usize,
+    /// Reports that fell off the full queue.
     dropped: u64,
+    /// Events dropped per (assignment uid, run): the spool was full, or they were in flight
+    /// on a stream that broke before its acknowledgement.
+    events_dropped: BTreeMap<(String, u64), u64>,
+    events_dropped_total: u64,
+    /// Sent, not yet acknowledged: (assignment uid, run, seq, events).
+    in_flight: Vec<(String, u64, u64, usize)>,
+    queued_events_high: usize,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> Outbox {
+    /// A queue of at most `capacity` reports and `spool_events` events.
+    pub fn new(capacity: usize, spool_events: usize) -> Outbox {
         Outbox {
             latest: BTreeMap::new(),
             queue: VecDeque::new(),
             capacity: capacity.max(1),
+            spool_events,
+            queued_events: 0,
             dropped: 0,
+            events_dropped: BTreeMap::new(),
+            events_dropped_total: 0,
+            in_flight: Vec::new(),
+            queued_events_high: 0,
         }
     }
 
-    /// Queues a report: it replaces a queued one of the same assignment and run (reports are
-    /// cumulative), else goes to the back; when the queue is full the oldest is dropped and
-    /// counted (its assignment's latest report is still resent after a reconnect).
-    pub fn push(&mut self, report: NodeReport) {
+    /// Queues a report: it replaces the last queued one of the same assignment and run
+    /// (reports are cumulative) when their events fit together, else goes to the back; when
+    /// the queue is full the oldest is dropped and counted (its assignment's latest report is
+    /// still resent after a reconnect, its events are counted as dropped).
+    pub fn push(&mut self, mut report: NodeReport) {
         let key = (report.assignment_uid.clone(), report.run);
         // An older run's reports are superseded, except a final one not yet acknowledged.
         self.latest
             .retain(|(uid, run), r| uid != &key.0 || *run >= key.1 || r.r#final);
-        self.latest.insert(key.clone(), report.clone());
+        let mut kept = report.clone();
+        kept.events.clear();
+        self.latest.insert(key.clone(), kept);
+        let incoming = report.events.len();
         if let Some(queued) = self
             .queue
             .iter_mut()
-            .find(|q| q.assignment_uid == key.0 && q.run == key.1 && !q.r#final)
+            .rev()
+            .find(|q| q.assignment_uid == key.0 && q.run == key.1)
+            && !queued.r#final
+            && queued.events.len() + incoming <= MAX_EVENTS_PER_REPORT
         {
+            let mut events = std::mem::take(&mut queued.events);
+            events.append(&mut report.events);
+            report.events = events;
             *queued = report;
-            return;
+            self.queued_events += incoming;
+        } else {
+            if self.queue.len() >= self.capacity
+                && let Some(old) = self.queue.pop_front()
+            {
+                self.dropped += 1;
+                self.queued_events -= old.events.len();
+                self.count_dropped(&old.assignment_uid, old.run, old.events.len());
+            }
+            self.queued_events += incoming;
+            self.queue.push_back(report);
         }
-        if self.queue.len() >= self.capacity {
-            self.queue.pop_front();
-            self.dropped += 1;
-        }
-        self.queue.push_back(report);
+        self.enforce_spool();
+        self.queued_events_high = self.queued_events_high.max(self.queued_events);
     }
 
+    /// Drops the oldest queued events until at most `spool_events` remain.
+    fn enforce_spool(&mut self) {
+        let mut i = 0;
+        while self.queued_events > self.spool_events && i < self.queue.len() {
+            let over = self.queued_events - self.spool_events;
+            let r = &mut self.queue[i];
+            let n = over.min(r.events.len());
+            if n > 0 {
+                r.events.drain(..n);
+                let (uid, run) = (r.assignment_uid.clone(), r.run);
+                self.queued_events -= n;
+                self.count_dropped(&uid, run, n);
+            }
+            i += 1;
+        }
+    }
+
+    fn count_dropped(&mut self, uid: &str, run: u64, n: usize) {
+        if n == 0 {
+            return;
+        }
+        *self
+            .events_dropped
+            .entry((uid.to_string(), run))
+            .or_default() += n as u64;
+        self.events_dropped_total += n as u64;
+    }
+
+    /// The next report to send, its `counters.transport_dropped` counting what this outbox
+    /// dropped of its assignment and run so far.
     pub fn pop(&mut self) -> Option<NodeReport> {
-        self.queue.pop_front()
+        let mut r = self.queue.pop_front()?;
+        self.queued_events -= r.events.len();
+        let dropped = self
+            .events_dropped
+            .get(&(r.assignment_uid.clone(), r.run))
+            .copied()
+            .unwrap_or(0);
+        if dropped > 0 {
+            let counters = r.counters.get_or_insert_with(Default::default);
+            counters.transport_dropped += dropped;
+        }
+        if !r.events.is_empty() {
+            self.in_flight
+                .push((r.assignment_uid.clone(), r.run, r.seq, r.events.len()));
+        }
+        Some(r)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -191,26 +279,59 @@ impl Outbox {
         self.queue.len()
     }
 
-    /// After a reconnect: the queue becomes the latest report of every assignment (and every
-    /// unacknowledged final one), oldest first.
+    /// After a reconnect: events sent on the broken stream and not acknowledged are counted as
+    /// dropped (they may have arrived: an upper bound); the queue keeps what was not sent yet
+    /// and gets the latest report of every other assignment (and every unacknowledged final
+    /// one), without events, in order of seq.
     pub fn reconnected(&mut self) {
-        let mut all: Vec<NodeReport> = self.latest.values().cloned().collect();
+        for (uid, run, _, n) in std::mem::take(&mut self.in_flight) {
+            self.count_dropped(&uid, run, n);
+        }
+        let queued: std::collections::BTreeSet<(String, u64, u64)> = self
+            .queue
+            .iter()
+            .map(|r| (r.assignment_uid.clone(), r.run, r.seq))
+            .collect();
+        let mut all: Vec<NodeReport> = self.queue.drain(..).collect();
+        all.extend(
+            self.latest
+                .values()
+                .filter(|r| !queued.contains(&(r.assignment_uid.clone(), r.run, r.seq)))
+                .cloned(),
+        );
         all.sort_by_key(|r| r.seq);
         let overflow = all.len().saturating_sub(self.capacity);
-        self.dropped += overflow as u64;
-        self.queue = all.into_iter().skip(overflow).collect();
+        for old in all.drain(..overflow) {
+            self.dropped += 1;
+            self.queued_events -= old.events.len();
+            self.count_dropped(&old.assignment_uid, old.run, old.events.len());
+        }
+        self.queue = all.into();
     }
 
-    /// Forgets final reports the collector has acknowledged.
+    /// Forgets final reports the collector has acknowledged, and the events it has.
     pub fn acknowledged(&mut self, ack: &ReportAck) {
         self.latest.retain(|(uid, _), r| {
             !(uid == &ack.assignment_uid && r.r#final && r.seq <= ack.acknowledged_seq)
+        });
+        self.in_flight.retain(|(uid, _, seq, _)| {
+            !(uid == &ack.assignment_uid && *seq <= ack.acknowledged_seq)
         });
     }
 
     /// Reports that fell off the full queue.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Events dropped in all (spool full, or unacknowledged on a broken stream).
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped_total
+    }
+
+    /// Events queued now, and the most ever queued.
+    pub fn queued_events(&self) -> (usize, usize) {
+        (self.queued_events, self.queued_events_high)
     }
 
     /// Assignments (and runs) whose latest report is kept for resending.
@@ -236,6 +357,9 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
     /// Reports queued at most.
     pub buffer: usize,
+    /// Events queued at most (the spool of event batches while the collector is unreachable
+    /// or not reading); more are dropped, oldest first, and counted.
+    pub spool_events: usize,
 }
 
 impl TransportConfig {
@@ -250,6 +374,7 @@ impl TransportConfig {
             keepalive_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             buffer: 4096,
+            spool_events: 100_000,
         }
     }
 
@@ -264,8 +389,7 @@ impl TransportConfig {
             .http2_keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .connect_timeout(self.connect_timeout)
-            .tcp_keepalive(Some(self.keepalive_interval));
+            .connect_timeout(self.connect_timeout);
         if self.url.starts_with("http://") {
             if !self.insecure_plaintext {
                 return Err(TransportError::PlaintextRefused(self.url.clone()));
@@ -304,6 +428,10 @@ impl TransportConfig {
     }
 }
 
+/// Reports handed to the stream but not yet written to it: small, so that what waits while the
+/// collector does not read stays in the bounded [`Outbox`].
+const STREAM_QUEUE: usize = 4;
+
 /// What the transport did, for `/metrics` and `/readyz`.
 #[derive(Debug, Default)]
 pub struct TransportStats {
@@ -314,6 +442,26 @@ pub struct TransportStats {
     pub acknowledged: AtomicU64,
     pub rejected: AtomicU64,
     pub dropped: AtomicU64,
+    /// Events dropped by the transport (spool full, or in flight on a broken stream).
+    pub events_dropped: AtomicU64,
+    /// Reports queued now.
+    pub queued: AtomicU64,
+    /// Events queued now, and the most ever queued.
+    pub queued_events: AtomicU64,
+    pub queued_events_high: AtomicU64,
+}
+
+impl TransportStats {
+    fn observe(&self, outbox: &Outbox) {
+        let (now, high) = outbox.queued_events();
+        self.dropped.store(outbox.dropped(), Ordering::Relaxed);
+        self.events_dropped
+            .store(outbox.events_dropped(), Ordering::Relaxed);
+        self.queued.store(outbox.len() as u64, Ordering::Relaxed);
+        self.queued_events.store(now as u64, Ordering::Relaxed);
+        self.queued_events_high
+            .store(high as u64, Ordering::Relaxed);
+    }
 }
 
 /// Sends what arrives on `reports` until `shutdown` turns true or `reports` closes (after the
@@ -333,7 +481,7 @@ pub async fn run(
         .unwrap_or(0)
         ^ u64::from(std::process::id());
     let mut backoff = Backoff::new(config.backoff.clone(), seed);
-    let mut outbox = Outbox::new(config.buffer);
+    let mut outbox = Outbox::new(config.buffer, config.spool_events);
     let mut reports_open = true;
     let mut last_attempt: Option<Instant> = None;
     loop {
@@ -350,7 +498,7 @@ pub async fn run(
                         None => reports_open = false,
                     },
                 }
-                stats.dropped.store(outbox.dropped(), Ordering::Relaxed);
+                stats.observe(&outbox);
             }
         }
         if *shutdown.borrow() || (!reports_open && outbox.kept() == 0) {
@@ -383,7 +531,7 @@ pub async fn run(
                 tracing::warn!(%error, acknowledged, "collector stream ended; reconnecting");
             }
         }
-        stats.dropped.store(outbox.dropped(), Ordering::Relaxed);
+        stats.observe(&outbox);
     }
 }
 
@@ -394,6 +542,52 @@ enum Ended {
         acknowledged: bool,
         error: String,
     },
+}
+
+/// The connector of one attempt: it opens one TCP connection and refuses any other, so that
+/// tonic's channel, which reconnects on its own when its connection breaks, never opens a
+/// second connection behind the backoff (T4: not more than one attempt a second). TLS, when
+/// configured, is layered on it by the endpoint.
+#[derive(Clone, Debug, Default)]
+struct OneConnection(Arc<AtomicBool>);
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for OneConnection {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        let first = !self.0.swap(true, Ordering::SeqCst);
+        Box::pin(async move {
+            if !first {
+                return Err(std::io::Error::other(
+                    "one connection per attempt: the transport reconnects after its backoff",
+                ));
+            }
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other("the collector URL has no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("http") => 80,
+                _ => 443,
+            });
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
 }
 
 /// One connection and stream.
@@ -418,17 +612,27 @@ impl Session<'_> {
             Ok(t) => t,
             Err(e) => return failed(e.to_string()),
         };
-        let channel: Channel = tokio::select! {
-            c = self.endpoint.connect() => match c {
-                Ok(c) => c,
-                Err(e) => return failed(format!("connecting: {e}")),
-            },
-            _ = self.shutdown.changed() => return Ended::Shutdown,
+        // Reports keep arriving while connecting: the runner never blocks on us.
+        let endpoint = self.endpoint;
+        let connect = endpoint.connect_with_connector(OneConnection::default());
+        tokio::pin!(connect);
+        let channel: Channel = loop {
+            tokio::select! {
+                c = &mut connect => match c {
+                    Ok(c) => break c,
+                    Err(e) => return failed(format!("connecting: {e}")),
+                },
+                _ = self.shutdown.changed() => return Ended::Shutdown,
+                r = self.reports.recv(), if *self.reports_open => match r {
+                    Some(r) => self.outbox.push(r),
+                    None => *self.reports_open = false,
+                },
+            }
         };
         let mut client = CollectorClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let (tx, rx) = mpsc::channel::<NodeReport>(64);
+        let (tx, rx) = mpsc::channel::<NodeReport>(STREAM_QUEUE);
         self.outbox.reconnected();
         while let Ok(permit) = tx.try_reserve() {
             let Some(r) = self.outbox.pop() else { break };
@@ -491,9 +695,7 @@ impl Session<'_> {
                     },
                 },
             }
-            self.stats
-                .dropped
-                .store(self.outbox.dropped(), Ordering::Relaxed);
+            self.stats.observe(self.outbox);
         }
     }
 }
@@ -573,7 +775,7 @@ mod tests {
 
     #[test]
     fn the_outbox_keeps_one_report_per_assignment_and_counts_drops() {
-        let mut o = Outbox::new(2);
+        let mut o = Outbox::new(2, 1000);
         o.push(report("a", 1, 1, 1, false));
         o.push(report("a", 1, 2, 2, false));
         o.push(report("b", 1, 3, 1, false));
@@ -590,7 +792,7 @@ mod tests {
 
     #[test]
     fn after_a_reconnect_the_latest_report_of_every_assignment_is_resent() {
-        let mut o = Outbox::new(16);
+        let mut o = Outbox::new(16, 1000);
         o.push(report("a", 1, 1, 1, false));
         o.push(report("b", 1, 2, 1, false));
         o.pop();
@@ -613,6 +815,50 @@ mod tests {
         });
         o.reconnected();
         assert_eq!(seqs(&mut o), vec![("a".into(), 3), ("b".into(), 5)]);
+    }
+
+    fn with_events(mut r: NodeReport, n: usize) -> NodeReport {
+        r.events = (0..n)
+            .map(|i| fathom_proto::v1::Event {
+                time_ns: i as u64,
+                fields: Default::default(),
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn queued_event_batches_join_while_they_fit_and_the_spool_drops_the_oldest_counted() {
+        let mut o = Outbox::new(16, 1500);
+        o.push(with_events(report("a", 1, 1, 1, false), 600));
+        o.push(with_events(report("a", 1, 2, 2, false), 300));
+        assert_eq!(o.len(), 1, "900 events fit one report");
+        o.push(with_events(report("a", 1, 3, 3, false), 300));
+        assert_eq!(o.len(), 2, "1,200 do not");
+        assert_eq!(o.queued_events().0, 1200);
+        o.push(with_events(report("a", 1, 4, 4, false), 500));
+        // 1,700 queued > 1,500: the 200 oldest go, counted.
+        assert_eq!(o.queued_events(), (1500, 1500));
+        assert_eq!(o.events_dropped(), 200);
+        let first = o.pop().unwrap();
+        assert_eq!((first.seq, first.events.len()), (2, 700));
+        assert_eq!(first.counters.unwrap().transport_dropped, 200);
+        assert_eq!(first.events[0].time_ns, 200, "the oldest were dropped");
+        let second = o.pop().unwrap();
+        assert_eq!((second.seq, second.events.len()), (4, 800));
+        assert!(o.pop().is_none());
+        // Unacknowledged when the stream breaks: counted as dropped, and the resend of the
+        // latest report carries no events.
+        o.acknowledged(&ReportAck {
+            assignment_uid: "a".into(),
+            acknowledged_seq: 2,
+            rejection: None,
+        });
+        o.reconnected();
+        assert_eq!(o.events_dropped(), 1000);
+        let resent = o.pop().unwrap();
+        assert_eq!((resent.seq, resent.events.len()), (4, 0));
+        assert_eq!(resent.counters.unwrap().transport_dropped, 1000);
     }
 
     /// (stream number, report, authorization header)

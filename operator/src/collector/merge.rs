@@ -527,6 +527,9 @@ fn merge_job(job: &JobState) -> Merged {
     histograms.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.keys.cmp(&b.keys)));
     data.histograms = histograms;
     data.events = job.events.iter().cloned().collect();
+    // Events the runners dropped on the way here (spool full, broken streams) are user-space
+    // drops of the result: they show in its totals and its EventsLost degradation.
+    data.totals.events_dropped += counters.transport_dropped;
     data.degraded = data.totals.degradations();
     data.truncated = truncated;
     bound_result(&mut data, MAX_RESULT_BYTES);
