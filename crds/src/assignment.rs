@@ -2,9 +2,14 @@
 //! `status`.
 //!
 //! The protocol between them:
-//! - the operator creates one assignment per (job, node) with the label
-//!   [`NODE_LABEL`]`=<node>` (and `spec.nodeName`, a selectable field), owned by its job, with
-//!   the finalizer [`DETACH_FINALIZER`];
+//! - the operator creates one assignment per (job, node) **in its own namespace** (never the
+//!   job's: a tenant who may write objects in its namespace must not be able to write an
+//!   assignment the runner would execute), with the label [`NODE_LABEL`]`=<node>` (and
+//!   `spec.nodeName`, a selectable field), the labels of its job ([`JOB_UID_LABEL`],
+//!   [`JOB_NAMESPACE_LABEL`]…) and the finalizer [`DETACH_FINALIZER`]. Only a
+//!   ClusterTraceJob's assignment has an ownerReference (a cluster-scoped owner may own objects
+//!   of any namespace; a namespaced one may not own objects of another namespace); the
+//!   operator deletes the others itself, and sweeps assignments whose job is gone;
 //! - the runner of that node attaches the probes (filtered to `spec.targetPods`' cgroups unless
 //!   `spec.nodeWide`), reports in `status`, detaches at `spec.deadline` or when `spec.suspend`
 //!   is set, and writes a final status (phase Succeeded, Stopped, Failed or NotFeasible);
@@ -27,6 +32,9 @@ pub const JOB_UID_LABEL: &str = "fathom.dev/job-uid";
 pub const JOB_NAME_LABEL: &str = "fathom.dev/job";
 /// Label with the owning job's kind, `TraceJob` or `ClusterTraceJob`.
 pub const JOB_KIND_LABEL: &str = "fathom.dev/job-kind";
+/// Label with the owning TraceJob's namespace (absent for a ClusterTraceJob): assignments all
+/// live in the operator's namespace, this says which tenant's job each one runs.
+pub const JOB_NAMESPACE_LABEL: &str = "fathom.dev/job-namespace";
 /// Finalizer on each assignment, removed by the runner once it has detached.
 pub const DETACH_FINALIZER: &str = "fathom.dev/detach";
 
@@ -219,22 +227,33 @@ fn bounded_name(base: &str, hash_of: &[&str]) -> String {
     format!("{head}-{hash}")
 }
 
-/// The name of the assignment of a job on a node: `<job>-<node>-<hash>`; the hash (of kind,
-/// namespace, job and node) keeps names of different pairs apart.
+/// The name of the assignment of a job on a node, in the operator's namespace:
+/// `<namespace>.<job>-<node>-<hash>` for a TraceJob, `<job>-<node>-<hash>` for a
+/// ClusterTraceJob. The hash (of kind, namespace, job name, job uid and node) keeps the names of
+/// different (job, node) pairs apart — jobs of the same name in different namespaces, names
+/// cut to 253 characters — and, holding the job's uid (which the API server picks and no other
+/// tenant can read), makes a name that one tenant's job would take unpredictable to another.
+/// The namespace prefix is never cut (a namespace has at most 63 characters).
 pub fn assignment_name(job: &JobRef, node: &str) -> String {
+    let base = match &job.namespace {
+        Some(ns) => format!("{ns}.{}-{node}", job.name),
+        None => format!("{}-{node}", job.name),
+    };
     bounded_name(
-        &format!("{}-{node}", job.name),
+        &base,
         &[
             &job.kind,
             job.namespace.as_deref().unwrap_or(""),
             &job.name,
+            &job.uid,
             node,
         ],
     )
 }
 
-/// The name of a job's TraceResult: the job's name for a TraceJob (same namespace), and
-/// `cluster.<name>` for a ClusterTraceJob (in the operator's namespace).
+/// The name of a job's TraceResult: the job's name for a TraceJob (in the job's namespace,
+/// where its tenant reads it), and `cluster.<name>` for a ClusterTraceJob (in the operator's
+/// namespace).
 pub fn result_name(job: &JobRef) -> String {
     match job.namespace {
         Some(_) => job.name.clone(),
@@ -261,21 +280,47 @@ mod tests {
         let a = assignment_name(&job("TraceJob", Some("ns"), "a-b"), "c");
         let b = assignment_name(&job("TraceJob", Some("ns"), "a"), "b-c");
         assert_ne!(a, b);
-        assert!(a.starts_with("a-b-c-"));
+        assert!(a.starts_with("ns.a-b-c-"), "{a}");
         let c = assignment_name(&job("ClusterTraceJob", None, "a-b"), "c");
         assert_ne!(a, c);
+        assert!(c.starts_with("a-b-c-"), "{c}");
+        // A ClusterTraceJob whose name looks like a namespaced job's prefix still differs.
+        let d = assignment_name(&job("ClusterTraceJob", None, "ns.a-b"), "c");
+        assert_ne!(a, d);
     }
 
     #[test]
-    fn long_names_are_bounded_and_valid() {
+    fn jobs_of_the_same_name_in_two_namespaces_get_two_names() {
+        // Every assignment lives in the operator's namespace: names must not meet there.
+        let shop = assignment_name(&job("TraceJob", Some("shop"), "web"), "n1");
+        let bank = assignment_name(&job("TraceJob", Some("bank"), "web"), "n1");
+        assert_ne!(shop, bank);
+        assert!(shop.starts_with("shop.web-n1-"), "{shop}");
+        assert!(bank.starts_with("bank.web-n1-"), "{bank}");
+        // A recreated job (new uid) gets new names: its predecessor's assignments, maybe
+        // still detaching, are never taken over.
+        let mut again = job("TraceJob", Some("shop"), "web");
+        again.uid = "u2".into();
+        assert_ne!(shop, assignment_name(&again, "n1"));
+    }
+
+    #[test]
+    fn long_names_are_bounded_and_valid_and_keep_the_namespace() {
         let node = format!("{}.example.internal", "n".repeat(230));
-        let name = assignment_name(&job("TraceJob", Some("ns"), &"j".repeat(200)), &node);
+        let ns = "t".repeat(63);
+        let name = assignment_name(&job("TraceJob", Some(&ns), &"j".repeat(200)), &node);
         assert!(name.len() <= 253, "{}", name.len());
+        assert!(name.starts_with(&format!("{ns}.")), "{name}");
         assert!(
             name.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         );
         assert!(!name.contains(".-") && !name.contains("-."));
+        let other = assignment_name(&job("TraceJob", Some(&ns), &"j".repeat(201)), &node);
+        assert_ne!(
+            name, other,
+            "names cut to the same head differ by their hash"
+        );
         let v = node_label_value(&node);
         assert!(v.len() <= 63, "{v}");
         assert_ne!(v, node_label_value(&format!("{node}x")));

@@ -22,7 +22,10 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
-use fathom_crds::{TraceAssignment, assignment::JOB_UID_LABEL};
+use fathom_crds::{
+    TraceAssignment,
+    assignment::{JOB_NAMESPACE_LABEL, JOB_UID_LABEL},
+};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -342,8 +345,10 @@ pub fn install_operator_rbac() {
 // ------------------------------------------------------------------ namespaces and cleanup
 
 /// Removes the finalizers of the Fathom objects of a namespace (the operator may be gone, and
-/// no runner runs), so the namespace can go.
+/// no runner runs), so the namespace can go; and deletes (releasing their finalizers) the
+/// assignments of its jobs, which live in the operator's namespace and have no ownerReference.
 fn release_fathom_objects(ns: &str) {
+    release_assignments_of_namespace(ns);
     for kind in ["tracejobs.fathom.dev", "traceassignments.fathom.dev"] {
         let Ok(names) = kubectl(&["-n", ns, "get", kind, "-o", "name"]) else {
             continue;
@@ -359,6 +364,47 @@ fn release_fathom_objects(ns: &str) {
                 r#"{"metadata":{"finalizers":null}}"#,
             ]);
         }
+    }
+}
+
+/// Deletes the assignments of the TraceJobs of namespace `ns` (label `fathom.dev/job-namespace`,
+/// in the operator's namespace) and removes their finalizers: no runner detaches here.
+fn release_assignments_of_namespace(ns: &str) {
+    let selector = format!("{JOB_NAMESPACE_LABEL}={ns}");
+    let Ok(names) = kubectl(&[
+        "-n",
+        OPERATOR_NAMESPACE,
+        "get",
+        "traceassignments.fathom.dev",
+        "-l",
+        &selector,
+        "-o",
+        "name",
+    ]) else {
+        return;
+    };
+    for obj in names.lines().filter(|l| !l.is_empty()) {
+        let ns_args = ["-n", OPERATOR_NAMESPACE];
+        let _ = kubectl(
+            &[
+                &ns_args[..],
+                &["delete", obj, "--wait=false", "--ignore-not-found"],
+            ]
+            .concat(),
+        );
+        let _ = kubectl(
+            &[
+                &ns_args[..],
+                &[
+                    "patch",
+                    obj,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ],
+            ]
+            .concat(),
+        );
     }
 }
 
@@ -395,6 +441,9 @@ impl TestNamespace {
         if api.get_opt(&name).await.expect("get namespace").is_some() {
             leftovers.insert(name.clone());
         }
+        // Assignments of this namespace's jobs an earlier run left in the operator's namespace
+        // (they have no ownerReference, so its deletion did not take them).
+        release_assignments_of_namespace(&name);
         for old in leftovers {
             drop(TestNamespace { name: old.clone() });
             if api.get_opt(&old).await.expect("get namespace").is_some() {
@@ -768,16 +817,32 @@ pub async fn create_job(
         .unwrap_or_else(|e| panic!("creating TraceJob {ns}/{name}: {e}"))
 }
 
-/// The assignments of the job with `uid` in `ns`.
+/// The assignments of the job with `uid` of namespace `ns` (of a ClusterTraceJob when `ns` is
+/// [`OPERATOR_NAMESPACE`]). They all live in the operator's namespace, whatever the job's
+/// namespace: an assignment that names another job namespace is an error.
 pub async fn assignments_of(
     client: &Client,
     ns: &str,
     uid: &str,
 ) -> anyhow::Result<Vec<TraceAssignment>> {
-    Ok(Api::<TraceAssignment>::namespaced(client.clone(), ns)
+    let all = Api::<TraceAssignment>::namespaced(client.clone(), OPERATOR_NAMESPACE)
         .list(&ListParams::default().labels(&format!("{JOB_UID_LABEL}={uid}")))
         .await?
-        .items)
+        .items;
+    for a in &all {
+        let job_ns = a
+            .spec
+            .job
+            .namespace
+            .as_deref()
+            .unwrap_or(OPERATOR_NAMESPACE);
+        anyhow::ensure!(
+            job_ns == ns,
+            "assignment {} of job uid {uid} names job namespace {job_ns}, not {ns}",
+            a.name_any()
+        );
+    }
+    Ok(all)
 }
 
 /// Plays a node runner's status report on an assignment.

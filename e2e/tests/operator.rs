@@ -389,7 +389,8 @@ async fn a_conflicting_apply_by_another_field_manager_is_reported_not_forced_bac
     let (job, assignments) = running_job(&client, ns, "contested").await;
     let a = &assignments[0];
     let name = a.name_any();
-    let api: Api<TraceAssignment> = Api::namespaced(client.clone(), ns);
+    // Assignments live in the operator's namespace, not the job's.
+    let api: Api<TraceAssignment> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
     let intruded_run = a.spec.run + 98;
     api.patch(
         &name,
@@ -461,9 +462,10 @@ async fn a_conflicting_apply_by_another_field_manager_is_reported_not_forced_bac
     );
 }
 
-/// O2 on the real server: deleting a job deletes its assignments, holds the job (its
-/// finalizer) until the runners detach, then lets it go; the garbage collector, following the
-/// ownerReferences, removes its TraceResult.
+/// O2 on the real server: deleting a job deletes its assignments (in the operator's namespace,
+/// without ownerReference: deleted by the operator itself), holds the job (its finalizer) until
+/// the runners detach, then lets it go; the garbage collector, following the ownerReference,
+/// removes its TraceResult (in the job's namespace).
 #[tokio::test]
 async fn o2_deleting_a_job_waits_for_its_runners_and_the_garbage_collector_removes_its_result() {
     let client = admin().await;
@@ -479,19 +481,22 @@ async fn o2_deleting_a_job_waits_for_its_runners_and_the_garbage_collector_remov
     let assignments = assignments_of(&client, ns, &uid)
         .await
         .expect("assignments");
-    for owners in assignments
-        .iter()
-        .map(|a| a.owner_references())
-        .chain([result.owner_references()])
-    {
+    for a in &assignments {
+        assert_eq!(a.namespace().as_deref(), Some(OPERATOR_NAMESPACE));
         assert!(
-            owners.iter().any(|o| o.uid == uid
-                && o.kind == "TraceJob"
-                && o.controller == Some(true)
-                && o.block_owner_deletion == Some(true)),
-            "{owners:?}"
+            a.owner_references().is_empty(),
+            "an ownerReference cannot cross namespaces: {:?}",
+            a.owner_references()
         );
     }
+    let owners = result.owner_references();
+    assert!(
+        owners.iter().any(|o| o.uid == uid
+            && o.kind == "TraceJob"
+            && o.controller == Some(true)
+            && o.block_owner_deletion == Some(true)),
+        "{owners:?}"
+    );
 
     let jobs: Api<TraceJob> = Api::namespaced(client.clone(), ns);
     jobs.delete("doomed", &DeleteParams::background())
@@ -749,8 +754,32 @@ async fn operator_rbac_allows_what_the_operator_does_and_denies_the_rest() {
         ("patch", "tracejobs.fathom.dev", Some("default")),
         ("patch", "tracejobs.fathom.dev/status", Some("default")),
         ("patch", "clustertracejobs.fathom.dev/status", None),
-        ("create", "traceassignments.fathom.dev", Some("default")),
-        ("delete", "traceassignments.fathom.dev", Some("default")),
+        // Assignments: only in the operator's namespace (issue 8).
+        (
+            "create",
+            "traceassignments.fathom.dev",
+            Some(OPERATOR_NAMESPACE),
+        ),
+        (
+            "patch",
+            "traceassignments.fathom.dev",
+            Some(OPERATOR_NAMESPACE),
+        ),
+        (
+            "delete",
+            "traceassignments.fathom.dev",
+            Some(OPERATOR_NAMESPACE),
+        ),
+        (
+            "watch",
+            "traceassignments.fathom.dev",
+            Some(OPERATOR_NAMESPACE),
+        ),
+        // The orphan sweep lists every job.
+        ("list", "tracejobs.fathom.dev", None),
+        ("list", "clustertracejobs.fathom.dev", None),
+        // Results live in the jobs' namespaces.
+        ("create", "traceresults.fathom.dev", Some("default")),
         ("patch", "traceresults.fathom.dev/status", Some("default")),
         ("list", "pods", None),
         ("watch", "nodes", None),
@@ -776,6 +805,16 @@ async fn operator_rbac_allows_what_the_operator_does_and_denies_the_rest() {
             "traceassignments.fathom.dev/status",
             Some("default"),
         ),
+        (
+            "patch",
+            "traceassignments.fathom.dev/status",
+            Some(OPERATOR_NAMESPACE),
+        ),
+        // Nothing of assignments outside its namespace: not even a read.
+        ("list", "traceassignments.fathom.dev", None),
+        ("get", "traceassignments.fathom.dev", Some("default")),
+        ("create", "traceassignments.fathom.dev", Some("default")),
+        ("delete", "traceassignments.fathom.dev", Some("default")),
         ("create", "tracejobs.fathom.dev", Some("default")),
         ("update", "leases.coordination.k8s.io", Some("default")),
         (
@@ -796,4 +835,119 @@ async fn operator_rbac_allows_what_the_operator_does_and_denies_the_rest() {
         }
     }
     assert!(wrong.is_empty(), "{OPERATOR_USER}: {}", wrong.join("; "));
+}
+
+/// Issue 8, on the real server: every TraceAssignment lives in the operator's namespace. One
+/// written in a tenant's namespace (here by the admin, standing in for a tenant granted write
+/// access to TraceAssignments there) that claims the tenant's job — node-wide, on the real
+/// node, with a runner-like status — is never read, counted or touched by the operator: the
+/// audit log holds no request of the operator to TraceAssignments outside its namespace, the
+/// job's status and result ignore it.
+#[tokio::test]
+async fn a_traceassignment_written_in_a_tenant_namespace_is_ignored() {
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns_guard = TestNamespace::create(&client, "forged").await;
+    let ns = ns_guard.as_str();
+    let audit = AuditLog::open();
+    let m0 = audit.mark(&client, ns).await;
+    let _op = OperatorOptions::new("forged").start(&client).await;
+    let (job, assignments) = running_job(&client, ns, "victim").await;
+    let uid = job.uid().expect("uid");
+
+    // The operator's assignment: in its namespace, no ownerReference, the job's namespace as a
+    // label.
+    let real = &assignments[0];
+    assert_eq!(real.namespace().as_deref(), Some(OPERATOR_NAMESPACE));
+    assert!(real.owner_references().is_empty(), "{real:?}");
+    assert_eq!(
+        real.labels()
+            .get("fathom.dev/job-namespace")
+            .map(String::as_str),
+        Some(ns)
+    );
+
+    // The forgery: the job's labels and reference, node-wide, on the real node.
+    let node = env().real_node.clone();
+    let forged: TraceAssignment = serde_json::from_value(json!({
+        "apiVersion": "fathom.dev/v1alpha1", "kind": "TraceAssignment",
+        "metadata": {
+            "name": "forged",
+            "namespace": ns,
+            "labels": {
+                "fathom.dev/job-uid": uid,
+                "fathom.dev/job-kind": "TraceJob",
+                "fathom.dev/job": "victim",
+                "fathom.dev/job-namespace": ns,
+                "fathom.dev/node": node,
+            },
+        },
+        "spec": {
+            "job": {"kind": "TraceJob", "name": "victim", "namespace": ns, "uid": uid},
+            "run": real.spec.run,
+            "nodeName": node,
+            "nodeWide": true,
+            "trace": {"probe": {"tracepoint": "skb/kfree_skb"}},
+        },
+    }))
+    .expect("forged assignment");
+    let forged_api: Api<TraceAssignment> = Api::namespaced(client.clone(), ns);
+    let forged = forged_api
+        .create(&PostParams::default(), &forged)
+        .await
+        .expect("create the forged assignment");
+    runner_reports(&client, &forged, "Attached", 1_000_000).await;
+    let forged_version = forged_api
+        .get("forged")
+        .await
+        .expect("forged")
+        .resource_version();
+
+    // Make the operator look at the job again (a label change is a watch event).
+    let jobs: Api<TraceJob> = Api::namespaced(client.clone(), ns);
+    jobs.patch(
+        "victim",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"poke": "1"}}})),
+    )
+    .await
+    .expect("poke the job");
+    tokio::time::sleep(secs(5)).await;
+
+    let job = jobs.get("victim").await.expect("job");
+    let st = job.status.clone().expect("status");
+    assert_eq!(st.nodes.as_ref().map(|n| n.desired), Some(1), "{st:?}");
+    let results: Api<TraceResult> = Api::namespaced(client.clone(), ns);
+    let total = results
+        .get("victim")
+        .await
+        .expect("result")
+        .status
+        .map(|s| s.total);
+    assert_eq!(total, Some(7), "the forged status was counted");
+    assert_eq!(
+        forged_api
+            .get("forged")
+            .await
+            .expect("forged")
+            .resource_version(),
+        forged_version,
+        "the operator touched the forged assignment"
+    );
+
+    let m1 = audit.mark(&client, ns).await;
+    let outside: Vec<AuditEvent> = audit
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e.stage_timestamp > m0.stage_timestamp && e.stage_timestamp <= m1.stage_timestamp
+        })
+        .filter(|e| e.user.username == OPERATOR_USER && e.resource() == "traceassignments")
+        .filter(|e| e.namespace() != Some(OPERATOR_NAMESPACE))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "requests of the operator to TraceAssignments outside {OPERATOR_NAMESPACE}:\n{}",
+        briefs(outside.iter())
+    );
 }

@@ -18,8 +18,8 @@ use std::{
 use anyhow::{anyhow, ensure};
 use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult, result::Row};
 use fathom_e2e::{
-    ClusterJobGuard, OperatorOptions, TestNamespace, admin, env, eventually, install_crds,
-    kubectl_ok,
+    ClusterJobGuard, OPERATOR_NAMESPACE, OperatorOptions, TestNamespace, admin, env, eventually,
+    install_crds, kubectl_ok,
     runner::{RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
@@ -172,8 +172,13 @@ impl JobStatus for ClusterTraceJob {
 
 /// Waits until every assignment of the job is Attached (so the workload runs with the probes
 /// in place).
-async fn wait_attached(ns: &str, job: &str, kind: &str, nodes: usize) {
-    let selector = format!("fathom.dev/job={job},fathom.dev/job-kind={kind}");
+async fn wait_attached(job_ns: Option<&str>, job: &str, kind: &str, nodes: usize) {
+    // Every assignment lives in the operator's namespace, whatever the job's.
+    let ns = OPERATOR_NAMESPACE;
+    let mut selector = format!("fathom.dev/job={job},fathom.dev/job-kind={kind}");
+    if let Some(job_ns) = job_ns {
+        selector.push_str(&format!(",fathom.dev/job-namespace={job_ns}"));
+    }
     eventually(
         secs(90),
         format!("{nodes} assignment(s) of {job} Attached"),
@@ -293,8 +298,8 @@ async fn a_tracejob_counts_exactly_the_opens_and_uprobe_calls_of_its_pods_and_no
         }),
     )
     .await;
-    wait_attached(ns.as_str(), "opens", "TraceJob", 1).await;
-    wait_attached(ns.as_str(), "calls", "TraceJob", 1).await;
+    wait_attached(Some(ns.as_str()), "opens", "TraceJob", 1).await;
+    wait_attached(Some(ns.as_str()), "calls", "TraceJob", 1).await;
 
     // The work, with the probes in place: the pods (targets and decoy) and the host decoy.
     let all: Vec<String> = targets
@@ -425,7 +430,7 @@ async fn a_cluster_tracejob_merges_each_nodes_report_exactly_once() {
     api.create(&PostParams::default(), &job)
         .await
         .expect("creating the ClusterTraceJob");
-    wait_attached("fathom-system", name, "ClusterTraceJob", nodes.len()).await;
+    wait_attached(None, name, "ClusterTraceJob", nodes.len()).await;
     let out = Command::new(host_workload())
         .args([
             COMM,
@@ -507,7 +512,7 @@ async fn t2_a_runner_killed_mid_job_resumes_its_pinned_probe_and_counts_exactly(
         }),
     )
     .await;
-    wait_attached(ns.as_str(), "opens", "TraceJob", 1).await;
+    wait_attached(Some(ns.as_str()), "opens", "TraceJob", 1).await;
     let (programs, pins) = kernel_state(&node);
     assert_eq!(
         (programs.len(), pins.len()),
@@ -583,7 +588,7 @@ async fn t1_a_runner_killed_then_its_job_deleted_leaves_nothing_once_it_restarts
         }),
     )
     .await;
-    wait_attached(ns.as_str(), "opens", "TraceJob", 1).await;
+    wait_attached(Some(ns.as_str()), "opens", "TraceJob", 1).await;
     runner.kill();
     assert_ne!(
         kernel_state(&node),

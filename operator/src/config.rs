@@ -38,8 +38,9 @@ pub enum Command {
 /// How the operator runs.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Namespace of the operator: ClusterTraceJobs' assignments and results go here, and the
-    /// leader Lease lives here.
+    /// Namespace of the operator, which tenants must not be able to write: every
+    /// TraceAssignment (of TraceJobs and ClusterTraceJobs) and ClusterTraceJobs' results go
+    /// here, and the leader Lease lives here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "fathom-system")]
     pub namespace: String,
     /// This replica's identity in the leader Lease; unique per replica. Default: the host name,

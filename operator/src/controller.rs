@@ -1,6 +1,8 @@
 //! The running operator: caches of Nodes and Pods, one kube-runtime `Controller` per job kind
-//! (owning TraceAssignments), a router that maps relevant Node and Pod changes to the jobs they
-//! affect, leader election, and the HTTP endpoints.
+//! (watching the TraceAssignments of the operator's namespace and mapping each to its job by
+//! `spec.job`: a TraceJob's assignments have no ownerReference), a router that maps relevant
+//! Node and Pod changes to the jobs they affect, the orphan sweep, leader election, and the
+//! HTTP endpoints.
 
 use std::{
     collections::{HashMap, hash_map::DefaultHasher},
@@ -41,6 +43,7 @@ use crate::{
     http::{self, Health},
     leader::{self, LeaseLock},
     metrics::Metrics,
+    orphans,
     reconcile::{self, Context, JobObject, ReconcileConfig, SystemClock},
 };
 
@@ -79,6 +82,23 @@ fn hash(s: &str) -> u64 {
     let mut h = DefaultHasher::new();
     s.hash(&mut h);
     h.finish()
+}
+
+/// The job of kind `K` an assignment belongs to, from its `spec.job` (kind, namespace, name):
+/// the controllers' mapper from assignment changes to jobs. None for an assignment of the
+/// other kind, or whose reference does not fit the kind (a TraceJob without namespace, a
+/// ClusterTraceJob with one).
+pub fn job_of_assignment<K: JobObject>(a: &TraceAssignment) -> Option<ObjectRef<K>> {
+    let job = &a.spec.job;
+    if job.kind != K::KIND || job.name.is_empty() {
+        return None;
+    }
+    let r = ObjectRef::<K>::new(&job.name);
+    match (&job.namespace, K::is_cluster()) {
+        (Some(ns), false) => Some(r.within(ns)),
+        (None, true) => Some(r),
+        _ => None,
+    }
 }
 
 fn unfinished<K: JobObject>(job: &K) -> bool {
@@ -199,16 +219,21 @@ pub async fn run_controllers(
         let _ = rx.wait_for(|v| *v).await;
     };
 
+    // Every assignment lives in the operator's namespace; only that namespace is watched (an
+    // object of the same kind a tenant wrote elsewhere triggers nothing and is never read).
+    let assignments =
+        || Api::<TraceAssignment>::namespaced(client.clone(), &config.operator_namespace);
     let tj = Controller::new(Api::<TraceJob>::all(client.clone()), wc.clone())
-        .owns(Api::<TraceAssignment>::all(client.clone()), wc.clone())
+        .watches(assignments(), wc.clone(), |a| {
+            job_of_assignment::<TraceJob>(&a)
+        })
         .with_config(cfg.clone())
         .reconcile_on(tj_rx)
         .graceful_shutdown_on(stop(shutdown.clone()));
     let ctj = Controller::new(Api::<ClusterTraceJob>::all(client.clone()), wc.clone())
-        .owns(
-            Api::<TraceAssignment>::namespaced(client.clone(), &config.operator_namespace),
-            wc,
-        )
+        .watches(assignments(), wc, |a| {
+            job_of_assignment::<ClusterTraceJob>(&a)
+        })
         .with_config(cfg)
         .reconcile_on(ctj_rx)
         .graceful_shutdown_on(stop(shutdown.clone()));
@@ -290,6 +315,9 @@ pub async fn run_controllers(
         }
     };
 
+    // Assignments whose job is gone (force-deleted): at start, then at each resync.
+    let sweeper = orphans::run_sweeper(ctx.clone(), shutdown.clone());
+
     let tj_run = tj
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -297,7 +325,7 @@ pub async fn run_controllers(
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     info!("controllers started");
-    tokio::join!(router, readiness, tj_run, ctj_run, writer);
+    tokio::join!(router, readiness, tj_run, ctj_run, writer, sweeper);
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! - [`plan`]: (job, nodes, pods) → nodes and pods, a pure function;
 //! - [`lifecycle`]: (job, plan, assignments, now) → status, writes, events; pure;
 //! - [`reconcile`]: the I/O around them (server-side apply without force, events);
+//! - [`orphans`]: deletes assignments whose job is gone (force-deleted jobs);
 //! - [`finalizers`]: the one finalizer patch, safe against concurrent writers;
 //! - [`events`]: Kubernetes Events under the operator's field manager;
 //! - [`controller`]: the kube-runtime controllers, caches and watches;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod orphans;
 pub mod plan;
 pub mod reconcile;
 

@@ -9,6 +9,14 @@
 //! - one finalizer added or removed at a time by a guarded JSON patch ([`crate::finalizers`]);
 //! - deletes for stale assignments and for jobs past their TTL.
 //!
+//! Where things live: every TraceAssignment in the operator's namespace
+//! ([`ReconcileConfig::operator_namespace`]), which tenants cannot write — a tenant able to
+//! write an assignment could point the privileged runner at any node, pod or the whole node.
+//! A TraceJob's TraceResult stays in the job's namespace, where its tenant reads it; a
+//! ClusterTraceJob's goes to the operator's namespace. A TraceJob's assignments carry no
+//! ownerReference (it cannot cross namespaces): the finalizer deletes them, and
+//! [`sweep_orphans`] deletes those whose job went without it (force-deleted).
+//!
 //! Reconciling an unchanged job makes no mutating call.
 
 use std::{
@@ -22,8 +30,9 @@ use fathom_crds::{
     ClusterTraceJob, TraceAssignment, TraceAssignmentSpec, TraceJob, TraceJobSpec, TraceJobStatus,
     TraceResult, TraceResultSpec, TraceResultStatus,
     assignment::{
-        AssignmentPhase, DETACH_FINALIZER, JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_UID_LABEL, JobRef,
-        NODE_LABEL, assignment_name, label_value, node_label_value, result_name,
+        AssignmentPhase, DETACH_FINALIZER, JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_NAMESPACE_LABEL,
+        JOB_UID_LABEL, JobRef, NODE_LABEL, assignment_name, label_value, node_label_value,
+        result_name,
     },
     job::{JobPhase, ResultRef},
     result::{ResultData, Totals},
@@ -137,7 +146,8 @@ impl Clock for SystemClock {
 /// How the reconciler behaves.
 #[derive(Clone, Debug)]
 pub struct ReconcileConfig {
-    /// Where assignments and results of ClusterTraceJobs go.
+    /// Where every TraceAssignment goes (of TraceJobs and ClusterTraceJobs alike), and the
+    /// TraceResults of ClusterTraceJobs.
     pub operator_namespace: String,
     /// The runner DaemonSet's tolerations (the DaemonSet controller's defaults included).
     pub runner_tolerations: Vec<Toleration>,
@@ -259,7 +269,11 @@ struct JobIds {
     uid: String,
     generation: i64,
     job_ref: JobRef,
-    assign_ns: String,
+    /// Where the job's assignments live: always the operator's namespace.
+    assignment_ns: String,
+    /// Where the job's TraceResult lives: the job's namespace for a TraceJob, the operator's
+    /// for a ClusterTraceJob.
+    result_ns: String,
 }
 
 fn ids<K: JobObject>(job: &K, ctx: &Context) -> Result<JobIds> {
@@ -280,7 +294,7 @@ fn ids<K: JobObject>(job: &K, ctx: &Context) -> Result<JobIds> {
         .uid
         .clone()
         .ok_or_else(|| Error::MissingField(format!("{} {name}", K::KIND), "metadata.uid"))?;
-    let assign_ns = namespace
+    let result_ns = namespace
         .clone()
         .unwrap_or_else(|| ctx.config.operator_namespace.clone());
     Ok(JobIds {
@@ -294,13 +308,15 @@ fn ids<K: JobObject>(job: &K, ctx: &Context) -> Result<JobIds> {
         name,
         namespace,
         uid,
-        assign_ns,
+        assignment_ns: ctx.config.operator_namespace.clone(),
+        result_ns,
     })
 }
 
 async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
     let id = ids(job, ctx)?;
-    let assignments_api: Api<TraceAssignment> = Api::namespaced(ctx.client.clone(), &id.assign_ns);
+    let assignments_api: Api<TraceAssignment> =
+        Api::namespaced(ctx.client.clone(), &id.assignment_ns);
     let existing = assignments_api
         .list(&ListParams::default().labels(&format!("{JOB_UID_LABEL}={}", id.uid)))
         .await
@@ -324,7 +340,7 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
     let now = ctx.now();
     let result_ref = ResultRef {
         name: result_name(&id.job_ref),
-        namespace: id.assign_ns.clone(),
+        namespace: id.result_ns.clone(),
     };
     // The lifecycle never sees the conflict condition: it is this function's to set or clear.
     let old_status = job.job_status().cloned().unwrap_or_default();
@@ -578,6 +594,8 @@ fn owner_reference<K: JobObject>(id: &JobIds) -> OwnerReference {
     }
 }
 
+/// The labels of a job's objects: its uid, name, kind and namespace (for a TraceJob), and the
+/// node for an assignment.
 fn labels(id: &JobIds, node: Option<&str>) -> BTreeMap<String, String> {
     let mut l = BTreeMap::from([
         (JOB_UID_LABEL.to_string(), id.uid.clone()),
@@ -588,6 +606,10 @@ fn labels(id: &JobIds, node: Option<&str>) -> BTreeMap<String, String> {
             MANAGER.to_string(),
         ),
     ]);
+    if let Some(ns) = &id.namespace {
+        // A namespace name is a DNS label: at most 63 characters, a valid label value.
+        l.insert(JOB_NAMESPACE_LABEL.to_string(), ns.clone());
+    }
     if let Some(node) = node {
         l.insert(NODE_LABEL.to_string(), node_label_value(node));
     }
@@ -616,9 +638,14 @@ fn build_assignment<K: JobObject>(
             suspend,
         },
     );
-    a.metadata.namespace = Some(id.assign_ns.clone());
+    a.metadata.namespace = Some(id.assignment_ns.clone());
     a.metadata.labels = Some(labels(id, Some(&d.node)));
-    a.metadata.owner_references = Some(vec![owner_reference::<K>(id)]);
+    // An ownerReference cannot cross namespaces: only a cluster-scoped job (a
+    // ClusterTraceJob) may own an object of the operator's namespace. A TraceJob's
+    // assignments are deleted by its finalizer, or by the orphan sweep.
+    if K::is_cluster() {
+        a.metadata.owner_references = Some(vec![owner_reference::<K>(id)]);
+    }
     a.metadata.finalizers = Some(vec![DETACH_FINALIZER.to_string()]);
     a
 }
@@ -750,19 +777,14 @@ fn up_to_date(existing: &TraceAssignment, wanted: &TraceAssignment) -> bool {
             .iter()
             .flatten()
             .all(|(k, v)| has(&existing.metadata.labels, k, v))
-        && existing
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| {
-                wanted
-                    .metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|w| w.uid == o.uid && o.controller == Some(true))
-            })
+        && wanted.metadata.owner_references.iter().flatten().all(|w| {
+            existing
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == w.uid && o.controller == Some(true))
+        })
         && existing
             .metadata
             .finalizers
@@ -822,7 +844,7 @@ async fn sync_assignments(
 
 /// Deletes assignments and releases the terminating ones that may be released; returns when
 /// to look again if some are still detaching.
-async fn remove_assignments(
+pub(crate) async fn remove_assignments(
     api: &Api<TraceAssignment>,
     assignments: &[TraceAssignment],
     ctx: &Context,
@@ -872,7 +894,7 @@ async fn finalize<K: JobObject>(
         ctx.conflicts.clear(&id.uid);
         return Ok(Action::await_change());
     }
-    let api: Api<TraceAssignment> = Api::namespaced(ctx.client.clone(), &id.assign_ns);
+    let api: Api<TraceAssignment> = Api::namespaced(ctx.client.clone(), &id.assignment_ns);
     let step = lifecycle::decide_cleanup(
         &existing,
         |n| ctx.node_ready(n),
@@ -992,7 +1014,7 @@ async fn sync_result<K: JobObject>(
         return Ok(());
     };
     let name = result_name(&id.job_ref);
-    let api: Api<TraceResult> = Api::namespaced(ctx.client.clone(), &id.assign_ns);
+    let api: Api<TraceResult> = Api::namespaced(ctx.client.clone(), &id.result_ns);
     let existing = api
         .get_opt(&name)
         .await
@@ -1003,14 +1025,14 @@ async fn sync_result<K: JobObject>(
             job: id.job_ref.clone(),
         },
     );
-    wanted.metadata.namespace = Some(id.assign_ns.clone());
+    wanted.metadata.namespace = Some(id.result_ns.clone());
     wanted.metadata.labels = Some(labels(id, None));
     wanted.metadata.owner_references = Some(vec![owner_reference::<K>(id)]);
     let needs_object = match &existing {
         None => true,
         Some(e) => e.spec != wanted.spec || !e.owner_references().iter().any(|o| o.uid == id.uid),
     };
-    let what = format!("TraceResult {}/{name}", id.assign_ns);
+    let what = format!("TraceResult {}/{name}", id.result_ns);
     if needs_object {
         match apply(&api, &name, false, &wanted, &what).await {
             Ok(()) => ctx.metrics.wrote("apply", "TraceResult"),
@@ -1125,7 +1147,7 @@ fn job_info(
     let aggregate = spec.aggregate.as_ref();
     Some(JobInfo {
         job: id.job_ref.clone(),
-        result_namespace: id.assign_ns.clone(),
+        result_namespace: id.result_ns.clone(),
         result_name: result_name(&id.job_ref),
         run,
         probe: decision.status.probe.clone().unwrap_or_default(),

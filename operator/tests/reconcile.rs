@@ -105,10 +105,29 @@ async fn creation_places_assignments_where_the_pods_run() {
             .map(String::as_str),
         Some("n1")
     );
-    let owner = &a.metadata.owner_references.as_ref().expect("owner")[0];
-    assert_eq!(owner.kind, "TraceJob");
-    assert_eq!(Some(&owner.uid), job.metadata.uid.as_ref());
-    assert_eq!(owner.controller, Some(true));
+    // In the operator's namespace, which tenants cannot write; no ownerReference (it cannot
+    // cross namespaces), but the job's labels, its namespace among them.
+    assert_eq!(a.metadata.namespace.as_deref(), Some("fathom-system"));
+    assert!(
+        a.metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("shop.web-drops-n1-")
+    );
+    assert!(a.metadata.owner_references.is_none(), "{:?}", a.metadata);
+    let label = |k: &str| {
+        a.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(k))
+            .map(String::as_str)
+    };
+    assert_eq!(label("fathom.dev/job-namespace"), Some("shop"));
+    assert_eq!(label("fathom.dev/job-uid"), job.metadata.uid.as_deref());
+    assert_eq!(label("fathom.dev/job-kind"), Some("TraceJob"));
+    assert_eq!(a.spec.job.namespace.as_deref(), Some("shop"));
+    assert!(w.assignments_in("shop").is_empty());
     assert!(
         a.metadata
             .finalizers
@@ -130,8 +149,12 @@ async fn creation_places_assignments_where_the_pods_run() {
         (rr.name.as_str(), rr.namespace.as_str()),
         ("web-drops", "shop")
     );
+    // The result stays in the job's namespace, where its tenant reads it, owned by the job.
     let result = w.result("shop", "web-drops").expect("TraceResult created");
     assert_eq!(result.spec.job.name, "web-drops");
+    let owner = &result.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(owner.kind, "TraceJob");
+    assert_eq!(Some(&owner.uid), job.metadata.uid.as_ref());
 }
 
 #[tokio::test]

@@ -237,7 +237,7 @@ async fn o1_finalizer_patch_keeps_foreign_finalizers() {
         .into_iter()
         .find(|a| a.spec.node_name == "n2")
         .expect("n2's assignment");
-    Api::<TraceAssignment>::namespaced(w.client.clone(), "shop")
+    Api::<TraceAssignment>::namespaced(w.client.clone(), "fathom-system")
         .patch(
             n2.metadata.name.as_deref().expect("name"),
             &other,
@@ -262,7 +262,7 @@ async fn o1_finalizer_patch_keeps_foreign_finalizers() {
         "only the detach finalizer was released"
     );
     // The other controller lets its assignment go.
-    Api::<TraceAssignment>::namespaced(w.client.clone(), "shop")
+    Api::<TraceAssignment>::namespaced(w.client.clone(), "fathom-system")
         .patch(
             n2.metadata.name.as_deref().expect("name"),
             &other,
@@ -307,7 +307,7 @@ async fn o1_apply_conflict_is_not_stolen() {
     w.settle("shop", "web-drops").await;
     let n1 = w.assignments("shop").remove(0);
     let name = n1.metadata.name.clone().expect("name");
-    let assignments = Api::<TraceAssignment>::namespaced(w.client.clone(), "shop");
+    let assignments = Api::<TraceAssignment>::namespaced(w.client.clone(), "fathom-system");
     let edit = |suspend: bool| {
         let assignments = assignments.clone();
         let name = name.clone();
@@ -382,7 +382,9 @@ async fn o1_apply_conflict_is_not_stolen() {
         job.status
     );
     assert_no_writes(&w, "shop", "web-drops", "after the conflict").await;
-    let owners = w.api.owners(FATHOM, "traceassignments", "shop", &name);
+    let owners = w
+        .api
+        .owners(FATHOM, "traceassignments", "fathom-system", &name);
     assert!(
         owners[".spec.trace"].iter().any(|m| m.name == MANAGER),
         "{owners:?}"

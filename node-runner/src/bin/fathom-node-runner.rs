@@ -1,6 +1,7 @@
 //! `fathom-node-runner`: the node runner daemon (one per node, a DaemonSet).
 //!
-//! Watches the TraceAssignments labelled with its node, runs them with the engine on a
+//! Watches the TraceAssignments labelled with its node in the operator's namespace (and no
+//! other namespace: tenants may write objects in theirs), runs them with the engine on a
 //! dedicated thread (aya and the kernel are blocking), writes their status, releases their
 //! detach finalizer after detaching, and streams cumulative reports to the collector. Serves
 //! `/healthz`, `/readyz` and `/metrics`. The logic is in `fathom_node::daemon`.
@@ -14,7 +15,6 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use fathom_crds::TraceAssignment;
 use fathom_node::{
     daemon::{
         api::{self, Watched},
@@ -30,7 +30,7 @@ use fathom_node::{
 use fathom_proto::v1::{NodeReport, RejectionCode, ReportAck};
 use futures::StreamExt;
 use kube::{
-    Api, Client,
+    Client,
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::{mpsc, watch};
@@ -42,6 +42,10 @@ struct Args {
     /// This node's name (from the Downward API: spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
+    /// The operator's namespace, where every TraceAssignment lives; the runner reads no other
+    /// (the runner runs in it too: the Downward API's metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = api::DEFAULT_NAMESPACE)]
+    namespace: String,
     /// The collector's URL, e.g. https://fathom-collector.fathom-system:7443. Without it,
     /// reports are not sent (statuses still are).
     #[arg(long, env = "FATHOM_COLLECTOR")]
@@ -151,7 +155,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::try_join!(
         watch_assignments(
             client.clone(),
-            args.node_name.clone(),
+            api::Scope {
+                node: args.node_name.clone(),
+                namespace: args.namespace.clone(),
+            },
             cmd_tx.clone(),
             runner_stats.clone(),
             shutdown.clone()
@@ -190,18 +197,18 @@ async fn shutdown_signal() {
     }
 }
 
-/// The watch of this node's assignments → the engine thread. Ends on shutdown (which drops
-/// the command channel and so stops the engine thread).
+/// The watch of this node's assignments (in the operator's namespace only) → the engine
+/// thread. Ends on shutdown (which drops the command channel and so stops the engine thread).
 async fn watch_assignments(
     client: Client,
-    node: String,
+    scope: api::Scope,
     cmd_tx: std_mpsc::Sender<Command>,
     stats: Arc<RunnerStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let api: Api<TraceAssignment> = Api::all(client);
-    let config = watcher::Config::default().labels(&api::selector(&node));
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let assignments = api::assignments_api(client, &scope.namespace);
+    let config = api::watch_config(&scope.node);
+    let mut events = watcher(assignments, config).default_backoff().boxed();
     let mut watched = Watched::default();
     let mut first = true;
     loop {
@@ -216,7 +223,7 @@ async fn watch_assignments(
             }
             Some(Ok(event)) => {
                 if watched.apply(event) {
-                    let desired = watched.desired(&node);
+                    let desired = watched.desired(&scope);
                     stats
                         .assignments
                         .store(desired.len() as u64, Ordering::Relaxed);

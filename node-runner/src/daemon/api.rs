@@ -1,5 +1,6 @@
-//! The runner's side of the Kubernetes API: which TraceAssignments it watches, how they
-//! become [`Desired`] assignments, and its two writes — the status (server-side apply on the
+//! The runner's side of the Kubernetes API: which TraceAssignments it watches — only those of
+//! the operator's namespace ([`assignments_api`]), labelled with its node ([`selector`]) —,
+//! how they become [`Desired`] assignments, and its two writes — the status (server-side apply on the
 //! status subresource, field manager [`FIELD_MANAGER`]) and the release of the detach
 //! finalizer (a JSON patch that `test`s the object's uid and finalizer list first, so that
 //! nobody else's finalizer and no recreated object is touched).
@@ -15,6 +16,9 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::watcher,
 };
+
+/// The namespace of the operator, where every TraceAssignment lives, unless configured.
+pub const DEFAULT_NAMESPACE: &str = "fathom-system";
 use serde_json::{Value, json};
 
 use crate::daemon::runner::{AssignmentRef, Desired};
@@ -29,10 +33,31 @@ pub fn selector(node: &str) -> String {
     format!("{NODE_LABEL}={}", node_label_value(node))
 }
 
+/// The TraceAssignments the runner may read: those of the operator's `namespace` only. Tenants
+/// may be allowed to write TraceAssignments in their own namespaces; the runner never sees
+/// those, so it never runs one.
+pub fn assignments_api(client: Client, namespace: &str) -> Api<TraceAssignment> {
+    Api::namespaced(client, namespace)
+}
+
+/// The watch of this node's assignments (on [`assignments_api`]).
+pub fn watch_config(node: &str) -> watcher::Config {
+    watcher::Config::default().labels(&selector(node))
+}
+
+/// Where the runner looks for its assignments: its node, and the operator's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub node: String,
+    pub namespace: String,
+}
+
 /// An assignment as the runner runs it; an error (logged, the assignment ignored) when it is
-/// not for this node — the label is a hash for long names, `spec.nodeName` is the truth — or
+/// not for this node — the label is a hash for long names, `spec.nodeName` is the truth —, not
+/// in the operator's namespace (the watch shows no other; checked again all the same), or
 /// lacks what the runner needs to report on it.
-pub fn desired(a: &TraceAssignment, node: &str) -> Result<Desired, String> {
+pub fn desired(a: &TraceAssignment, scope: &Scope) -> Result<Desired, String> {
+    let node = scope.node.as_str();
     let name = a.name_any();
     let uid = a
         .uid()
@@ -40,6 +65,12 @@ pub fn desired(a: &TraceAssignment, node: &str) -> Result<Desired, String> {
     let namespace = a
         .namespace()
         .ok_or_else(|| format!("assignment {name} has no namespace"))?;
+    if namespace != scope.namespace {
+        return Err(format!(
+            "assignment {namespace}/{name} is outside the operator's namespace {:?}: ignored",
+            scope.namespace
+        ));
+    }
     if a.spec.node_name != node {
         return Err(format!(
             "assignment {namespace}/{name} is for node {:?}, not {node:?}: ignored",
@@ -99,10 +130,10 @@ impl Watched {
     }
 
     /// This node's assignments (others are logged and skipped).
-    pub fn desired(&self, node: &str) -> Vec<Desired> {
+    pub fn desired(&self, scope: &Scope) -> Vec<Desired> {
         self.objects
             .values()
-            .filter_map(|a| match desired(a, node) {
+            .filter_map(|a| match desired(a, scope) {
                 Ok(d) => Some(d),
                 Err(message) => {
                     tracing::warn!(%message, "assignment skipped");
@@ -189,11 +220,22 @@ mod tests {
 
     use super::*;
 
+    fn scope(node: &str) -> Scope {
+        Scope {
+            node: node.into(),
+            namespace: DEFAULT_NAMESPACE.into(),
+        }
+    }
+
     fn assignment(uid: &str, node: &str) -> TraceAssignment {
+        assignment_in("fathom-system", uid, node)
+    }
+
+    fn assignment_in(namespace: &str, uid: &str, node: &str) -> TraceAssignment {
         TraceAssignment {
             metadata: ObjectMeta {
                 name: Some(format!("a-{uid}")),
-                namespace: Some("fathom-system".into()),
+                namespace: Some(namespace.into()),
                 uid: Some(uid.into()),
                 ..Default::default()
             },
@@ -207,15 +249,50 @@ mod tests {
 
     #[test]
     fn only_this_nodes_assignments_are_desired() {
-        let d = desired(&assignment("u1", "node-a"), "node-a").unwrap();
+        let d = desired(&assignment("u1", "node-a"), &scope("node-a")).unwrap();
         assert_eq!(
             (d.uid.as_str(), d.namespace.as_str()),
             ("u1", "fathom-system")
         );
         assert!(!d.deleting);
-        let e = desired(&assignment("u2", "node-b"), "node-a").unwrap_err();
+        let e = desired(&assignment("u2", "node-b"), &scope("node-a")).unwrap_err();
         assert!(e.contains("node-b"), "{e}");
         assert_eq!(selector("node-a"), "fathom.dev/node=node-a");
+    }
+
+    #[test]
+    fn an_assignment_a_tenant_wrote_in_its_namespace_is_never_run() {
+        // A tenant allowed to write TraceAssignments in its namespace forges one for this
+        // node, node-wide: even if some watch delivered it, the runner refuses it.
+        let mut forged = assignment_in("shop", "evil", "node-a");
+        forged.spec.node_wide = true;
+        let e = desired(&forged, &scope("node-a")).unwrap_err();
+        assert!(e.contains("outside the operator's namespace"), "{e}");
+        let mut w = Watched::default();
+        w.apply(watcher::Event::Init);
+        w.apply(watcher::Event::InitApply(forged));
+        w.apply(watcher::Event::InitApply(assignment("u1", "node-a")));
+        w.apply(watcher::Event::InitDone);
+        let uids: Vec<String> = w
+            .desired(&scope("node-a"))
+            .into_iter()
+            .map(|d| d.uid)
+            .collect();
+        assert_eq!(uids, ["u1"]);
+    }
+
+    #[tokio::test]
+    async fn the_watch_reads_only_the_operators_namespace() {
+        // No request is made: the client only builds URLs here.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let api = assignments_api(client, DEFAULT_NAMESPACE);
+        assert_eq!(
+            api.resource_url(),
+            "/apis/fathom.dev/v1alpha1/namespaces/fathom-system/traceassignments"
+        );
+        let wc = watch_config("node-a");
+        assert_eq!(wc.label_selector.as_deref(), Some("fathom.dev/node=node-a"));
     }
 
     #[test]
@@ -226,16 +303,16 @@ mod tests {
         assert!(!w.synced());
         assert!(w.apply(watcher::Event::InitDone));
         assert!(w.apply(watcher::Event::Apply(assignment("u2", "n"))));
-        assert_eq!(w.desired("n").len(), 2);
+        assert_eq!(w.desired(&scope("n")).len(), 2);
         // A relist without u1: it is gone once the list is complete.
         w.apply(watcher::Event::Init);
         w.apply(watcher::Event::InitApply(assignment("u2", "n")));
-        assert_eq!(w.desired("n").len(), 2, "not before InitDone");
+        assert_eq!(w.desired(&scope("n")).len(), 2, "not before InitDone");
         w.apply(watcher::Event::InitDone);
-        let uids: Vec<String> = w.desired("n").into_iter().map(|d| d.uid).collect();
+        let uids: Vec<String> = w.desired(&scope("n")).into_iter().map(|d| d.uid).collect();
         assert_eq!(uids, vec!["u2"]);
         assert!(w.apply(watcher::Event::Delete(assignment("u2", "n"))));
-        assert!(w.desired("n").is_empty());
+        assert!(w.desired(&scope("n")).is_empty());
     }
 
     #[test]

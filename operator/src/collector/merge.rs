@@ -18,7 +18,7 @@ use fathom_proto::v1::{self, AssignmentPhase, Counters, Coverage, JobKind, Rejec
 /// An assignment the operator knows, as the API has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpectedAssignment {
-    /// metadata.name (in the job's result namespace).
+    /// metadata.name (in the operator's namespace, where every assignment lives).
     pub name: String,
     /// metadata.uid: the key reports are kept under.
     pub uid: String,
@@ -33,7 +33,8 @@ pub struct ExpectedAssignment {
 pub struct JobInfo {
     /// The job (kind, name, namespace, uid).
     pub job: JobRef,
-    /// Where its TraceResult lives.
+    /// Where its TraceResult lives: the job's namespace for a TraceJob (where its tenant reads
+    /// it), the operator's for a ClusterTraceJob.
     pub result_namespace: String,
     pub result_name: String,
     /// The job's current run (status.run).

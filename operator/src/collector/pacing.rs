@@ -12,7 +12,9 @@ use std::{
 
 use fathom_crds::{
     TraceJob, TraceResult, TraceResultSpec, TraceResultStatus,
-    assignment::{JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_UID_LABEL, JobRef, label_value},
+    assignment::{
+        JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_NAMESPACE_LABEL, JOB_UID_LABEL, JobRef, label_value,
+    },
     trace_result::{Coverage, Loss},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
@@ -133,6 +135,9 @@ pub fn result_object(job: &JobRef, namespace: &str, name: &str) -> TraceResult {
             MANAGER.to_string(),
         ),
     ]));
+    if let (Some(labels), Some(ns)) = (r.metadata.labels.as_mut(), &job.namespace) {
+        labels.insert(JOB_NAMESPACE_LABEL.to_string(), ns.clone());
+    }
     r.metadata.owner_references = Some(vec![OwnerReference {
         api_version: TraceJob::api_version(&()).into_owned(),
         kind: job.kind.clone(),

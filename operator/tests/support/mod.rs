@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use api::{ManualClock, MemoryApi};
 use fathom_crds::{ClusterTraceJob, TraceAssignment, TraceJob, TraceResult};
 use fathom_operator::{
+    collector::Collector,
     events::EventRecorder,
     metrics::Metrics,
     reconcile::{self, Context, JobObject, ReconcileConfig},
@@ -133,7 +134,22 @@ impl World {
         })
     }
 
+    /// A world whose reconciler tells a collector of each job's assignments.
+    pub fn with_collector() -> World {
+        Self::build(
+            ReconcileConfig {
+                operator_namespace: "fathom-system".into(),
+                ..Default::default()
+            },
+            Some(Collector::new()),
+        )
+    }
+
     pub fn with_config(config: ReconcileConfig) -> World {
+        Self::build(config, None)
+    }
+
+    fn build(config: ReconcileConfig, collector: Option<Arc<Collector>>) -> World {
         let clock = ManualClock::new(Timestamp::from_second(1_750_000_000).expect("time"));
         let api = MemoryApi::new(clock.clone());
         let client = api.client();
@@ -148,7 +164,7 @@ impl World {
             metrics: Arc::new(Metrics::default()),
             clock: clock.clone(),
             conflicts: Default::default(),
-            collector: None,
+            collector,
         });
         World {
             api,
@@ -255,16 +271,31 @@ impl World {
         );
     }
 
+    /// The assignments of the jobs of namespace `ns` (of ClusterTraceJobs when `ns` is the
+    /// operator's namespace), sorted by node. Every assignment the operator wrote lives in the
+    /// operator's namespace, whatever its job's: checked here for each one.
     pub fn assignments(&self, ns: &str) -> Vec<TraceAssignment> {
+        let operator_ns = self.ctx.config.operator_namespace.clone();
         let mut v: Vec<TraceAssignment> = self
             .api
             .list(FATHOM, "traceassignments")
             .into_iter()
-            .filter(|a| a["metadata"]["namespace"] == json!(ns))
-            .map(|a| serde_json::from_value(a).expect("assignment"))
+            .filter(|a| a["metadata"]["namespace"] == json!(operator_ns))
+            .map(|a| serde_json::from_value::<TraceAssignment>(a).expect("assignment"))
+            .filter(|a| a.spec.job.namespace.as_deref().unwrap_or(&operator_ns) == ns)
             .collect();
         v.sort_by(|a, b| a.spec.node_name.cmp(&b.spec.node_name));
         v
+    }
+
+    /// The assignments stored in namespace `ns`, whoever wrote them.
+    pub fn assignments_in(&self, ns: &str) -> Vec<TraceAssignment> {
+        self.api
+            .list(FATHOM, "traceassignments")
+            .into_iter()
+            .filter(|a| a["metadata"]["namespace"] == json!(ns))
+            .map(|a| serde_json::from_value(a).expect("assignment"))
+            .collect()
     }
 
     pub fn assignment_nodes(&self, ns: &str) -> Vec<String> {
@@ -329,7 +360,8 @@ impl World {
             .into_iter()
             .find(|a| a.spec.node_name == node)
             .unwrap_or_else(|| panic!("no assignment on {node}"));
-        Api::<TraceAssignment>::namespaced(self.client.clone(), ns)
+        let at = a.metadata.namespace.as_deref().expect("namespace");
+        Api::<TraceAssignment>::namespaced(self.client.clone(), at)
             .patch(
                 a.metadata.name.as_deref().expect("name"),
                 &PatchParams::default(),
