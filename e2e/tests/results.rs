@@ -379,6 +379,25 @@ async fn a_tracejob_counts_exactly_the_opens_and_uprobe_calls_of_its_pods_and_no
         "kubectl get results:\n{table}"
     );
 
+    // And through the plugin: `kubectl fathom top` lists each target pod with exactly M.
+    let (code, out, err) =
+        fathom_e2e::kubectl_fathom(&env().kubeconfig, &["top", "calls", "-n", ns.as_str()]);
+    assert_eq!(code, 0, "kubectl fathom top: {err}");
+    for pod in &target_names {
+        let line = out
+            .lines()
+            .find(|l| l.contains(pod.as_str()))
+            .unwrap_or_else(|| panic!("no row of {pod} in kubectl fathom top:\n{out}"));
+        assert!(
+            line.split_whitespace().any(|c| c == M_CALLS.to_string()),
+            "{pod}'s row is not {M_CALLS}: {line}\n{out}"
+        );
+    }
+    assert!(
+        !out.contains(decoys[0].name_any().as_str()),
+        "the decoy pod in kubectl fathom top:\n{out}"
+    );
+
     // Detached after the deadline: nothing of Fathom left in the kernel.
     runner.stop();
     drop(operator);
