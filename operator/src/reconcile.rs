@@ -28,7 +28,7 @@ use std::{
 
 use fathom_crds::{
     ClusterTraceJob, TraceAssignment, TraceAssignmentSpec, TraceJob, TraceJobSpec, TraceJobStatus,
-    TraceResult, TraceResultSpec, TraceResultStatus,
+    TraceResult, TraceResultStatus,
     assignment::{
         AssignmentPhase, DETACH_FINALIZER, JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_NAMESPACE_LABEL,
         JOB_UID_LABEL, JobRef, NODE_LABEL, assignment_name, label_value, node_label_value,
@@ -1019,15 +1019,8 @@ async fn sync_result<K: JobObject>(
         .get_opt(&name)
         .await
         .map_err(|e| Error::api(format!("reading TraceResult {name}"), e))?;
-    let mut wanted = TraceResult::new(
-        &name,
-        TraceResultSpec {
-            job: id.job_ref.clone(),
-        },
-    );
-    wanted.metadata.namespace = Some(id.result_ns.clone());
-    wanted.metadata.labels = Some(labels(id, None));
-    wanted.metadata.owner_references = Some(vec![owner_reference::<K>(id)]);
+    // The same object the collector's writer makes again when it went missing.
+    let wanted = crate::collector::pacing::result_object(&id.job_ref, &id.result_ns, &name);
     let needs_object = match &existing {
         None => true,
         Some(e) => e.spec != wanted.spec || !e.owner_references().iter().any(|o| o.uid == id.uid),
