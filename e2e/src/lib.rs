@@ -1321,17 +1321,7 @@ impl Operator {
 
     /// GET `path` of its HTTP endpoint: the body of a 200, else an error.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-        ensure!(
-            head.starts_with("HTTP/1.") && head.contains(" 200 "),
-            "{head}"
-        );
-        Ok(body.to_string())
+        http_get(self.port, path)
     }
 
     /// Whether its `/metrics` say it holds the leader lease (`fathom_operator_leader 1`).
@@ -1358,9 +1348,7 @@ impl Operator {
 
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        log_tail(&self.log, n)
     }
 }
 
@@ -1395,6 +1383,29 @@ impl Drop for Operator {
             "--wait=false",
         ]);
     }
+}
+
+/// GET `path` from a component's HTTP endpoint on 127.0.0.1:`port`: the body of a 200, else
+/// an error.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    Ok(body.to_string())
+}
+
+/// The last `n` lines of a log file.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A port nobody listens on now, on 127.0.0.1.

@@ -11,15 +11,13 @@
 
 use std::{
     fs::File,
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Once, OnceLock},
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, ensure};
+use anyhow::anyhow;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
@@ -28,8 +26,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    HOWTO, MANAGER, OPERATOR_NAMESPACE, apply_manifest, cargo_binary, env, free_port, kubectl_ok,
-    secs, target_dir,
+    HOWTO, MANAGER, OPERATOR_NAMESPACE, apply_manifest, cargo_binary, env, free_port, http_get,
+    kubectl_ok, log_tail, secs, target_dir,
 };
 
 /// The runner's ServiceAccount.
@@ -266,17 +264,7 @@ impl NodeRunner {
 
     /// GET `path` of its HTTP endpoint: the body of a 200, else an error.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-        ensure!(
-            head.starts_with("HTTP/1.") && head.contains(" 200 "),
-            "{head}"
-        );
-        Ok(body.to_string())
+        http_get(self.port, path)
     }
 
     /// A counter or gauge of its `/metrics` (summed over label sets).
@@ -304,9 +292,7 @@ impl NodeRunner {
 
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        log_tail(&self.log, n)
     }
 
     /// SIGTERM, and waits for it to exit (it detaches everything first); SIGKILL after 20 s.
