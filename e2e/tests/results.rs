@@ -18,8 +18,8 @@ use std::{
 use anyhow::{anyhow, ensure};
 use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult, result::Row};
 use fathom_e2e::{
-    ClusterJobGuard, OPERATOR_NAMESPACE, OperatorOptions, TestNamespace, admin, env, eventually,
-    install_crds, kubectl_ok,
+    ClusterJobGuard, OPERATOR_NAMESPACE, Operator, OperatorOptions, TestNamespace, admin, env,
+    eventually, install_crds, kubectl_ok,
     runner::{RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
@@ -86,6 +86,15 @@ async fn workload(client: &Client, ns: &str, app: &str, replicas: i32, node: &st
         )
         .await
         .unwrap_or_else(|e| panic!("applying Deployment {ns}/{app}: {e}"));
+}
+
+/// The operator as a process serving its collector (TLS); returns it and the collector's port.
+async fn operator_with_collector(client: &Client, test: &str) -> (Operator, u16) {
+    let mut opts = OperatorOptions::new(test);
+    opts.collector = true;
+    let operator = opts.start(client).await;
+    let port = operator.collector_port.expect("collector port");
+    (operator, port)
 }
 
 /// The host's copy of the workload binary (the image's is built from the same source).
@@ -268,10 +277,7 @@ async fn a_tracejob_counts_exactly_the_opens_and_uprobe_calls_of_its_pods_and_no
     let decoys = running_pods(&client, ns.as_str(), "decoy", 1).await;
     let target_names: BTreeSet<String> = targets.iter().map(ResourceExt::name_any).collect();
 
-    let mut opts = OperatorOptions::new("loop");
-    opts.collector = true;
-    let operator = opts.start(&client).await;
-    let cport = operator.collector_port.expect("collector port");
+    let (operator, cport) = operator_with_collector(&client, "loop").await;
     let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
 
     create(
@@ -421,10 +427,7 @@ async fn a_cluster_tracejob_merges_each_nodes_report_exactly_once() {
         fathom_e2e::ensure_sim_node_ready(&client, n).await;
     }
 
-    let mut opts = OperatorOptions::new("cluster-loop");
-    opts.collector = true;
-    let operator = opts.start(&client).await;
-    let cport = operator.collector_port.expect("collector port");
+    let (operator, cport) = operator_with_collector(&client, "cluster-loop").await;
     let mut runners = Vec::new();
     for n in &nodes {
         runners.push(RunnerOptions::new(n, cport).start(&client).await);
@@ -514,10 +517,7 @@ async fn t2_a_runner_killed_mid_job_resumes_its_pinned_probe_and_counts_exactly(
     let pods = running_pods(&client, ns.as_str(), "target", 1).await;
     let pod = pods[0].name_any();
 
-    let mut opts = OperatorOptions::new("t2");
-    opts.collector = true;
-    let operator = opts.start(&client).await;
-    let cport = operator.collector_port.expect("collector port");
+    let (operator, cport) = operator_with_collector(&client, "t2").await;
     let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
     create(
         &client,
@@ -591,10 +591,7 @@ async fn t1_a_runner_killed_then_its_job_deleted_leaves_nothing_once_it_restarts
     workload(&client, ns.as_str(), "target", 1, &node, &dir).await;
     running_pods(&client, ns.as_str(), "target", 1).await;
 
-    let mut opts = OperatorOptions::new("t1");
-    opts.collector = true;
-    let operator = opts.start(&client).await;
-    let cport = operator.collector_port.expect("collector port");
+    let (operator, cport) = operator_with_collector(&client, "t1").await;
     let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
     create(
         &client,
