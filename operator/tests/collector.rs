@@ -393,6 +393,23 @@ fn seed_result(api: &MemoryApi) {
     );
 }
 
+fn seed_job_with_uid(api: &MemoryApi, uid: &str) {
+    api.seed(
+        FATHOM,
+        "tracejobs",
+        json!({
+            "apiVersion": "fathom.dev/v1alpha1",
+            "kind": "TraceJob",
+            "metadata": {"name": "drops", "namespace": "shop", "uid": uid},
+            "spec": {"probe": {"tracepoint": "skb/kfree_skb"}},
+        }),
+    );
+}
+
+fn seed_job(api: &MemoryApi) {
+    seed_job_with_uid(api, JOB_UID);
+}
+
 /// Runs 100 nodes reporting once a second for 60 s against the writer on a virtual clock;
 /// returns the API writes and the final report count.
 pub async fn b10_writes(nodes: usize, seconds: u64) -> (u64, u64) {
@@ -446,9 +463,10 @@ pub async fn b10_writes(nodes: usize, seconds: u64) -> (u64, u64) {
 #[tokio::test]
 async fn a_result_removed_under_a_running_job_is_made_again_owned_by_the_job() {
     // No TraceResult seeded: the garbage collector took it (a job deleted and created again
-    // under its name), or someone deleted it.
+    // under its name), or someone deleted it. The job itself is still there.
     let clock = ManualClock::new(Timestamp::from_second(1_750_000_000).expect("time"));
     let api = MemoryApi::new(clock.clone());
+    seed_job(&api);
     let collector = Collector::new();
     collector.set_job(job_info(2));
     let mut writer = ResultWriter::new(api.client(), collector.clone(), clock.clone());
@@ -470,6 +488,35 @@ async fn a_result_removed_under_a_running_job_is_made_again_owned_by_the_job() {
         (Some("TraceJob"), Some(JOB_UID), Some(true)),
         "owned by the job: {stored:#}"
     );
+}
+
+#[tokio::test]
+async fn a_job_gone_with_its_result_is_forgotten_not_written_for_ever() {
+    // The job was deleted: the garbage collector took its TraceResult, and a late report
+    // still sits in the merge. Nothing is made again for nobody, and the writer stops.
+    let clock = ManualClock::new(Timestamp::from_second(1_750_000_000).expect("time"));
+    let api = MemoryApi::new(clock.clone());
+    let collector = Collector::new();
+    collector.set_job(job_info(2));
+    let mut writer = ResultWriter::new(api.client(), collector.clone(), clock.clone());
+    collector.accept("node-0", &report(0, 1, &[("a", 7)]));
+    writer.tick(Instant::now()).await;
+    assert_eq!(writer.writes(), 0);
+    assert!(
+        api.get(FATHOM, "traceresults", "shop", "drops").is_none(),
+        "no result made for a deleted job"
+    );
+    assert!(
+        collector.state().job_uids().is_empty(),
+        "the deleted job is forgotten"
+    );
+    // A job of the same name but another uid (created again) is not the one reported on.
+    seed_job_with_uid(&api, "a-new-uid");
+    collector.set_job(job_info(2));
+    collector.accept("node-0", &report(0, 1, &[("a", 7)]));
+    writer.tick(Instant::now() + WRITE_INTERVAL).await;
+    assert_eq!(writer.writes(), 0);
+    assert!(collector.state().job_uids().is_empty());
 }
 
 #[tokio::test]

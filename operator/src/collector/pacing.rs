@@ -11,7 +11,7 @@ use std::{
 };
 
 use fathom_crds::{
-    TraceJob, TraceResult, TraceResultSpec, TraceResultStatus,
+    ClusterTraceJob, TraceJob, TraceResult, TraceResultSpec, TraceResultStatus,
     assignment::{
         JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_NAMESPACE_LABEL, JOB_UID_LABEL, JobRef, label_value,
     },
@@ -149,6 +149,13 @@ pub fn result_object(job: &JobRef, namespace: &str, name: &str) -> TraceResult {
     r
 }
 
+/// What [`ResultWriter::apply`] did.
+enum Applied {
+    Written,
+    /// The TraceResult and its job are gone: the job was forgotten.
+    JobGone,
+}
+
 /// Writes merged results to the API, paced.
 pub struct ResultWriter {
     client: Client,
@@ -217,7 +224,8 @@ impl ResultWriter {
                 continue;
             }
             match self.apply(&m, &status).await {
-                Ok(()) => {
+                Ok(Applied::JobGone) => {}
+                Ok(Applied::Written) => {
                     self.writes += 1;
                     if let Some(metrics) = &self.metrics {
                         metrics.wrote("apply-status", "TraceResult");
@@ -234,7 +242,7 @@ impl ResultWriter {
         written
     }
 
-    async fn apply(&self, m: &Merged, status: &TraceResultStatus) -> Result<(), kube::Error> {
+    async fn apply(&self, m: &Merged, status: &TraceResultStatus) -> Result<Applied, kube::Error> {
         let api: Api<TraceResult> = Api::namespaced(self.client.clone(), &m.result_namespace);
         let patch = json!({
             "apiVersion": TraceResult::api_version(&()),
@@ -247,9 +255,16 @@ impl ResultWriter {
             .await
         {
             Err(kube::Error::Api(e)) if e.code == 404 => {
-                // Gone: the garbage collector removed it (a job deleted and created again
-                // under the same name can lose its result that way), or it was deleted by
-                // hand. The job still runs, so the result is made again, owned by it.
+                // Gone with its job (the garbage collector follows the ownerReference): the
+                // job is forgotten, not its result made again for nobody.
+                if !self.job_exists(&m.job).await? {
+                    self.collector.forget_job(&m.job.uid);
+                    info!(job = %m.job.name, uid = %m.job.uid, "the job is gone: forgot its reports");
+                    return Ok(Applied::JobGone);
+                }
+                // Gone while the job runs: the garbage collector removed it (a job deleted
+                // and created again under the same name can lose its result that way), or it
+                // was deleted by hand. The result is made again, owned by the job.
                 let object = result_object(&m.job, &m.result_namespace, &m.result_name);
                 api.patch(&m.result_name, &params, &Patch::Apply(&object))
                     .await?;
@@ -262,7 +277,23 @@ impl ResultWriter {
             }
         }
         debug!(result = %m.result_name, nodes = m.coverage.nodes_reported, "wrote the TraceResult");
-        Ok(())
+        Ok(Applied::Written)
+    }
+
+    /// The job with this uid still exists (it may be deleting).
+    async fn job_exists(&self, job: &JobRef) -> Result<bool, kube::Error> {
+        let uid = match (job.kind.as_str(), &job.namespace) {
+            ("ClusterTraceJob", _) => Api::<ClusterTraceJob>::all(self.client.clone())
+                .get_opt(&job.name)
+                .await?
+                .and_then(|j| j.metadata.uid),
+            (_, Some(ns)) => Api::<TraceJob>::namespaced(self.client.clone(), ns)
+                .get_opt(&job.name)
+                .await?
+                .and_then(|j| j.metadata.uid),
+            (_, None) => None,
+        };
+        Ok(uid.as_deref() == Some(job.uid.as_str()))
     }
 
     /// Ticks every [`TICK`] until `shutdown`, then writes what is left.

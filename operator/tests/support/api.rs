@@ -1078,9 +1078,14 @@ impl MemoryApi {
                 state.objects[&key].clone()
             }
         } else {
-            let created = self
+            let mut created = self
                 .create(&mut state, key.clone(), obj.clone())
                 .expect("create fixture");
+            // A fixture may name its uid (the server makes one up for clients' objects).
+            if let Some(uid) = obj.pointer("/metadata/uid") {
+                created["metadata"]["uid"] = uid.clone();
+                state.objects.insert(key.clone(), created.clone());
+            }
             if let Some(s) = obj.get("status") {
                 let mut with = created;
                 with["status"] = s.clone();
