@@ -97,6 +97,12 @@ fn var(name: &str) -> String {
 }
 
 /// The cluster's environment; panics, saying how to get it, when it is not set.
+/// The `RUST_LOG` filter of the operator and runner processes the tests start: `info`, or
+/// `FATHOM_E2E_LOG` (e.g. `info,fathom_operator::collector=debug`) when debugging.
+pub fn log_filter() -> String {
+    std::env::var("FATHOM_E2E_LOG").unwrap_or_else(|_| "info".into())
+}
+
 pub fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| Env {
@@ -1260,7 +1266,7 @@ impl OperatorOptions {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", crate::log_filter())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -204,7 +204,7 @@ impl RunnerOptions {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("KUBECONFIG", &env().runner_kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", crate::log_filter())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
