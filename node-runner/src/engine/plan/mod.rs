@@ -17,7 +17,7 @@ use fathom_crds::{
     verdict::{ProbeVerdict, Reason, Verdict},
 };
 
-use crate::{
+use crate::engine::{
     catalog,
     elf::{self, ElfError},
     error::EngineError,
@@ -1008,7 +1008,7 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
                     );
                 }
             }
-            if let Err((reason, message)) = crate::engine::trial_load(point, kernel) {
+            if let Err((reason, message)) = crate::engine::session::trial_load(point, kernel) {
                 return no(reason, message);
             }
         }
@@ -1050,7 +1050,7 @@ pub fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) 
                     format!("LSM hook {hook} does not exist on this kernel ({func} is not in BTF)"),
                 );
             }
-            if let Err((reason, message)) = crate::engine::trial_load(point, kernel) {
+            if let Err((reason, message)) = crate::engine::session::trial_load(point, kernel) {
                 return no(reason, message);
             }
         }
