@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates node-runner/src/syscall_table.rs from the kernel headers (linux-libc-dev).
+# Regenerates node-runner/src/engine/syscall_table.rs from the kernel headers (linux-libc-dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 hdr=/usr/include/x86_64-linux-gnu/asm/unistd_64.h
@@ -10,4 +10,4 @@ hdr=/usr/include/x86_64-linux-gnu/asm/unistd_64.h
   echo "pub const SYSCALLS_X86_64: &[(u32, &str)] = &["
   grep "#define __NR_" "$hdr" | awk '{sub("__NR_","",$2); printf "    (%s, \"%s\"),\n", $3, $2}'
   echo "];"
-} > node-runner/src/syscall_table.rs
+} > node-runner/src/engine/syscall_table.rs

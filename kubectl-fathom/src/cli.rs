@@ -86,7 +86,7 @@ pub enum Command {
         duration: Option<String>,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
-        output: fathom_node::output::Format,
+        output: fathom_node::cli::output::Format,
         /// No progress line on the terminal.
         #[arg(long, short = 'q')]
         quiet: bool,

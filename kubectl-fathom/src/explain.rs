@@ -8,9 +8,11 @@ use std::{fmt::Write as _, path::Path};
 use fathom_crds::verdict::Verdict;
 use fathom_node::{
     EngineError,
-    jobfile::{self, JobFile},
-    kernel::Kernel,
-    run::{check_job, verdict_lines},
+    cli::{
+        jobfile::{self, JobFile},
+        run::{check_job, verdict_lines},
+    },
+    engine::kernel::Kernel,
 };
 use fathom_operator::{
     lifecycle::Intent,

@@ -7,7 +7,7 @@
 //! - [`explain`]: the operator's planner on the cluster as it is, and this kernel's verdict;
 //! - [`error`]: one-line errors naming the fix, and exit codes.
 //!
-//! `run` is `fathom run` (`fathom_node::run::run_file`).
+//! `run` is `fathom run` (`fathom_node::cli::run::run_file`).
 
 pub mod cli;
 pub mod error;
@@ -119,7 +119,7 @@ pub async fn cluster_command(
             let input = explain::read_input(file, namespace.as_deref().unwrap_or(&ns))?;
             let cluster = explain::read_cluster(client, &input).await?;
             let plan = explain::describe_plan(&input, cluster, &tolerations)?;
-            let kernel = fathom_node::kernel::Kernel::running();
+            let kernel = fathom_node::engine::kernel::Kernel::running();
             let verdict = explain::describe_kernel(&input, &kernel)?;
             write(out, format!("{plan}{verdict}").as_bytes())
         }
@@ -163,7 +163,7 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 pub async fn run_command(
     file: &std::path::Path,
     duration: Option<&str>,
-    format: fathom_node::output::Format,
+    format: fathom_node::cli::output::Format,
     quiet: bool,
     out: &mut dyn Write,
 ) -> Result<(), Error> {
@@ -179,11 +179,14 @@ pub async fn run_command(
     let file = file.to_path_buf();
     let duration = duration.map(str::to_string);
     let result = tokio::task::spawn_blocking(move || {
-        fathom_node::run::run_file(&file, duration.as_deref(), quiet, &STOP)
+        fathom_node::cli::run::run_file(&file, duration.as_deref(), quiet, &STOP)
     })
     .await
     .map_err(|e| Error::Render(format!("the run's thread failed: {e}")))??;
-    write(out, fathom_node::output::render(&result, format).as_bytes())
+    write(
+        out,
+        fathom_node::cli::output::render(&result, format).as_bytes(),
+    )
 }
 
 /// Runs the parsed command line.

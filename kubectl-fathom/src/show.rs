@@ -1,11 +1,11 @@
 //! What `get`, `top` and `hist` print: a summary (phase, coverage, loss, truncation) and the
-//! result as `fathom run` prints it (tables and bars from `fathom_node::output`), or the whole
+//! result as `fathom run` prints it (tables and bars from `fathom_node::cli::output`), or the whole
 //! view as JSON or YAML.
 
 use std::fmt::Write as _;
 
 use fathom_crds::result::{ResultData, top_rows};
-use fathom_node::output;
+use fathom_node::cli::output;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::Serialize;
 

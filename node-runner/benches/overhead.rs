@@ -19,10 +19,10 @@ use std::{
 };
 
 use fathom_crds::TraceJobSpec;
-use fathom_node::{
-    engine::{EngineOptions, Session},
+use fathom_node::engine::{
     kernel::Kernel,
     plan,
+    session::{EngineOptions, Session},
 };
 
 const CALLS: u64 = 2_000_000;

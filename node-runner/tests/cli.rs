@@ -7,7 +7,10 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use common::*;
 use fathom_crds::verdict::Reason;
-use fathom_node::{EngineError, kernel::Kernel, plan};
+use fathom_node::{
+    EngineError,
+    engine::{kernel::Kernel, plan},
+};
 
 struct Out {
     code: Option<i32>,
@@ -357,7 +360,7 @@ fn a_job_over_its_cpu_budget_is_stopped_with_the_reason() {
     let wc = c.clone();
     let busy = std::thread::spawn(move || workload(&wc, "call", 20_000_000, None));
     let never = std::sync::atomic::AtomicBool::new(false);
-    let r = fathom_node::run::run_session(s, Some(Duration::from_secs(60)), &never, |_| {})
+    let r = fathom_node::cli::run::run_session(s, Some(Duration::from_secs(60)), &never, |_| {})
         .expect("runs");
     let reason = r.stopped_reason.clone().expect("stopped early");
     assert!(reason.starts_with("CPU budget exceeded"), "{reason}");

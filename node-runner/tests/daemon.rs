@@ -21,9 +21,11 @@ use fathom_node::{
         pins::{BPFFS, Pins},
         runner::{Desired, Runner, RunnerOptions},
     },
-    engine::{Engine, EngineOptions},
-    kernel::Kernel,
-    render::cgroup_id,
+    engine::{
+        kernel::Kernel,
+        render::cgroup_id,
+        session::{Engine, EngineOptions},
+    },
 };
 
 const POD: &str = "5e1f0c2a-7b3d-4e5f-8a9b-0c1d2e3f4a5b";

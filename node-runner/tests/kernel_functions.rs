@@ -17,7 +17,10 @@ use fathom_crds::{
     result::ResultData,
     verdict::{ProbeVerdict, Reason},
 };
-use fathom_node::{EngineError, kernel::Kernel, plan};
+use fathom_node::{
+    EngineError,
+    engine::{kernel::Kernel, plan},
+};
 
 /// Opens of an existing file and of a missing one, per workload run.
 const OPENS_OK: u64 = 700;
@@ -136,7 +139,7 @@ fn start_or_refused(
     kind: Kind,
     yaml: &str,
     probes: &[&str],
-) -> Option<fathom_node::engine::Session> {
+) -> Option<fathom_node::engine::session::Session> {
     let offer = offered(kind)?;
     let planned = plan::plan(&spec(yaml), &Kernel::running(), plan::Scope::Node);
     if offer == Offer::Available {

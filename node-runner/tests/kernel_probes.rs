@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use common::*;
 use fathom_crds::result::ResultData;
-use fathom_node::{
-    engine::Session,
+use fathom_node::engine::{
     plan::{self, NOTHING_ATTACHED, Scope},
+    session::Session,
 };
 
 fn events_with(r: &ResultData, field: &str, value: &str) -> usize {
@@ -366,12 +366,12 @@ fn tracepoint_field_sum_and_histogram() {
 fn cgroup_filter_counts_only_tasks_of_the_listed_cgroups() {
     let _k = KernelTest::begin();
     let c = comm("cg");
-    let dir =
-        fathom_node::render::cgroup2_root().join(format!("fathom-test-{}", std::process::id()));
+    let dir = fathom_node::engine::render::cgroup2_root()
+        .join(format!("fathom-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("cgroup v2 directory");
     let inside = workload_waiting(&c, "getppid", 300, None);
     std::fs::write(dir.join("cgroup.procs"), inside.pid.to_string()).expect("move into cgroup");
-    let id = fathom_node::render::cgroup_id(&dir).expect("cgroup id");
+    let id = fathom_node::engine::render::cgroup_id(&dir).expect("cgroup id");
     let plan = plan::plan(
         &spec(&format!("probe: {{ tracepoint: syscalls/sys_enter_getppid }}\naggregate: {{ by: [comm, cgroup] }}\nfilter: {{ comm: {c} }}")),
         kernel(),

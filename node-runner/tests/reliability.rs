@@ -15,10 +15,12 @@ use common::*;
 use fathom_crds::verdict::Reason;
 use fathom_node::{
     EngineError,
-    engine::{self, Applied, Engine, EngineOptions, Session},
-    kernel::Kernel,
-    plan::{self, AttachPoint, Scope},
-    run::run_session,
+    cli::run::run_session,
+    engine::{
+        kernel::Kernel,
+        plan::{self, AttachPoint, Scope},
+        session::{self, Applied, Engine, EngineOptions, Session},
+    },
 };
 
 fn our_links() -> usize {
@@ -147,7 +149,7 @@ fn e3_a_job_whose_third_probe_fails_leaves_nothing_and_others_keep_running() {
 #[test]
 fn e4_verifier_rejection_is_reported_not_fatal() {
     let _k = KernelTest::begin();
-    let err = engine::verifier_canary(&Kernel::running(), 4096);
+    let err = session::verifier_canary(&Kernel::running(), 4096);
     assert_eq!(err.reason(), Some(Reason::VerifierRejected), "{err}");
     let msg = err.to_string();
     assert!(
@@ -259,7 +261,7 @@ fn e6_map_caps_are_enforced_twice_and_a_full_map_degrades() {
     );
     let opts = EngineOptions::default();
     let plan = plan::plan(&spec(&yaml), &kernel, Scope::Node).expect("plans");
-    let budget = engine::memlock_budget(&plan, &opts);
+    let budget = session::memlock_budget(&plan, &opts);
     let mut s = Session::start(plan, &kernel, opts).expect("starts");
     for _ in 0..10 {
         workload(&c, "getppid", 3, None);

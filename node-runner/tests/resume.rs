@@ -23,9 +23,11 @@ use fathom_node::{
         pins::{BPFFS, Pins},
         runner::{Desired, Runner, RunnerOptions},
     },
-    engine::{Applied, Engine, EngineOptions},
-    kernel::Kernel,
-    plan::Scope,
+    engine::{
+        kernel::Kernel,
+        plan::Scope,
+        session::{Applied, Engine, EngineOptions},
+    },
 };
 
 /// Set in a child: `<pin root>|<assignment uid>|<comm>|<wanted: 1 or 0>`.

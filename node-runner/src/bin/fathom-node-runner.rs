@@ -24,8 +24,10 @@ use fathom_node::{
         runner::{Desired, Output, Runner, RunnerOptions},
         transport::{self, TransportConfig, TransportStats},
     },
-    engine::{Engine, EngineOptions},
-    kernel::Kernel,
+    engine::{
+        kernel::Kernel,
+        session::{Engine, EngineOptions},
+    },
 };
 use fathom_proto::v1::{NodeReport, RejectionCode, ReportAck};
 use futures::StreamExt;

@@ -10,10 +10,12 @@ use std::{
 use clap::{Parser, Subcommand};
 use fathom_node::{
     EngineError,
-    kernel::Kernel,
-    list,
-    output::{self, Format},
-    run,
+    cli::{
+        list,
+        output::{self, Format},
+        run,
+    },
+    engine::kernel::Kernel,
 };
 
 /// Fathom: eBPF tracing driven by TraceJob YAML — the same file you `kubectl apply`.

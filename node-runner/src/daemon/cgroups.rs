@@ -26,7 +26,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::render::{cgroup_id, cgroup2_mount};
+use crate::engine::render::{cgroup_id, cgroup2_mount};
 
 /// How deep below the v2 root the scan looks: enough for the systemd layout under a prefix
 /// (`prefix/kubepods.slice/kubepods-<qos>.slice/kubepods-…-pod….slice/cri-containerd-….scope/container`).

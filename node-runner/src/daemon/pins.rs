@@ -1,6 +1,6 @@
 //! What the runner leaves in bpffs: one directory per running assignment,
 //! `/sys/fs/bpf/fathom/<assignment-uid>/`, so that a restarted runner knows what it was
-//! running. The engine (built [`with_pin_root`](crate::engine::Engine::with_pin_root)) pins
+//! running. The engine (built [`with_pin_root`](crate::engine::session::Engine::with_pin_root)) pins
 //! each session's links and maps there, in a directory named by the record of what it runs
 //! (`record-<digest of spec, scope, sizes and programs>/`), so the probes keep counting
 //! while no runner runs and the next runner resumes them (RELIABILITY T2). At start the

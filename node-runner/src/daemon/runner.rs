@@ -31,8 +31,7 @@ use fathom_crds::{
     result::{EventRecord, ResultData},
     verdict::Verdict,
 };
-use fathom_proto::MAX_EVENTS_PER_REPORT;
-use fathom_proto::v1;
+use fathom_proto::{MAX_EVENTS_PER_REPORT, v1};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
 use crate::{
@@ -41,10 +40,12 @@ use crate::{
         pins::Pins,
         targets::{self, CLUSTER_TRACE_JOB, TRACE_JOB},
     },
-    engine::{Applied, Engine},
-    error::EngineError,
-    plan::{NOTHING_ATTACHED, Scope},
-    render::CgroupLabels,
+    engine::{
+        error::EngineError,
+        plan::{NOTHING_ATTACHED, Scope},
+        render::CgroupLabels,
+        session::{Applied, Engine},
+    },
 };
 
 /// Where the runner sees the node's processes (the DaemonSet runs with `hostPID`).
@@ -818,7 +819,7 @@ mod tests {
                 std::env::temp_dir().join(format!("fathom-runner-{name}-{}", std::process::id()));
             let c = dir.join(format!("kubepods/besteffort/pod{POD}/{C1}"));
             std::fs::create_dir_all(&c).unwrap();
-            let id = crate::render::cgroup_id(&c).unwrap();
+            let id = crate::engine::render::cgroup_id(&c).unwrap();
             Tree(dir, id)
         }
     }

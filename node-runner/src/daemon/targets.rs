@@ -19,8 +19,7 @@ use fathom_crds::spec::Probe;
 
 use crate::{
     daemon::cgroups::{CgroupIndex, ContainerId},
-    plan::Scope,
-    render::CgroupLabels,
+    engine::{plan::Scope, render::CgroupLabels},
 };
 
 pub const TRACE_JOB: &str = "TraceJob";
@@ -394,7 +393,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fathom-targets-{}", std::process::id()));
         let cdir = dir.join(format!("kubepods/besteffort/pod{POD}/{C1}"));
         std::fs::create_dir_all(&cdir).unwrap();
-        let id = crate::render::cgroup_id(&cdir).unwrap();
+        let id = crate::engine::render::cgroup_id(&cdir).unwrap();
         let index = CgroupIndex::scan(&dir);
         let s = spec(TRACE_JOB, Some("shop"), false, &[("shop", "a")]);
         let r = resolve(&s, Some(&index)).unwrap();

@@ -13,9 +13,11 @@ use std::{
 use fathom_crds::{CheckedSpec, TraceJobSpec, result::ResultData};
 use fathom_node::{
     EngineError,
-    engine::{EngineOptions, Session},
-    kernel::Kernel,
-    plan,
+    engine::{
+        kernel::Kernel,
+        plan,
+        session::{EngineOptions, Session},
+    },
 };
 
 static KERNEL_LOCK: Mutex<()> = Mutex::new(());

@@ -5,7 +5,7 @@ use std::{collections::HashSet, fs, path::PathBuf, sync::OnceLock};
 
 use aya::{Btf, BtfError};
 
-use crate::{btf::BtfIndex, tracefs::TraceFs};
+use crate::engine::{btf::BtfIndex, tracefs::TraceFs};
 
 /// The facts the feasibility check and the planner read about a kernel.
 #[derive(Debug)]

@@ -5,7 +5,7 @@ use std::{fs, path::Path};
 use fathom_crds::TraceJobSpec;
 use serde::Deserialize;
 
-use crate::error::EngineError;
+use crate::engine::error::EngineError;
 
 /// The parts of a TraceJob or ClusterTraceJob manifest `fathom run` uses.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use std::{
 use fathom_common::{AggKey, AggValue, Event};
 use fathom_crds::result::{Bucket, EventRecord, Histogram, Row, top_rows};
 
-use crate::{
+use crate::engine::{
     plan::{CgroupView, Column, EventPart, JobPlan, KeyPart, Render, ValueKind},
     symbols::{self, Symbols, comm_str},
 };

@@ -9,7 +9,7 @@ use std::path::Path;
 use aya::{programs::ProgramType, sys::is_program_supported};
 use glob::Pattern;
 
-use crate::{catalog, elf, error::EngineError, kernel::Kernel};
+use crate::engine::{catalog, elf, error::EngineError, kernel::Kernel};
 
 fn glob(p: &str) -> Result<Pattern, EngineError> {
     Pattern::new(if p.is_empty() { "*" } else { p }).map_err(|e| EngineError::File {
@@ -126,7 +126,7 @@ pub fn list(
     }
 }
 
-fn tracefs(kernel: &Kernel) -> Result<&crate::tracefs::TraceFs, EngineError> {
+fn tracefs(kernel: &Kernel) -> Result<&crate::engine::tracefs::TraceFs, EngineError> {
     kernel.tracefs.as_ref().ok_or_else(|| {
         bad(kernel
             .tracefs_error

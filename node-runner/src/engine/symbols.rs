@@ -8,7 +8,7 @@ use blazesym::{
     symbolize::{Input, Symbolized, Symbolizer, source},
 };
 
-use crate::syscall_table::SYSCALLS_X86_64;
+use crate::engine::syscall_table::SYSCALLS_X86_64;
 
 /// Kernel symbols from /proc/kallsyms, sorted by address.
 pub struct KernelSymbols {

@@ -35,7 +35,7 @@ use fathom_crds::{
     verdict::Reason,
 };
 
-use crate::{
+use crate::engine::{
     error::EngineError,
     kernel::Kernel,
     plan::{AttachPoint, JobPlan, Scope, UprobeTarget},
@@ -266,7 +266,7 @@ impl Engine {
             }
             None => false,
         };
-        let plan = crate::plan::plan(spec, &self.kernel, scope.clone())?;
+        let plan = crate::engine::plan::plan(spec, &self.kernel, scope.clone())?;
         let (session, resumed) = match &self.pin_root {
             Some(root) => {
                 let dir = job_pin_dir(root, id)?;
@@ -956,7 +956,7 @@ impl Session {
                     }
                 }
                 AttachPoint::Uprobe { binary, target, .. } => {
-                    let path = crate::elf::resolve_binary(binary)
+                    let path = crate::engine::elf::resolve_binary(binary)
                         .map_err(|e| kernel_error(&probe, Reason::BinaryNotFound, e.to_string()))?;
                     let p: &mut UProbe = prog.try_into().map_err(perr)?;
                     if p.fd().is_err() {

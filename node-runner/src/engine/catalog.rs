@@ -7,7 +7,10 @@ use fathom_crds::{
     verdict::{ProbeVerdict, Reason},
 };
 
-use crate::plan::{AttachPoint, EventSource, Named, PayloadSource, Template};
+use crate::engine::plan::{
+    AttachPoint,
+    template::{EventSource, Named, PayloadSource, Template},
+};
 
 fn tp(category: &str, name: &str) -> AttachPoint {
     AttachPoint::Tracepoint {

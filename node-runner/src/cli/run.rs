@@ -17,11 +17,13 @@ use fathom_crds::{
 };
 
 use crate::{
-    engine::{EngineOptions, Session},
-    error::EngineError,
-    jobfile::{self, JobFile},
-    kernel::Kernel,
-    plan,
+    cli::jobfile::{self, JobFile},
+    engine::{
+        error::EngineError,
+        kernel::Kernel,
+        plan,
+        session::{EngineOptions, Session},
+    },
 };
 
 /// Reads and validates a TraceJob file, noting on stderr the fields that only matter in a
