@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use fathom_crds::assignment::JobRef;
+use fathom_crds::{assignment::JobRef, result::EventRecord};
 use fathom_operator::collector::{
     Collector, ExpectedAssignment, JobInfo,
     auth::{StaticReaders, StaticTokens},
@@ -74,13 +74,13 @@ fn report(seq: u64, hits: u64, fin: bool) -> NodeReport {
             }),
             ..Default::default()
         }),
-        events: vec![v1::Event {
+        event_batch: Some(v1::EventBatch::from_records(&[EventRecord {
             time_ns: seq,
             fields: BTreeMap::from([
                 ("comm".into(), "sh".into()),
                 ("pid".into(), seq.to_string()),
             ]),
-        }],
+        }])),
         counters: Some(Counters {
             hits,
             ..Default::default()

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fathom_crds::result::EventRecord;
 use fathom_node::daemon::transport::{self, BackoffPolicy, TransportConfig, TransportStats};
 use fathom_proto::v1::{
     self, Counters, NodeReport, ReportAck,
@@ -85,8 +86,7 @@ impl Collector for TestCollector {
                     } else {
                         s.last_seq.insert(r.assignment_uid.clone(), r.seq);
                         s.accepted += 1;
-                        s.events += r.events.len() as u64;
-                        r.events.clear();
+                        s.events += r.event_batch.take().map_or(0, |b| b.len()) as u64;
                         s.last = Some(r.clone());
                         r.seq
                     }
@@ -135,12 +135,20 @@ fn report(uid: &str, seq: u64, events: usize) -> NodeReport {
             hits: seq,
             ..Default::default()
         }),
-        events: (0..events)
-            .map(|i| v1::Event {
-                time_ns: i as u64,
-                fields: [("path".to_string(), "p".repeat(100))].into(),
-            })
-            .collect(),
+        // Distinct values: a batch would send a repeated one once.
+        event_batch: (events > 0).then(|| {
+            let records: Vec<EventRecord> = (0..events)
+                .map(|i| EventRecord {
+                    time_ns: i as u64,
+                    fields: [(
+                        "path".to_string(),
+                        format!("{seq:08}{i:06}{}", "p".repeat(86)),
+                    )]
+                    .into(),
+                })
+                .collect();
+            v1::EventBatch::from_records(&records)
+        }),
         ..Default::default()
     }
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fathom_crds::assignment::JobRef;
+use fathom_crds::{assignment::JobRef, result::EventRecord};
 use fathom_operator::collector::{
     Accept, Collector, ExpectedAssignment, JobInfo, MergeState, pacing::ResultWriter,
 };
@@ -79,7 +79,7 @@ fn report(i: usize, seq: u64, rows: usize) -> NodeReport {
             }),
             ..Default::default()
         }),
-        events: vec![],
+        event_batch: None,
         counters: Some(Counters {
             hits,
             ..Default::default()
@@ -249,9 +249,11 @@ async fn events_over_grpc(streams: usize, seconds: u64) {
                 "authorization",
                 format!("Bearer token-{i}").parse().expect("ascii"),
             );
-            let mut template = report(i, 0, 20);
-            template.events = (0..MAX_EVENTS_PER_REPORT as u64)
-                .map(|e| v1::Event {
+            let template = report(i, 0, 20);
+            // Events as the runner holds them after reading the ring buffer; each report
+            // converts them into its batch, as the runner does (that cost is counted).
+            let records: Vec<EventRecord> = (0..MAX_EVENTS_PER_REPORT as u64)
+                .map(|e| EventRecord {
                     time_ns: 1_750_000_000_000_000_000 + e,
                     fields: BTreeMap::from([
                         ("comm".to_string(), format!("proc-{}", e % 50)),
@@ -260,7 +262,7 @@ async fn events_over_grpc(streams: usize, seconds: u64) {
                     ]),
                 })
                 .collect();
-            let per_report = template.events.len() as u64;
+            let per_report = records.len() as u64;
             let sender = {
                 let sent = sent.clone();
                 tokio::spawn(async move {
@@ -269,6 +271,7 @@ async fn events_over_grpc(streams: usize, seconds: u64) {
                         seq += 1;
                         let mut r = template.clone();
                         r.seq = seq;
+                        r.event_batch = Some(v1::EventBatch::from_records(&records));
                         if tx.send(r).await.is_err() {
                             break;
                         }

@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fathom_crds::{assignment::JobRef, result::Row};
+use fathom_crds::{
+    assignment::JobRef,
+    result::{EventRecord, Row},
+};
 use fathom_operator::collector::{
     Accept, Collector, ExpectedAssignment, JobInfo, MergeState,
     auth::{StaticReaders, StaticTokens},
@@ -99,7 +102,7 @@ fn report(i: usize, seq: u64, rows: &[(&str, u64)]) -> NodeReport {
             }),
             ..Default::default()
         }),
-        events: vec![],
+        event_batch: None,
         counters: Some(Counters {
             hits,
             ..Default::default()
@@ -208,16 +211,21 @@ fn histograms_sum_bucket_wise_and_events_keep_the_last_n() {
             .collect(),
         count: counts.iter().map(|c| c.1).sum(),
     };
-    let event = |t: u64| v1::Event {
-        time_ns: t,
-        fields: BTreeMap::from([("pid".to_string(), t.to_string())]),
+    let events = |times: std::ops::Range<u64>| {
+        let records: Vec<EventRecord> = times
+            .map(|t| EventRecord {
+                time_ns: t,
+                fields: BTreeMap::from([("pid".to_string(), t.to_string())]),
+            })
+            .collect();
+        Some(v1::EventBatch::from_records(&records))
     };
     let mut r0 = report(0, 1, &[]);
     r0.result.as_mut().expect("result").histograms = vec![hist(&[(1, 3), (4, 1)])];
-    r0.events = (0..4).map(event).collect();
+    r0.event_batch = events(0..4);
     let mut r1 = report(1, 1, &[]);
     r1.result.as_mut().expect("result").histograms = vec![hist(&[(4, 2), (16, 5)])];
-    r1.events = (10..14).map(event).collect();
+    r1.event_batch = events(10..14);
     s.accept("node-0", &r0);
     s.accept("node-1", &r1);
     let m = s.merged(JOB_UID).expect("known");
@@ -797,6 +805,23 @@ async fn t8_a_wrong_job_uid_or_an_invalid_report_is_rejected_and_good_reports_ke
         rejection(&r.send(invalid).await.expect("ack")),
         RejectionCode::Invalid
     );
+    // An event batch whose cell points past its values is rejected whole.
+    let mut bad_events = report(0, 2, &[("a", 1)]);
+    bad_events.event_batch = Some(v1::EventBatch {
+        fields: vec!["comm".into()],
+        values: vec!["nginx".into()],
+        time_ns: vec![1],
+        cells: vec![2],
+    });
+    let ack = r.send(bad_events).await.expect("ack");
+    assert_eq!(rejection(&ack), RejectionCode::Invalid);
+    assert!(
+        ack.rejection
+            .expect("rejected")
+            .reason
+            .contains("cell 0 points at value 2 of 1"),
+        "the reason names the cell"
+    );
     let ack = r.send(report(0, 3, &[("a", 7)])).await.expect("ack");
     assert_eq!((ack.acknowledged_seq, ack.rejection), (3, None));
     assert_eq!(
@@ -810,12 +835,14 @@ async fn t8_an_oversized_report_ends_the_stream_and_a_new_stream_keeps_going() {
     let s = start_server(1).await;
     let mut r = runner(s.addr, "token-0").await.expect("stream");
     let mut big = report(0, 1, &[]);
-    big.events = (0..5_000)
-        .map(|i| v1::Event {
+    // Distinct values: a batch sends each value once.
+    let records: Vec<EventRecord> = (0..5_000)
+        .map(|i| EventRecord {
             time_ns: i,
-            fields: BTreeMap::from([("path".to_string(), "p".repeat(1_000))]),
+            fields: BTreeMap::from([("path".to_string(), format!("{i}{}", "p".repeat(1_000)))]),
         })
         .collect();
+    big.event_batch = Some(v1::EventBatch::from_records(&records));
     let err = r.send(big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
     assert_eq!(
@@ -875,10 +902,10 @@ async fn watch_streams_the_merged_result_and_ends_after_the_final_one() {
     let mut r = runner(s.addr, "token-0").await.expect("stream");
     let mut fin = report(0, 1, &[("a", 4)]);
     fin.r#final = true;
-    fin.events = vec![v1::Event {
+    fin.event_batch = Some(v1::EventBatch::from_records(&[EventRecord {
         time_ns: 1,
-        fields: BTreeMap::new(),
-    }];
+        fields: BTreeMap::from([("comm".to_string(), "nginx".to_string())]),
+    }]));
     r.send(fin).await.expect("ack");
     s.collector.publish();
     let last = tokio::time::timeout(Duration::from_secs(5), updates.message())

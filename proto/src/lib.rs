@@ -11,8 +11,10 @@
 //! [`fathom_crds::result`] (`From` one way, `From`/`TryFrom` back: enums from the wire may
 //! hold values this build does not know).
 
+mod batch;
 mod convert;
 
+pub use batch::BatchError;
 pub use convert::ConversionError;
 
 /// The generated messages, enums, clients and servers of package `fathom.v1`.

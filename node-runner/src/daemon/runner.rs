@@ -294,12 +294,17 @@ impl Tracked {
             run: u64::try_from(self.run).unwrap_or(0),
             seq,
             result,
-            events: Vec::new(),
+            event_batch: None,
             counters,
             state: Some(state),
             r#final: is_final,
         }
     }
+}
+
+/// The batch of `events`, none when there are none.
+fn batch_of(events: &[EventRecord]) -> Option<v1::EventBatch> {
+    (!events.is_empty()).then(|| v1::EventBatch::from_records(events))
 }
 
 fn time(t: SystemTime) -> Option<Time> {
@@ -596,7 +601,7 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         }
         if !t.final_reported {
             let mut r = t.report(&self.opts.node, now, true);
-            r.events = last_events.into_iter().map(Into::into).collect();
+            r.event_batch = batch_of(&last_events);
             out.reports.push(r);
             t.final_reported = true;
         }
@@ -659,7 +664,7 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
                 }
                 let full = events.len() == MAX_EVENTS_PER_REPORT;
                 let mut r = t.report(&self.opts.node, now, false);
-                r.events = events.into_iter().map(Into::into).collect();
+                r.event_batch = batch_of(&events);
                 reports.push(r);
                 if !full {
                     break;
@@ -901,7 +906,10 @@ mod tests {
         engine.0.borrow_mut().events = 2_500;
         engine.0.borrow_mut().events_dropped = 7;
         let out = r.report_events(at(1), 16);
-        let batches: Vec<usize> = out.iter().map(|r| r.events.len()).collect();
+        let batches: Vec<usize> = out
+            .iter()
+            .map(|r| r.event_batch.as_ref().map_or(0, |b| b.len()))
+            .collect();
         assert_eq!(batches, vec![1000, 1000, 500]);
         assert!(out.windows(2).all(|w| w[0].seq < w[1].seq) && out[0].seq > first);
         let c = out[2].counters.unwrap();

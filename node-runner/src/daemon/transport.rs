@@ -164,6 +164,11 @@ pub struct Outbox {
     queued_events_high: usize,
 }
 
+/// Events a report carries.
+fn events_in(r: &NodeReport) -> usize {
+    r.event_batch.as_ref().map_or(0, |b| b.len())
+}
+
 impl Outbox {
     /// A queue of at most `capacity` reports and `spool_events` events.
     pub fn new(capacity: usize, spool_events: usize) -> Outbox {
@@ -191,20 +196,22 @@ impl Outbox {
         self.latest
             .retain(|(uid, run), r| uid != &key.0 || *run >= key.1 || r.r#final);
         let mut kept = report.clone();
-        kept.events.clear();
+        kept.event_batch = None;
         self.latest.insert(key.clone(), kept);
-        let incoming = report.events.len();
+        let incoming = events_in(&report);
         if let Some(queued) = self
             .queue
             .iter_mut()
             .rev()
             .find(|q| q.assignment_uid == key.0 && q.run == key.1)
             && !queued.r#final
-            && queued.events.len() + incoming <= MAX_EVENTS_PER_REPORT
+            && events_in(queued) + incoming <= MAX_EVENTS_PER_REPORT
         {
-            let mut events = std::mem::take(&mut queued.events);
-            events.append(&mut report.events);
-            report.events = events;
+            let mut events = queued.event_batch.take().unwrap_or_default();
+            if let Some(newer) = &report.event_batch {
+                events.append(newer);
+            }
+            report.event_batch = (!events.is_empty()).then_some(events);
             *queued = report;
             self.queued_events += incoming;
         } else {
@@ -212,8 +219,8 @@ impl Outbox {
                 && let Some(old) = self.queue.pop_front()
             {
                 self.dropped += 1;
-                self.queued_events -= old.events.len();
-                self.count_dropped(&old.assignment_uid, old.run, old.events.len());
+                self.queued_events -= events_in(&old);
+                self.count_dropped(&old.assignment_uid, old.run, events_in(&old));
             }
             self.queued_events += incoming;
             self.queue.push_back(report);
@@ -228,9 +235,9 @@ impl Outbox {
         while self.queued_events > self.spool_events && i < self.queue.len() {
             let over = self.queued_events - self.spool_events;
             let r = &mut self.queue[i];
-            let n = over.min(r.events.len());
-            if n > 0 {
-                r.events.drain(..n);
+            let n = over.min(events_in(r));
+            if let Some(batch) = r.event_batch.as_mut().filter(|_| n > 0) {
+                batch.drop_front(n);
                 let (uid, run) = (r.assignment_uid.clone(), r.run);
                 self.queued_events -= n;
                 self.count_dropped(&uid, run, n);
@@ -254,7 +261,7 @@ impl Outbox {
     /// dropped of its assignment and run so far.
     pub fn pop(&mut self) -> Option<NodeReport> {
         let mut r = self.queue.pop_front()?;
-        self.queued_events -= r.events.len();
+        self.queued_events -= events_in(&r);
         let dropped = self
             .events_dropped
             .get(&(r.assignment_uid.clone(), r.run))
@@ -264,9 +271,9 @@ impl Outbox {
             let counters = r.counters.get_or_insert_with(Default::default);
             counters.transport_dropped += dropped;
         }
-        if !r.events.is_empty() {
+        if events_in(&r) > 0 {
             self.in_flight
-                .push((r.assignment_uid.clone(), r.run, r.seq, r.events.len()));
+                .push((r.assignment_uid.clone(), r.run, r.seq, events_in(&r)));
         }
         Some(r)
     }
@@ -303,8 +310,8 @@ impl Outbox {
         let overflow = all.len().saturating_sub(self.capacity);
         for old in all.drain(..overflow) {
             self.dropped += 1;
-            self.queued_events -= old.events.len();
-            self.count_dropped(&old.assignment_uid, old.run, old.events.len());
+            self.queued_events -= events_in(&old);
+            self.count_dropped(&old.assignment_uid, old.run, events_in(&old));
         }
         self.queue = all.into();
     }
@@ -704,6 +711,7 @@ impl Session<'_> {
 mod tests {
     use std::{pin::Pin, sync::Mutex};
 
+    use fathom_crds::result::EventRecord;
     use fathom_proto::v1::collector_server::{Collector, CollectorServer};
     use tokio_stream::Stream;
     use tonic::{Request, Response, Status, Streaming};
@@ -818,12 +826,13 @@ mod tests {
     }
 
     fn with_events(mut r: NodeReport, n: usize) -> NodeReport {
-        r.events = (0..n)
-            .map(|i| fathom_proto::v1::Event {
+        let records: Vec<EventRecord> = (0..n)
+            .map(|i| EventRecord {
                 time_ns: i as u64,
                 fields: Default::default(),
             })
             .collect();
+        r.event_batch = Some(fathom_proto::v1::EventBatch::from_records(&records));
         r
     }
 
@@ -841,11 +850,15 @@ mod tests {
         assert_eq!(o.queued_events(), (1500, 1500));
         assert_eq!(o.events_dropped(), 200);
         let first = o.pop().unwrap();
-        assert_eq!((first.seq, first.events.len()), (2, 700));
+        assert_eq!((first.seq, events_in(&first)), (2, 700));
         assert_eq!(first.counters.unwrap().transport_dropped, 200);
-        assert_eq!(first.events[0].time_ns, 200, "the oldest were dropped");
+        assert_eq!(
+            first.event_batch.as_ref().unwrap().time_ns[0],
+            200,
+            "the oldest were dropped"
+        );
         let second = o.pop().unwrap();
-        assert_eq!((second.seq, second.events.len()), (4, 800));
+        assert_eq!((second.seq, events_in(&second)), (4, 800));
         assert!(o.pop().is_none());
         // Unacknowledged when the stream breaks: counted as dropped, and the resend of the
         // latest report carries no events.
@@ -857,7 +870,7 @@ mod tests {
         o.reconnected();
         assert_eq!(o.events_dropped(), 1000);
         let resent = o.pop().unwrap();
-        assert_eq!((resent.seq, resent.events.len()), (4, 0));
+        assert_eq!((resent.seq, events_in(&resent)), (4, 0));
         assert_eq!(resent.counters.unwrap().transport_dropped, 1000);
     }
 

@@ -6,14 +6,22 @@
 //! discarded and counted. A higher seq REPLACES the previous report, never adds to it, so
 //! retries and reconnects cannot count anything twice.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use fathom_crds::{
     assignment::JobRef,
     result::{Bucket, EventRecord, Histogram, OtherRow, ResultData, Row, Totals, top_rows},
     trace_result::{MAX_RESULT_BYTES, bound_result},
 };
-use fathom_proto::v1::{self, AssignmentPhase, Counters, Coverage, JobKind, RejectionCode};
+use fathom_proto::{
+    MAX_EVENTS_PER_REPORT,
+    v1::{self, AssignmentPhase, Counters, Coverage, JobKind, RejectionCode},
+};
+
+use super::events::EventWindow;
 
 /// An assignment the operator knows, as the API has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,9 +142,10 @@ struct Slot {
 struct JobState {
     info: JobInfo,
     slots: HashMap<String, Slot>,
-    events: VecDeque<EventRecord>,
+    /// The last `info.events_last` events.
+    events: EventWindow,
     /// Events accepted since watchers were last sent an update.
-    pending_events: Vec<EventRecord>,
+    pending_events: EventWindow,
     /// Grows with every accepted report.
     version: u64,
 }
@@ -192,9 +201,7 @@ impl MergeState {
                 if j.info.run != info.run {
                     j.version += 1;
                 }
-                while j.events.len() > info.events_last {
-                    j.events.pop_front();
-                }
+                j.events.bound(info.events_last);
                 j.info = info;
             }
             None => {
@@ -203,8 +210,8 @@ impl MergeState {
                     JobState {
                         info,
                         slots: HashMap::new(),
-                        events: VecDeque::new(),
-                        pending_events: Vec::new(),
+                        events: EventWindow::default(),
+                        pending_events: EventWindow::default(),
                         version: 1,
                     },
                 );
@@ -264,7 +271,7 @@ impl MergeState {
     pub fn take_new_events(&mut self, uid: &str) -> Vec<EventRecord> {
         self.jobs
             .get_mut(uid)
-            .map(|j| std::mem::take(&mut j.pending_events))
+            .map(|j| j.pending_events.take())
             .unwrap_or_default()
     }
 
@@ -402,6 +409,21 @@ impl MergeState {
                 acked,
             );
         }
+        if let Some(batch) = &r.event_batch {
+            if let Err(e) = batch.check() {
+                return reject(RejectionCode::Invalid, e.to_string(), acked);
+            }
+            if batch.len() > MAX_EVENTS_PER_REPORT {
+                return reject(
+                    RejectionCode::Invalid,
+                    format!(
+                        "event_batch holds {} events, more than {MAX_EVENTS_PER_REPORT}",
+                        batch.len()
+                    ),
+                    acked,
+                );
+            }
+        }
         if let Some(s) = job.slots.get(&r.assignment_uid)
             && s.final_
             && s.run == r.run
@@ -422,18 +444,11 @@ impl MergeState {
             final_: r.r#final,
         };
         job.slots.insert(r.assignment_uid.clone(), slot);
-        let last = job.info.events_last;
-        for e in &r.events {
-            let e = EventRecord::from(e.clone());
-            job.events.push_back(e.clone());
-            job.pending_events.push(e);
-        }
-        while job.events.len() > last {
-            job.events.pop_front();
-        }
-        if job.pending_events.len() > MAX_PENDING_EVENTS {
-            let cut = job.pending_events.len() - MAX_PENDING_EVENTS;
-            job.pending_events.drain(..cut);
+        if let Some(batch) = &r.event_batch {
+            // Shared by both windows; rendered only when read.
+            let batch = Arc::new(batch.clone());
+            job.events.push(batch.clone(), job.info.events_last);
+            job.pending_events.push(batch, MAX_PENDING_EVENTS);
         }
         job.version += 1;
         Accept::Accepted { seq: r.seq }
@@ -527,7 +542,7 @@ fn merge_job(job: &JobState) -> Merged {
         .collect();
     histograms.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.keys.cmp(&b.keys)));
     data.histograms = histograms;
-    data.events = job.events.iter().cloned().collect();
+    data.events = job.events.records();
     // Events the runners dropped on the way here (spool full, broken streams) are user-space
     // drops of the result: they show in its totals and its EventsLost degradation.
     data.totals.events_dropped += counters.transport_dropped;

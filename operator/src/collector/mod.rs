@@ -14,6 +14,7 @@
 //! Service, whose endpoints are the ready replicas).
 
 pub mod auth;
+pub mod events;
 pub mod merge;
 pub mod pacing;
 pub mod server;
