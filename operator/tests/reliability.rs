@@ -652,201 +652,23 @@ fn committed_crd(file: &str) -> Value {
     crd::schema_json(&crd)
 }
 
-/// (spec YAML, expected CEL message, expected operator field, expected operator message)
-const INVALID: &[(&str, &str, &str, &str)] = &[
-    (
-        "probe: {}",
-        "set exactly one of catalog, tracepoint",
-        "spec.probe",
-        "set exactly one of",
-    ),
-    (
-        "probe: { tracepoint: a/b, kprobe: x }",
-        "set exactly one of",
-        "spec.probe",
-        "has 2 forms (tracepoint, kprobe)",
-    ),
-    (
-        "probe: { catalog: nope }",
-        "unknown catalog entry; use one of: syscalls",
-        "spec.probe.catalog",
-        "unknown catalog entry \"nope\"",
-    ),
-    (
-        "probe: { tracepoint: kfree_skb }",
-        "is not CATEGORY/NAME",
-        "spec.probe.tracepoint",
-        "is not CATEGORY/NAME",
-    ),
-    (
-        "probe: { kprobe: '' }",
-        "must be a single non-empty name",
-        "spec.probe.kprobe",
-        "must be a single non-empty name",
-    ),
-    (
-        "probe: { fentry: 'tcp v4' }",
-        "must be a single non-empty name",
-        "spec.probe.fentry",
-        "must be a single non-empty name",
-    ),
-    (
-        "probe: { uprobe: malloc }",
-        "is not BINARY:SYMBOL",
-        "spec.probe.uprobe",
-        "is not BINARY:SYMBOL",
-    ),
-    (
-        "probe: { usdt: '/usr/bin/python3:x' }",
-        "is not BINARY:PROVIDER:NAME",
-        "spec.probe.usdt",
-        "is not BINARY:PROVIDER:NAME",
-    ),
-    (
-        "probe: { profile: { frequency: 0 } }",
-        "must be 1–10000 Hz",
-        "spec.probe.profile.frequency",
-        "must be 1–10000 Hz",
-    ),
-    (
-        "probe: { profile: { frequency: 20000 } }",
-        "must be 1–10000 Hz",
-        "spec.probe.profile.frequency",
-        "must be 1–10000 Hz",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { by: [comm, Bad-Key] }",
-        "unknown key; use one of node",
-        "spec.aggregate.by[1]",
-        "unknown key \"Bad-Key\"",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { by: [comm, pid, comm] }",
-        "listed twice",
-        "spec.aggregate.by[2]",
-        "listed twice",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { by: [node, namespace, pod, container, pid, tid, comm, cgroup, cpu] }",
-        "at most 8 keys",
-        "spec.aggregate.by",
-        "at most 8 keys",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { value: avg }",
-        "is not count, latency, sum(<field>) or hist(<field>)",
-        "spec.aggregate.value",
-        "is not count, latency",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { value: 'sum(pid)' }",
-        "is not count, latency, sum(<field>) or hist(<field>)",
-        "spec.aggregate.value",
-        "is not count, latency",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { top: 0 }",
-        "must be 1–10000",
-        "spec.aggregate.top",
-        "must be 1–10000",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { by: [arg0] }",
-        "arg0…arg5 are function arguments",
-        "spec.aggregate.by[0]",
-        "no function arguments",
-    ),
-    (
-        "probe: { kprobe: tcp_v4_connect }\naggregate: { by: [ret] }",
-        "ret is a return value",
-        "spec.aggregate.by[0]",
-        "no return value",
-    ),
-    (
-        "probe: { tracepoint: a/b }\naggregate: { value: latency }",
-        "latency needs an entry→return pair",
-        "spec.aggregate.value",
-        "entry→return",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nevents: { last: 0 }",
-        "must be 1–10000",
-        "spec.events.last",
-        "must be 1–10000",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nevents: { maxPayloadBytes: 1000 }",
-        "must be 1–256",
-        "spec.events.maxPayloadBytes",
-        "must be 1–256",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nfilter: { pids: [1, 0] }",
-        "pid 0 is the idle task",
-        "spec.filter.pids",
-        "pid 0 is the idle task",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nfilter: { comm: abcdefghijklmnopq }",
-        "must be 1–15 bytes",
-        "spec.filter.comm",
-        "must be 1–15 bytes",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nduration: '5'",
-        "is not a duration",
-        "spec.duration",
-        "is not a duration",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nduration: 0s",
-        "must be longer than 0",
-        "spec.duration",
-        "must be longer than 0",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nduration: 25h",
-        "must be at most 24h",
-        "spec.duration",
-        "must be at most 24h",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nlimits: { mapEntries: 99999999 }",
-        "must be 1–1048576",
-        "spec.limits.mapEntries",
-        "must be 1–1048576",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nlimits: { eventsPerSecond: 0 }",
-        "must be 1–10000000",
-        "spec.limits.eventsPerSecond",
-        "must be 1–10000000",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nlimits: { cpuPercent: 101 }",
-        "must be 1–100 (percent of one CPU)",
-        "spec.limits.cpuPercent",
-        "must be 1–100",
-    ),
-    (
-        "probe: { tracepoint: a/b }\nttlSecondsAfterFinished: -1",
-        "must be 0 or more seconds",
-        "spec.ttlSecondsAfterFinished",
-        "must be 0 or more seconds",
-    ),
-    (
-        "probe: { tracepoint: a/b }\ntargetRef: { kind: Pod, name: web }",
-        "is not Deployment, StatefulSet, DaemonSet or Job",
-        "spec.targetRef.kind",
-        "is not Deployment, StatefulSet, DaemonSet or Job",
-    ),
-    (
-        "probe: { tracepoint: a/b }\ntargetRef: { kind: Deployment, name: '' }",
-        "must name the workload",
-        "spec.targetRef.name",
-        "must name the workload",
-    ),
-];
+/// One row of `e2e/manifests/o4-invalid-specs.yaml`: the invalid specs, checked here offline
+/// (the CRD's CEL rules, the operator's admission) and by the e2e suite on the real API
+/// server, from the one file.
+#[derive(Debug, serde::Deserialize)]
+struct InvalidSpec {
+    spec: String,
+    cel: String,
+    field: String,
+    operator: String,
+}
+
+fn invalid_specs() -> Vec<InvalidSpec> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../e2e/manifests/o4-invalid-specs.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
 
 fn as_tracejob(spec_yaml: &str) -> Value {
     let spec: Value = serde_yaml::from_str(spec_yaml).expect("spec yaml");
@@ -863,12 +685,19 @@ fn as_tracejob(spec_yaml: &str) -> Value {
 
 #[test]
 fn o4_invalid_specs_are_rejected_by_the_cel_rules_and_by_the_operator() {
-    assert!(INVALID.len() >= 20);
+    let cases = invalid_specs();
+    assert!(cases.len() >= 20, "{} cases", cases.len());
     let schema = committed_crd("tracejobs.fathom.dev.yaml");
     let validator = Validator::new();
     let view = ClusterView::default();
     let mut failures = Vec::new();
-    for (spec_yaml, cel_msg, field, op_msg) in INVALID {
+    for InvalidSpec {
+        spec: spec_yaml,
+        cel: cel_msg,
+        field,
+        operator: op_msg,
+    } in &cases
+    {
         let obj = as_tracejob(spec_yaml);
         // The CRD's CEL rules, evaluated offline.
         match validator.validate(&schema, &obj, None) {
