@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, SymbolKind};
 
 /// Why a binary cannot be probed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -16,6 +16,10 @@ pub enum ElfError {
     Missing(String),
     #[error("{0} is not an ELF binary or library")]
     NotElf(String),
+    #[error(
+        "{0} is a relative path; give the absolute path of the binary or library (e.g. /usr/bin/bash), or a library's name (libc)"
+    )]
+    Relative(String),
     #[error(
         "{binary} has no function symbol {symbol:?}; `fathom list 'uprobe:{binary}:*{symbol}*'` lists similar ones"
     )]
@@ -30,12 +34,16 @@ pub enum ElfError {
     },
 }
 
-/// Library names (`libc`) resolve through the usual directories; paths are taken as they are.
+/// Library names (`libc`) resolve through the usual directories; paths must be absolute (a
+/// relative one would name a file by the runner's working directory) and name a regular file.
 pub fn resolve_binary(binary: &Path) -> Result<PathBuf, ElfError> {
-    if binary.is_file() {
+    let name = binary.to_string_lossy();
+    if name.contains('/') && !binary.is_absolute() {
+        return Err(ElfError::Relative(name.into_owned()));
+    }
+    if binary.is_absolute() && binary.is_file() {
         return Ok(binary.to_path_buf());
     }
-    let name = binary.to_string_lossy();
     if !name.contains('/') {
         for dir in [
             "/usr/lib/x86_64-linux-gnu",
@@ -81,17 +89,24 @@ fn is_elf(path: &Path) -> bool {
         && magic == *b"\x7fELF"
 }
 
-fn read(binary: &Path) -> Result<(PathBuf, Vec<u8>), ElfError> {
+/// The binary, opened for reading only the parts a parse asks for: its headers, symbol
+/// tables and notes, never the whole file (a binary is user-named, may be huge, and may be
+/// changed under us by the container it belongs to: reads fail, nothing is mapped).
+fn open(binary: &Path) -> Result<(PathBuf, ReadCache<fs::File>), ElfError> {
     let path = resolve_binary(binary)?;
-    let data = fs::read(&path).map_err(|_| ElfError::Missing(path.display().to_string()))?;
-    Ok((path, data))
+    let file = fs::File::open(&path).map_err(|_| ElfError::Missing(path.display().to_string()))?;
+    // The file opened, not the name looked at before: it may have been swapped since.
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(ElfError::NotElf(path.display().to_string()));
+    }
+    Ok((path, ReadCache::new(file)))
 }
 
 /// Function symbols of a binary (`.symtab` and `.dynsym`), sorted and deduplicated.
 pub fn function_symbols(binary: &Path) -> Result<Vec<String>, ElfError> {
-    let (path, data) = read(binary)?;
+    let (path, data) = open(binary)?;
     let file =
-        object::File::parse(&*data).map_err(|_| ElfError::NotElf(path.display().to_string()))?;
+        object::File::parse(&data).map_err(|_| ElfError::NotElf(path.display().to_string()))?;
     let mut names: Vec<String> = file
         .symbols()
         .chain(file.dynamic_symbols())
@@ -136,9 +151,9 @@ pub struct UsdtProbe {
 
 /// Every USDT probe of a binary.
 pub fn usdt_probes(binary: &Path) -> Result<Vec<UsdtProbe>, ElfError> {
-    let (path, data) = read(binary)?;
+    let (path, data) = open(binary)?;
     let file =
-        object::File::parse(&*data).map_err(|_| ElfError::NotElf(path.display().to_string()))?;
+        object::File::parse(&data).map_err(|_| ElfError::NotElf(path.display().to_string()))?;
     let Some(notes) = file.section_by_name(".note.stapsdt") else {
         return Ok(Vec::new());
     };
@@ -235,6 +250,58 @@ mod tests {
             symbol_exists(Path::new("/etc/hostname"), "main"),
             Err(ElfError::NotElf(_))
         ));
+    }
+
+    #[test]
+    fn relative_paths_and_what_is_not_a_regular_file_are_refused() {
+        for relative in ["bin/bash", "./bash", "../usr/bin/bash"] {
+            assert_eq!(
+                symbol_exists(Path::new(relative), "main"),
+                Err(ElfError::Relative(relative.into())),
+                "{relative}"
+            );
+        }
+        // A directory, a character device: nothing is read from them.
+        for path in ["/usr/bin", "/dev/zero"] {
+            assert!(
+                matches!(
+                    symbol_exists(Path::new(path), "main"),
+                    Err(ElfError::Missing(_) | ElfError::NotElf(_))
+                ),
+                "{path}"
+            );
+        }
+    }
+
+    /// Peak resident memory of this process, in KiB.
+    fn peak_rss_kib() -> u64 {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_huge_file_is_not_read_whole() {
+        // 4 GiB (sparse) that starts like a 64-bit ELF file: it was read into memory whole.
+        let path = std::env::temp_dir().join(format!("fathom-elf-huge-{}", std::process::id()));
+        let file = fs::File::create(&path).expect("temp file");
+        std::io::Write::write_all(&mut &file, b"\x7fELF\x02\x01\x01").expect("header");
+        file.set_len(4 << 30).expect("sparse length");
+        let before = peak_rss_kib();
+        let result = function_symbols(&path);
+        let grown = peak_rss_kib().saturating_sub(before);
+        fs::remove_file(&path).ok();
+        // Its zeroed headers read as an ELF file without sections, or as no ELF file.
+        assert!(
+            matches!(&result, Ok(s) if s.is_empty()) || matches!(result, Err(ElfError::NotElf(_))),
+            "{result:?}"
+        );
+        assert!(grown < 64 * 1024, "peak RSS grew by {grown} KiB");
     }
 
     #[test]

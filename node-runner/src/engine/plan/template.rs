@@ -173,7 +173,9 @@ pub(super) fn template_for(probe: &Probe, spec: &CheckedSpec) -> Result<Template
 
 pub(super) fn elf_verdict(probe: &str, e: ElfError) -> ProbeVerdict {
     let reason = match e {
-        ElfError::Missing(_) | ElfError::NotElf(_) => Reason::BinaryNotFound,
+        ElfError::Missing(_) | ElfError::NotElf(_) | ElfError::Relative(_) => {
+            Reason::BinaryNotFound
+        }
         ElfError::NoSymbol { .. } | ElfError::NoUsdt { .. } => Reason::SymbolNotFound,
     };
     ProbeVerdict {
