@@ -42,6 +42,7 @@ use kube::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+pub mod chart;
 pub mod runner;
 
 /// The field manager of everything the tests write as the cluster admin.
