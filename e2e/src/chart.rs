@@ -158,3 +158,26 @@ impl Drop for Release {
         self.remove();
     }
 }
+
+/// A namespace of these tests, without the e2e label (so that other tests' sweeps of labelled
+/// leftovers never remove it while in use, and its removal touches nothing of theirs): made
+/// fresh, deleted when dropped.
+pub struct ScratchNamespace(pub String);
+
+impl ScratchNamespace {
+    pub fn create(name: &str) -> ScratchNamespace {
+        let _ = crate::kubectl(&["delete", "namespace", name, "--ignore-not-found", "--wait=true", "--timeout=120s"]);
+        crate::kubectl_ok(&["create", "namespace", name]);
+        ScratchNamespace(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for ScratchNamespace {
+    fn drop(&mut self) {
+        let _ = crate::kubectl(&["delete", "namespace", &self.0, "--ignore-not-found", "--wait=true", "--timeout=120s"]);
+    }
+}
