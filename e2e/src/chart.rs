@@ -15,8 +15,7 @@ use crate::workspace_root;
 
 /// The runner's capabilities, exactly (docs/install.md says why each is needed); NET_ADMIN is
 /// added only with `runner.networkHooks`.
-pub const RUNNER_CAPABILITIES: [&str; 5] =
-    ["BPF", "PERFMON", "SYS_RESOURCE", "DAC_READ_SEARCH", "SYS_PTRACE"];
+pub const RUNNER_CAPABILITIES: [&str; 4] = ["BPF", "PERFMON", "DAC_READ_SEARCH", "SYS_PTRACE"];
 
 /// The arguments `scripts/render-deploy.sh` renders `deploy/fathom.yaml` with (release
 /// `fathom` in `fathom-system`, the chart's defaults plus `deploy/values.yaml`).

@@ -247,7 +247,11 @@ fn o5_the_rendered_rbac_is_least_privilege() {
 /// message naming the value.
 #[test]
 fn an_invalid_value_fails_with_the_schema_message() {
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 7] = [
+        (
+            "runner.extraCapabilities={SYS_ADMIN}",
+            &["at '/runner/extraCapabilities/0': 'not' failed"],
+        ),
         ("operator.replicas=0", &["at '/operator/replicas': minimum: got 0, want 1"]),
         (
             "runner.seccompProfile=Privileged",

@@ -249,3 +249,263 @@ fn an_invalid_value_fails_at_helm_install_with_the_schema_message() {
     .into_owned();
     assert!(!listed.lines().any(|l| l == "fathom-bad"), "{listed}");
 }
+
+// ------------------------------------------------------------------ the install itself
+
+/// The images the chart deploys, built and imported by `scripts/images.sh import`.
+const IMAGES: [&str; 2] = [
+    "fathom.local/fathom-operator:0.1.0",
+    "fathom.local/fathom-node-runner:0.1.0",
+];
+
+/// The local cluster's particulars, as values (docs/install.md, "Clusters without kube-proxy"):
+/// its API server listens on the node's loopback only and there is no kube-proxy, so both pods
+/// use the node's network and reach the API at 127.0.0.1; one real node, so one operator
+/// replica (two host-network replicas need two nodes) and the runner only there (the simulated
+/// nodes run no containers).
+fn local_cluster_values(api_port: &str, node: &str, pin_root: &str) -> Vec<String> {
+    vec![
+        "--set-string".into(),
+        format!(
+            "kubernetesService.host=127.0.0.1,kubernetesService.port={api_port},\
+             operator.nodeSelector.kubernetes\\.io/hostname={node},\
+             runner.nodeSelector.kubernetes\\.io/hostname={node},runner.pinRoot={pin_root}"
+        ),
+        "--set".into(),
+        "operator.hostNetwork=true,runner.hostNetwork=true,operator.replicas=1,\
+         operator.graceSeconds=10,images.pullPolicy=Never"
+            .into(),
+    ]
+}
+
+fn ctr(args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(&env().containerd)
+        .args(["--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("ctr (containerd's client)");
+    assert!(out.status.success(), "ctr {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The host pid of the runner container of the release's pod on `node`.
+fn runner_pid(ns: &str) -> u32 {
+    let pods: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+        "-n", ns, "get", "pods", "-l", "app.kubernetes.io/name=fathom-node-runner", "-o", "json",
+    ]))
+    .expect("pods json");
+    let id = pods["items"][0]["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("containerd://"))
+        .unwrap_or_else(|| panic!("no runner container id: {pods}"))
+        .to_string();
+    let tasks = ctr(&["task", "ls"]);
+    tasks
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no task of container {id}: {tasks}"))
+}
+
+/// The capability names of a CapEff mask.
+fn capabilities(mask: u64) -> Vec<&'static str> {
+    const NAMES: [(u32, &str); 41] = [
+        (0, "CHOWN"), (1, "DAC_OVERRIDE"), (2, "DAC_READ_SEARCH"), (3, "FOWNER"), (4, "FSETID"),
+        (5, "KILL"), (6, "SETGID"), (7, "SETUID"), (8, "SETPCAP"), (9, "LINUX_IMMUTABLE"),
+        (10, "NET_BIND_SERVICE"), (11, "NET_BROADCAST"), (12, "NET_ADMIN"), (13, "NET_RAW"),
+        (14, "IPC_LOCK"), (15, "IPC_OWNER"), (16, "SYS_MODULE"), (17, "SYS_RAWIO"),
+        (18, "SYS_CHROOT"), (19, "SYS_PTRACE"), (20, "SYS_PACCT"), (21, "SYS_ADMIN"),
+        (22, "SYS_BOOT"), (23, "SYS_NICE"), (24, "SYS_RESOURCE"), (25, "SYS_TIME"),
+        (26, "SYS_TTY_CONFIG"), (27, "MKNOD"), (28, "LEASE"), (29, "AUDIT_WRITE"),
+        (30, "AUDIT_CONTROL"), (31, "SETFCAP"), (32, "MAC_OVERRIDE"), (33, "MAC_ADMIN"),
+        (34, "SYSLOG"), (35, "WAKE_ALARM"), (36, "BLOCK_SUSPEND"), (37, "AUDIT_READ"),
+        (38, "PERFMON"), (39, "BPF"), (40, "CHECKPOINT_RESTORE"),
+    ];
+    let mut out: Vec<&str> = NAMES.iter().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, n)| *n).collect();
+    out.sort_unstable();
+    out
+}
+
+fn proc_status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// Pin directories and files under `root` (recursively).
+fn pins_under(root: &str) -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                out.push(e.path().display().to_string());
+                walk(&e.path(), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(std::path::Path::new(root), &mut out);
+    out
+}
+
+fn json_of(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&kubectl_ok(args)).expect("kubectl -o json")
+}
+
+#[tokio::test]
+async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leaving_nothing() {
+    let _ = admin().await;
+    let e = env();
+    let node = e.real_node.as_str();
+    let images = ctr(&["images", "ls", "-q"]);
+    for image in IMAGES {
+        assert!(
+            images.lines().any(|l| l == image),
+            "{image} is not in the node's containerd: run scripts/images.sh import"
+        );
+    }
+    let server = kubectl_ok(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]);
+    let api_port = server.trim().rsplit(':').next().expect("port").to_string();
+    let pin_root = "/sys/fs/bpf/fathom-it";
+    let programs_before = fathom_e2e::runner::fathom_programs();
+
+    // helm install, to every pod Ready on the real node.
+    let start = std::time::Instant::now();
+    let mut args: Vec<String> = local_cluster_values(&api_port, node, pin_root);
+    args.extend(["--wait".into(), "--timeout".into(), "180s".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let release = Release::install("fathom-it", "fathom-install", &args);
+    let ns = release.namespace.clone();
+    for app in ["fathom-operator", "fathom-node-runner"] {
+        kubectl_ok(&["-n", &ns, "wait", "pod", "-l", &format!("app.kubernetes.io/name={app}"),
+            "--for=condition=Ready", "--timeout=120s"]);
+    }
+    let ready = start.elapsed();
+    let pods = json_of(&["-n", &ns, "get", "pods", "-o", "json"]);
+    for p in pods["items"].as_array().expect("pods") {
+        assert_eq!(p["spec"]["nodeName"].as_str(), Some(node), "{}", p["metadata"]["name"]);
+    }
+
+    // The runner's effective capabilities are exactly the documented set.
+    let pid = runner_pid(&ns);
+    let cap_eff = u64::from_str_radix(&proc_status_field(pid, "CapEff"), 16).expect("CapEff hex");
+    let mut want: Vec<&str> = fathom_e2e::chart::RUNNER_CAPABILITIES.to_vec();
+    want.sort_unstable();
+    assert_eq!(capabilities(cap_eff), want, "CapEff {cap_eff:#x} of the runner (pid {pid})");
+    assert_eq!(proc_status_field(pid, "NoNewPrivs"), "1");
+
+    // Idle figures of the runner as a pod.
+    let ticks0 = cpu_ticks(pid);
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    let idle_cpu = (cpu_ticks(pid) - ticks0) as f64 / 100.0 / 10.0 * 100.0;
+    let rss = proc_status_field(pid, "VmRSS");
+
+    // A workload and the example job on it, applied with kubectl as a user would.
+    let work = ScratchNamespace::create("fathom-install-work");
+    let web = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": work.as_str()},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "web", "image": fathom_e2e::BUSYBOX, "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", "while true; do cat /etc/hostname >/dev/null; sleep 0.2; done"],
+                    }]
+                }
+            }
+        }
+    });
+    let file = fathom_e2e::target_dir().join("e2e-logs/install-web.json");
+    std::fs::create_dir_all(file.parent().expect("dir")).expect("dir");
+    std::fs::write(&file, web.to_string()).expect("file");
+    kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
+    kubectl_ok(&["-n", work.as_str(), "rollout", "status", "deployment/web", "--timeout=60s"]);
+    let example = fathom_e2e::workspace_root().join("examples/pod-opens.yaml");
+    kubectl_ok(&["-n", work.as_str(), "apply", "-f", example.to_str().expect("utf-8")]);
+    let job_start = std::time::Instant::now();
+    let phase = loop {
+        let job = json_of(&["-n", work.as_str(), "get", "tracejob", "pod-opens", "-o", "json"]);
+        let phase = job["status"]["phase"].as_str().unwrap_or_default().to_string();
+        if phase == "Succeeded" || phase == "Failed" || job_start.elapsed().as_secs() > 120 {
+            if phase != "Succeeded" {
+                let logs = kubectl(&["-n", &ns, "logs", "-l", "app.kubernetes.io/name=fathom-node-runner", "--tail=40"])
+                    .unwrap_or_default();
+                let op_logs = kubectl(&["-n", &ns, "logs", "-l", "app.kubernetes.io/name=fathom-operator", "--tail=40"])
+                    .unwrap_or_default();
+                panic!("job pod-opens: {phase}: {:#}\n--- runner:\n{logs}\n--- operator:\n{op_logs}", job["status"]);
+            }
+            break phase;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    assert_eq!(phase, "Succeeded");
+    let results = kubectl_ok(&["-n", work.as_str(), "get", "results"]);
+    assert!(results.contains("pod-opens"), "kubectl get results: {results}");
+    let result = json_of(&["-n", work.as_str(), "get", "traceresults", "-o", "json"]);
+    let rows = result["items"][0]["status"]["data"]["rows"].as_array().cloned().unwrap_or_default();
+    let web_pod = json_of(&["-n", work.as_str(), "get", "pods", "-l", "app=web", "-o", "json"])["items"][0]
+        ["metadata"]["name"].as_str().expect("web pod").to_string();
+    let web_rows: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str()))
+        .collect();
+    assert!(
+        !web_rows.is_empty() && web_rows.iter().all(|r| r["value"].as_u64().unwrap_or(0) > 0),
+        "rows of {web_pod}: {rows:#?}"
+    );
+    assert!(
+        rows.iter().all(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str())),
+        "rows of other pods: {rows:#?}"
+    );
+
+    // Jobs go before the operator does (their cleanup finalizer is its), then helm uninstall:
+    // no pod, program, link or pin of the release left; the CRDs stay.
+    kubectl_ok(&["-n", work.as_str(), "delete", "tracejob", "pod-opens", "--wait=true", "--timeout=60s"]);
+    let out = helm(&["uninstall", "fathom-it", "--namespace", &ns, "--wait", "--timeout", "120s"]);
+    assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
+    let gone = std::time::Instant::now();
+    loop {
+        let left = kubectl_ok(&["-n", &ns, "get", "pods", "-o", "name"]);
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(gone.elapsed().as_secs() < 60, "pods left after helm uninstall: {left}");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the runner process is still there");
+    assert_eq!(fathom_e2e::runner::fathom_programs(), programs_before, "programs (and their links) left");
+    let pins = pins_under(pin_root);
+    assert!(pins.is_empty(), "pins left under {pin_root}: {pins:?}");
+    for crd in ["tracejobs.fathom.dev", "traceresults.fathom.dev", "clustertracejobs.fathom.dev", "traceassignments.fathom.dev"] {
+        kubectl_ok(&["get", "crd", crd]);
+    }
+    for kind in ["clusterrole", "clusterrolebinding", "validatingadmissionpolicy"] {
+        let left = kubectl_ok(&["get", kind, "-l", "app.kubernetes.io/instance=fathom-it", "-o", "name"]);
+        assert!(left.trim().is_empty(), "{kind} left: {left}");
+    }
+    eprintln!(
+        "install figures: helm install to every pod Ready {:.1} s; runner idle: VmRSS {rss}, CPU {idle_cpu:.2} % of a core over 10 s",
+        ready.as_secs_f64()
+    );
+    drop(release);
+}
