@@ -81,7 +81,13 @@ pub fn helm_ok(args: &[&str]) -> String {
 
 /// `helm template` of the chart as release `release` in `namespace`, with `--set` values.
 pub fn render(release: &str, namespace: &str, sets: &[&str]) -> Vec<Value> {
-    let mut args = vec!["template", release, "charts/fathom", "--namespace", namespace];
+    let mut args = vec![
+        "template",
+        release,
+        "charts/fathom",
+        "--namespace",
+        namespace,
+    ];
     for s in sets {
         args.extend(["--set", s]);
     }
@@ -101,16 +107,27 @@ pub fn documents(yaml: &str) -> Vec<Value> {
 pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     let found: Vec<&Value> = docs
         .iter()
-        .filter(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .filter(|d| {
+            d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name)
+        })
         .collect();
-    assert_eq!(found.len(), 1, "expected one {kind} {name}, found {}", found.len());
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} {name}, found {}",
+        found.len()
+    );
     found[0]
 }
 
 /// The strings of a YAML sequence.
 pub fn strings(v: &Value) -> Vec<String> {
     v.as_sequence()
-        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -131,7 +148,12 @@ impl Release {
         };
         release.remove();
         let mut args = vec![
-            "install", name, "charts/fathom", "--namespace", namespace, "--create-namespace",
+            "install",
+            name,
+            "charts/fathom",
+            "--namespace",
+            namespace,
+            "--create-namespace",
         ];
         args.extend_from_slice(extra);
         helm_ok(&args);
@@ -147,8 +169,23 @@ impl Release {
     }
 
     fn remove(&self) {
-        let _ = helm(&["uninstall", &self.name, "--namespace", &self.namespace, "--wait", "--timeout", "120s"]);
-        let _ = crate::kubectl(&["delete", "namespace", &self.namespace, "--ignore-not-found", "--wait=true", "--timeout=120s"]);
+        let _ = helm(&[
+            "uninstall",
+            &self.name,
+            "--namespace",
+            &self.namespace,
+            "--wait",
+            "--timeout",
+            "120s",
+        ]);
+        let _ = crate::kubectl(&[
+            "delete",
+            "namespace",
+            &self.namespace,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
     }
 }
 
@@ -165,7 +202,14 @@ pub struct ScratchNamespace(pub String);
 
 impl ScratchNamespace {
     pub fn create(name: &str) -> ScratchNamespace {
-        let _ = crate::kubectl(&["delete", "namespace", name, "--ignore-not-found", "--wait=true", "--timeout=120s"]);
+        let _ = crate::kubectl(&[
+            "delete",
+            "namespace",
+            name,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
         crate::kubectl_ok(&["create", "namespace", name]);
         ScratchNamespace(name.into())
     }
@@ -177,6 +221,13 @@ impl ScratchNamespace {
 
 impl Drop for ScratchNamespace {
     fn drop(&mut self) {
-        let _ = crate::kubectl(&["delete", "namespace", &self.0, "--ignore-not-found", "--wait=true", "--timeout=120s"]);
+        let _ = crate::kubectl(&[
+            "delete",
+            "namespace",
+            &self.0,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
     }
 }

@@ -45,7 +45,11 @@ fn the_charts_crds_are_the_generated_ones() {
     for name in names(&crds) {
         let link = crds.join(&name);
         // One source: each is a symlink to crds/generated, not a copy that could drift.
-        assert!(link.is_symlink(), "{} must link to crds/generated", link.display());
+        assert!(
+            link.is_symlink(),
+            "{} must link to crds/generated",
+            link.display()
+        );
         assert_eq!(
             std::fs::canonicalize(&link).expect("link resolves"),
             std::fs::canonicalize(generated.join(&name)).expect("generated CRD")
@@ -53,7 +57,10 @@ fn the_charts_crds_are_the_generated_ones() {
     }
     // Helm installs them (--include-crds renders them as it would).
     let docs = documents(&helm_ok(&[
-        "template", "fathom", "charts/fathom", "--include-crds",
+        "template",
+        "fathom",
+        "charts/fathom",
+        "--include-crds",
     ]));
     let rendered: BTreeSet<String> = docs
         .iter()
@@ -70,12 +77,24 @@ fn the_rendered_workloads_hold_what_the_docs_promise() {
     assert_eq!(op["spec"]["replicas"].as_i64(), Some(2));
     let pod = &op["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
-    assert_eq!(c["image"].as_str(), Some("fathom.local/fathom-operator:0.1.0"));
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    assert_eq!(
+        c["image"].as_str(),
+        Some("fathom.local/fathom-operator:0.1.0")
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
     assert!(c["resources"]["requests"]["memory"].is_string());
     assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
-    assert_eq!(strings(&c["securityContext"]["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(
+        strings(&c["securityContext"]["capabilities"]["drop"]),
+        ["ALL"]
+    );
     assert!(c["securityContext"]["capabilities"]["add"].is_null());
     let env = |c: &Value, name: &str| -> Option<String> {
         c["env"].as_sequence().and_then(|s| {
@@ -92,7 +111,10 @@ fn the_rendered_workloads_hold_what_the_docs_promise() {
     let ds = find(&docs, "DaemonSet", "fathom-node-runner");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostPID"].as_bool(), Some(true));
-    assert!(pod["hostNetwork"].is_null(), "the runner stays in the pod network");
+    assert!(
+        pod["hostNetwork"].is_null(),
+        "the runner stays in the pod network"
+    );
     assert!(
         pod["tolerations"]
             .as_sequence()
@@ -144,7 +166,9 @@ fn the_rendered_workloads_hold_what_the_docs_promise() {
     let mut with_net: Vec<String> = RUNNER_CAPABILITIES.iter().map(|s| s.to_string()).collect();
     with_net.push("NET_ADMIN".into());
     assert_eq!(
-        strings(&ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]),
+        strings(
+            &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        ),
         with_net
     );
 }
@@ -158,9 +182,10 @@ fn o5_the_rendered_rbac_is_least_privilege() {
             .expect("rules")
             .clone()
     };
-    for d in docs.iter().filter(|d| {
-        matches!(d["kind"].as_str(), Some("Role" | "ClusterRole"))
-    }) {
+    for d in docs
+        .iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("Role" | "ClusterRole")))
+    {
         for rule in d["rules"].as_sequence().expect("rules") {
             for field in ["verbs", "resources", "apiGroups"] {
                 assert!(
@@ -189,7 +214,10 @@ fn o5_the_rendered_rbac_is_least_privilege() {
     // The runner: one namespaced Role, its assignments and the collector's EndpointSlices (read)
     // only; no binding of the runner cluster-wide.
     let runner = rules_of("Role", "fathom-node-runner");
-    let resources: BTreeSet<String> = runner.iter().flat_map(|r| strings(&r["resources"])).collect();
+    let resources: BTreeSet<String> = runner
+        .iter()
+        .flat_map(|r| strings(&r["resources"]))
+        .collect();
     assert_eq!(
         resources,
         BTreeSet::from([
@@ -203,7 +231,10 @@ fn o5_the_rendered_rbac_is_least_privilege() {
             assert_eq!(strings(&r["verbs"]), ["list", "watch"]);
         }
     }
-    for d in docs.iter().filter(|d| d["kind"].as_str() == Some("ClusterRoleBinding")) {
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"].as_str() == Some("ClusterRoleBinding"))
+    {
         for s in d["subjects"].as_sequence().expect("subjects") {
             assert_ne!(s["name"].as_str(), Some("fathom-node-runner"));
         }
@@ -216,25 +247,35 @@ fn o5_the_rendered_rbac_is_least_privilege() {
             .collect();
         assert!(resources.contains("tracejobs") && resources.contains("traceresults"));
         assert!(
-            resources.iter().all(|r| !r.starts_with("clustertracejobs") && !r.starts_with("traceassignments")),
+            resources
+                .iter()
+                .all(|r| !r.starts_with("clustertracejobs") && !r.starts_with("traceassignments")),
             "{name}: {resources:?}"
         );
     }
     let edit = find(&docs, "ClusterRole", "fathom-tenant-edit");
     for label in ["aggregate-to-edit", "aggregate-to-admin"] {
         assert_eq!(
-            edit["metadata"]["labels"][format!("rbac.authorization.k8s.io/{label}").as_str()].as_str(),
+            edit["metadata"]["labels"][format!("rbac.authorization.k8s.io/{label}").as_str()]
+                .as_str(),
             Some("true")
         );
     }
     // Results (read) for tenants: no write verb on traceresults.
     for r in rules_of("ClusterRole", "fathom-tenant-edit") {
-        if strings(&r["resources"]).iter().any(|x| x.starts_with("traceresults")) {
+        if strings(&r["resources"])
+            .iter()
+            .any(|x| x.starts_with("traceresults"))
+        {
             assert_eq!(strings(&r["verbs"]), ["get", "list", "watch"]);
         }
     }
     // The node-bound policy names the runner's user.
-    let vap = find(&docs, "ValidatingAdmissionPolicy", "fathom-node-runner-own-node");
+    let vap = find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "fathom-node-runner-own-node",
+    );
     assert!(
         vap["spec"]["matchConditions"][0]["expression"]
             .as_str()
@@ -252,7 +293,10 @@ fn an_invalid_value_fails_with_the_schema_message() {
             "runner.extraCapabilities={SYS_ADMIN}",
             &["at '/runner/extraCapabilities/0': 'not' failed"],
         ),
-        ("operator.replicas=0", &["at '/operator/replicas': minimum: got 0, want 1"]),
+        (
+            "operator.replicas=0",
+            &["at '/operator/replicas': minimum: got 0, want 1"],
+        ),
         (
             "runner.seccompProfile=Privileged",
             &["at '/runner/seccompProfile': value must be one of 'Unconfined', 'RuntimeDefault'"],
@@ -283,7 +327,10 @@ fn an_invalid_value_fails_with_the_schema_message() {
             "--set {set}: {stderr}"
         );
         for w in wanted {
-            assert!(stderr.contains(w), "--set {set}: expected {w:?} in: {stderr}");
+            assert!(
+                stderr.contains(w),
+                "--set {set}: expected {w:?} in: {stderr}"
+            );
         }
     }
 }
@@ -294,7 +341,8 @@ fn an_invalid_value_fails_with_the_schema_message() {
 fn deploy_is_the_chart_rendered_and_has_no_private_key() {
     let rendered = helm_ok(&DEPLOY_ARGS);
     let path = workspace_root().join("deploy/fathom.yaml");
-    let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let committed =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let body = committed
         .split_once("\n---\n")
         .map(|(_, b)| format!("---\n{b}"))

@@ -6,9 +6,9 @@
 use std::process::Command;
 
 use fathom_e2e::{
-    admin, env,
+    admin,
     chart::{Release, ScratchNamespace, helm},
-    kubectl, kubectl_ok, manifest,
+    env, kubectl, kubectl_ok, manifest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -37,7 +37,13 @@ struct Row {
 
 /// `kubectl auth can-i` as `user` (with `groups`); `Some(answer)`, `None` when kubectl failed
 /// to ask.
-fn can_i(user: &str, groups: &[&str], verb: &str, resource: &str, ns: Option<&str>) -> Result<bool, String> {
+fn can_i(
+    user: &str,
+    groups: &[&str],
+    verb: &str,
+    resource: &str,
+    ns: Option<&str>,
+) -> Result<bool, String> {
     let (resource, sub) = match resource.split_once('/') {
         Some((r, s)) => (r, Some(s)),
         None => (resource, None),
@@ -81,23 +87,39 @@ async fn o5_the_can_i_matrix_holds_on_the_real_server() {
     // Tenants: users bound in their namespace to the default roles the chart aggregates into.
     for role in ["admin", "edit", "view"] {
         kubectl_ok(&[
-            "create", "rolebinding", &format!("tenant-{role}"), "-n", tenant.as_str(),
-            "--clusterrole", role, "--user", &format!("fathom-e2e-tenant-{role}"),
+            "create",
+            "rolebinding",
+            &format!("tenant-{role}"),
+            "-n",
+            tenant.as_str(),
+            "--clusterrole",
+            role,
+            "--user",
+            &format!("fathom-e2e-tenant-{role}"),
         ]);
     }
     let text = std::fs::read_to_string(manifest("can-i-matrix.yaml")).expect("the matrix");
     let matrix: Matrix = serde_yaml::from_str(&text).expect("the matrix parses");
-    assert!(matrix.rows.len() >= 50, "the matrix has {} rows", matrix.rows.len());
+    assert!(
+        matrix.rows.len() >= 50,
+        "the matrix has {} rows",
+        matrix.rows.len()
+    );
     let mut wrong = Vec::new();
     for row in &matrix.rows {
         let (user, groups): (String, Vec<&str>) = match row.identity.as_str() {
-            "operator" => (release.user("operator"), vec!["system:serviceaccounts", "system:authenticated"]),
-            "runner" => (release.user("node-runner"), vec!["system:serviceaccounts", "system:authenticated"]),
-            "nobody" => ("fathom-e2e-nobody".into(), vec!["system:authenticated"]),
-            t if t.starts_with("tenant-") => (
-                format!("fathom-e2e-{t}"),
-                vec!["system:authenticated"],
+            "operator" => (
+                release.user("operator"),
+                vec!["system:serviceaccounts", "system:authenticated"],
             ),
+            "runner" => (
+                release.user("node-runner"),
+                vec!["system:serviceaccounts", "system:authenticated"],
+            ),
+            "nobody" => ("fathom-e2e-nobody".into(), vec!["system:authenticated"]),
+            t if t.starts_with("tenant-") => {
+                (format!("fathom-e2e-{t}"), vec!["system:authenticated"])
+            }
             other => panic!("unknown identity {other} in the matrix"),
         };
         let ns = match row.namespace.as_str() {
@@ -113,8 +135,17 @@ async fn o5_the_can_i_matrix_holds_on_the_real_server() {
             Err(e) => wrong.push(format!("{row:?}: {e}")),
         }
     }
-    assert!(wrong.is_empty(), "{} of {} rows differ:\n{}", wrong.len(), matrix.rows.len(), wrong.join("\n"));
-    eprintln!("can-i matrix: {} rows hold on the real API server", matrix.rows.len());
+    assert!(
+        wrong.is_empty(),
+        "{} of {} rows differ:\n{}",
+        wrong.len(),
+        matrix.rows.len(),
+        wrong.join("\n")
+    );
+    eprintln!(
+        "can-i matrix: {} rows hold on the real API server",
+        matrix.rows.len()
+    );
 }
 
 /// A token of the runner's ServiceAccount bound to a pod on `node` (as the DaemonSet pod's own
@@ -138,8 +169,17 @@ fn runner_token_on(release: &Release, node: &str) -> String {
     std::fs::write(&file, manifest.to_string()).expect("pod file");
     kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
     kubectl_ok(&[
-        "-n", &release.namespace, "create", "token", &format!("{}-node-runner", release.name),
-        "--bound-object-kind", "Pod", "--bound-object-name", &pod, "--duration", "1h",
+        "-n",
+        &release.namespace,
+        "create",
+        "token",
+        &format!("{}-node-runner", release.name),
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        &pod,
+        "--duration",
+        "1h",
     ])
     .trim()
     .to_string()
@@ -147,11 +187,23 @@ fn runner_token_on(release: &Release, node: &str) -> String {
 
 /// `kubectl` with a bearer token instead of the admin's credentials.
 fn kubectl_as_token(token: &str, args: &[&str]) -> Result<String, String> {
-    let server = kubectl_ok(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]);
+    let server = kubectl_ok(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]);
     let ca = env().state.join("pki/ca.crt");
     let out = Command::new("kubectl")
         .env_remove("KUBECONFIG")
-        .args(["--kubeconfig", "/dev/null", "--server", server.trim(), "--certificate-authority"])
+        .args([
+            "--kubeconfig",
+            "/dev/null",
+            "--server",
+            server.trim(),
+            "--certificate-authority",
+        ])
         .arg(&ca)
         .args(["--token", token])
         .args(args)
@@ -168,7 +220,10 @@ fn kubectl_as_token(token: &str, args: &[&str]) -> Result<String, String> {
 async fn a_runner_token_of_node_a_cannot_write_node_bs_assignment() {
     let _ = admin().await;
     let e = env();
-    assert!(e.sim_nodes.len() >= 2, "two simulated nodes needed (FATHOM_E2E_SIM_NODES)");
+    assert!(
+        e.sim_nodes.len() >= 2,
+        "two simulated nodes needed (FATHOM_E2E_SIM_NODES)"
+    );
     let (node_a, node_b) = (e.sim_nodes[0].as_str(), e.sim_nodes[1].as_str());
     let release = Release::install("fathom-vap", "fathom-install-vap", PARKED);
     let ns = release.namespace.as_str();
@@ -191,16 +246,48 @@ async fn a_runner_token_of_node_a_cannot_write_node_bs_assignment() {
     let token_a = runner_token_on(&release, node_a);
     let status = r#"{"status":{"run":1}}"#;
     // Its own node's assignment: the status patch and a finalizer patch are allowed.
-    kubectl_as_token(&token_a, &["-n", ns, "patch", "traceassignment", &format!("job-{node_a}"),
-        "--subresource", "status", "--type", "merge", "-p", status])
-        .unwrap_or_else(|e| panic!("runner of {node_a} patching its own assignment's status: {e}"));
-    kubectl_as_token(&token_a, &["-n", ns, "patch", "traceassignment", &format!("job-{node_a}"),
-        "--type", "merge", "-p", r#"{"metadata":{"finalizers":[]}}"#])
-        .unwrap_or_else(|e| panic!("runner of {node_a} patching its own assignment: {e}"));
+    kubectl_as_token(
+        &token_a,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "traceassignment",
+            &format!("job-{node_a}"),
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            status,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("runner of {node_a} patching its own assignment's status: {e}"));
+    kubectl_as_token(
+        &token_a,
+        &[
+            "-n",
+            ns,
+            "patch",
+            "traceassignment",
+            &format!("job-{node_a}"),
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":[]}}"#,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("runner of {node_a} patching its own assignment: {e}"));
     // Node B's: denied by the admission policy, with its message.
     for (what, args) in [
-        ("status", vec!["--subresource", "status", "--type", "merge", "-p", status]),
-        ("finalizers", vec!["--type", "merge", "-p", r#"{"metadata":{"finalizers":[]}}"#]),
+        (
+            "status",
+            vec!["--subresource", "status", "--type", "merge", "-p", status],
+        ),
+        (
+            "finalizers",
+            vec!["--type", "merge", "-p", r#"{"metadata":{"finalizers":[]}}"#],
+        ),
     ] {
         let name = format!("job-{node_b}");
         let mut full = vec!["-n", ns, "patch", "traceassignment", name.as_str()];
@@ -210,43 +297,89 @@ async fn a_runner_token_of_node_a_cannot_write_node_bs_assignment() {
             .unwrap_or_else(|| panic!("runner of {node_a} wrote {what} of {node_b}'s assignment"));
         assert!(
             err.contains("ValidatingAdmissionPolicy")
-                && err.contains(&format!("token is bound to node {node_a}, the assignment is for node {node_b}")),
+                && err.contains(&format!(
+                    "token is bound to node {node_a}, the assignment is for node {node_b}"
+                )),
             "{what}: {err}"
         );
     }
     // A runner token bound to no node (not a pod's) is denied even on node A's assignment.
-    let unbound = kubectl_ok(&["-n", ns, "create", "token", &format!("{}-node-runner", release.name), "--duration", "1h"]);
-    let err = kubectl_as_token(unbound.trim(), &["-n", ns, "patch", "traceassignment", &format!("job-{node_a}"),
-        "--subresource", "status", "--type", "merge", "-p", status])
-        .expect_err("an unbound runner token wrote an assignment");
+    let unbound = kubectl_ok(&[
+        "-n",
+        ns,
+        "create",
+        "token",
+        &format!("{}-node-runner", release.name),
+        "--duration",
+        "1h",
+    ]);
+    let err = kubectl_as_token(
+        unbound.trim(),
+        &[
+            "-n",
+            ns,
+            "patch",
+            "traceassignment",
+            &format!("job-{node_a}"),
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            status,
+        ],
+    )
+    .expect_err("an unbound runner token wrote an assignment");
     assert!(err.contains("bound to no node"), "{err}");
     // The admin (not the runner) is not concerned by the policy.
-    kubectl_ok(&["-n", ns, "patch", "traceassignment", &format!("job-{node_b}"), "--subresource", "status",
-        "--type", "merge", "-p", status]);
+    kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "traceassignment",
+        &format!("job-{node_b}"),
+        "--subresource",
+        "status",
+        "--type",
+        "merge",
+        "-p",
+        status,
+    ]);
     drop(release);
-    let _ = kubectl(&["get", "validatingadmissionpolicy", "fathom-vap-node-runner-own-node"])
-        .expect_err("the policy goes with the release");
+    let _ = kubectl(&[
+        "get",
+        "validatingadmissionpolicy",
+        "fathom-vap-node-runner-own-node",
+    ])
+    .expect_err("the policy goes with the release");
 }
 
 #[test]
 fn an_invalid_value_fails_at_helm_install_with_the_schema_message() {
     let _ = env();
     let out = helm(&[
-        "install", "fathom-bad", "charts/fathom", "--namespace", "fathom-install-bad",
-        "--set", "operator.replicas=0",
+        "install",
+        "fathom-bad",
+        "charts/fathom",
+        "--namespace",
+        "fathom-install-bad",
+        "--set",
+        "operator.replicas=0",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "helm install accepted operator.replicas=0");
+    assert!(
+        !out.status.success(),
+        "helm install accepted operator.replicas=0"
+    );
     assert!(
         stderr.contains("values don't meet the specifications of the schema")
             && stderr.contains("at '/operator/replicas': minimum: got 0, want 1"),
         "{stderr}"
     );
     // Nothing was installed.
-    let listed = String::from_utf8_lossy(
-        &helm(&["list", "--all-namespaces", "--all", "-q"]).stdout,
-    )
-    .into_owned();
+    let listed =
+        String::from_utf8_lossy(&helm(&["list", "--all-namespaces", "--all", "-q"]).stdout)
+            .into_owned();
     assert!(!listed.lines().any(|l| l == "fathom-bad"), "{listed}");
 }
 
@@ -286,14 +419,26 @@ fn ctr(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("ctr (containerd's client)");
-    assert!(out.status.success(), "ctr {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ctr {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The host pid of the runner container of the release's pod on `node`.
 fn runner_pid(ns: &str) -> u32 {
     let pods: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
-        "-n", ns, "get", "pods", "-l", "app.kubernetes.io/name=fathom-node-runner", "-o", "json",
+        "-n",
+        ns,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=fathom-node-runner",
+        "-o",
+        "json",
     ]))
     .expect("pods json");
     let id = pods["items"][0]["status"]["containerStatuses"][0]["containerID"]
@@ -313,24 +458,60 @@ fn runner_pid(ns: &str) -> u32 {
 /// The capability names of a CapEff mask.
 fn capabilities(mask: u64) -> Vec<&'static str> {
     const NAMES: [(u32, &str); 41] = [
-        (0, "CHOWN"), (1, "DAC_OVERRIDE"), (2, "DAC_READ_SEARCH"), (3, "FOWNER"), (4, "FSETID"),
-        (5, "KILL"), (6, "SETGID"), (7, "SETUID"), (8, "SETPCAP"), (9, "LINUX_IMMUTABLE"),
-        (10, "NET_BIND_SERVICE"), (11, "NET_BROADCAST"), (12, "NET_ADMIN"), (13, "NET_RAW"),
-        (14, "IPC_LOCK"), (15, "IPC_OWNER"), (16, "SYS_MODULE"), (17, "SYS_RAWIO"),
-        (18, "SYS_CHROOT"), (19, "SYS_PTRACE"), (20, "SYS_PACCT"), (21, "SYS_ADMIN"),
-        (22, "SYS_BOOT"), (23, "SYS_NICE"), (24, "SYS_RESOURCE"), (25, "SYS_TIME"),
-        (26, "SYS_TTY_CONFIG"), (27, "MKNOD"), (28, "LEASE"), (29, "AUDIT_WRITE"),
-        (30, "AUDIT_CONTROL"), (31, "SETFCAP"), (32, "MAC_OVERRIDE"), (33, "MAC_ADMIN"),
-        (34, "SYSLOG"), (35, "WAKE_ALARM"), (36, "BLOCK_SUSPEND"), (37, "AUDIT_READ"),
-        (38, "PERFMON"), (39, "BPF"), (40, "CHECKPOINT_RESTORE"),
+        (0, "CHOWN"),
+        (1, "DAC_OVERRIDE"),
+        (2, "DAC_READ_SEARCH"),
+        (3, "FOWNER"),
+        (4, "FSETID"),
+        (5, "KILL"),
+        (6, "SETGID"),
+        (7, "SETUID"),
+        (8, "SETPCAP"),
+        (9, "LINUX_IMMUTABLE"),
+        (10, "NET_BIND_SERVICE"),
+        (11, "NET_BROADCAST"),
+        (12, "NET_ADMIN"),
+        (13, "NET_RAW"),
+        (14, "IPC_LOCK"),
+        (15, "IPC_OWNER"),
+        (16, "SYS_MODULE"),
+        (17, "SYS_RAWIO"),
+        (18, "SYS_CHROOT"),
+        (19, "SYS_PTRACE"),
+        (20, "SYS_PACCT"),
+        (21, "SYS_ADMIN"),
+        (22, "SYS_BOOT"),
+        (23, "SYS_NICE"),
+        (24, "SYS_RESOURCE"),
+        (25, "SYS_TIME"),
+        (26, "SYS_TTY_CONFIG"),
+        (27, "MKNOD"),
+        (28, "LEASE"),
+        (29, "AUDIT_WRITE"),
+        (30, "AUDIT_CONTROL"),
+        (31, "SETFCAP"),
+        (32, "MAC_OVERRIDE"),
+        (33, "MAC_ADMIN"),
+        (34, "SYSLOG"),
+        (35, "WAKE_ALARM"),
+        (36, "BLOCK_SUSPEND"),
+        (37, "AUDIT_READ"),
+        (38, "PERFMON"),
+        (39, "BPF"),
+        (40, "CHECKPOINT_RESTORE"),
     ];
-    let mut out: Vec<&str> = NAMES.iter().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, n)| *n).collect();
+    let mut out: Vec<&str> = NAMES
+        .iter()
+        .filter(|(b, _)| mask & (1 << b) != 0)
+        .map(|(_, n)| *n)
+        .collect();
     out.sort_unstable();
     out
 }
 
 fn proc_status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
     status
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
@@ -378,7 +559,13 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
             "{image} is not in the node's containerd: run scripts/images.sh import"
         );
     }
-    let server = kubectl_ok(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]);
+    let server = kubectl_ok(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]);
     let api_port = server.trim().rsplit(':').next().expect("port").to_string();
     let pin_root = "/sys/fs/bpf/fathom-it";
     let programs_before = fathom_e2e::runner::fathom_programs();
@@ -391,13 +578,26 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     let release = Release::install("fathom-it", "fathom-install", &args);
     let ns = release.namespace.clone();
     for app in ["fathom-operator", "fathom-node-runner"] {
-        kubectl_ok(&["-n", &ns, "wait", "pod", "-l", &format!("app.kubernetes.io/name={app}"),
-            "--for=condition=Ready", "--timeout=120s"]);
+        kubectl_ok(&[
+            "-n",
+            &ns,
+            "wait",
+            "pod",
+            "-l",
+            &format!("app.kubernetes.io/name={app}"),
+            "--for=condition=Ready",
+            "--timeout=120s",
+        ]);
     }
     let ready = start.elapsed();
     let pods = json_of(&["-n", &ns, "get", "pods", "-o", "json"]);
     for p in pods["items"].as_array().expect("pods") {
-        assert_eq!(p["spec"]["nodeName"].as_str(), Some(node), "{}", p["metadata"]["name"]);
+        assert_eq!(
+            p["spec"]["nodeName"].as_str(),
+            Some(node),
+            "{}",
+            p["metadata"]["name"]
+        );
     }
 
     // The runner's effective capabilities are exactly the documented set.
@@ -405,7 +605,11 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     let cap_eff = u64::from_str_radix(&proc_status_field(pid, "CapEff"), 16).expect("CapEff hex");
     let mut want: Vec<&str> = fathom_e2e::chart::RUNNER_CAPABILITIES.to_vec();
     want.sort_unstable();
-    assert_eq!(capabilities(cap_eff), want, "CapEff {cap_eff:#x} of the runner (pid {pid})");
+    assert_eq!(
+        capabilities(cap_eff),
+        want,
+        "CapEff {cap_eff:#x} of the runner (pid {pid})"
+    );
     assert_eq!(proc_status_field(pid, "NoNewPrivs"), "1");
 
     // Idle figures of the runner as a pod.
@@ -439,20 +643,61 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     std::fs::create_dir_all(file.parent().expect("dir")).expect("dir");
     std::fs::write(&file, web.to_string()).expect("file");
     kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
-    kubectl_ok(&["-n", work.as_str(), "rollout", "status", "deployment/web", "--timeout=60s"]);
+    kubectl_ok(&[
+        "-n",
+        work.as_str(),
+        "rollout",
+        "status",
+        "deployment/web",
+        "--timeout=60s",
+    ]);
     let example = fathom_e2e::workspace_root().join("examples/pod-opens.yaml");
-    kubectl_ok(&["-n", work.as_str(), "apply", "-f", example.to_str().expect("utf-8")]);
+    kubectl_ok(&[
+        "-n",
+        work.as_str(),
+        "apply",
+        "-f",
+        example.to_str().expect("utf-8"),
+    ]);
     let job_start = std::time::Instant::now();
     let phase = loop {
-        let job = json_of(&["-n", work.as_str(), "get", "tracejob", "pod-opens", "-o", "json"]);
-        let phase = job["status"]["phase"].as_str().unwrap_or_default().to_string();
+        let job = json_of(&[
+            "-n",
+            work.as_str(),
+            "get",
+            "tracejob",
+            "pod-opens",
+            "-o",
+            "json",
+        ]);
+        let phase = job["status"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if phase == "Succeeded" || phase == "Failed" || job_start.elapsed().as_secs() > 120 {
             if phase != "Succeeded" {
-                let logs = kubectl(&["-n", &ns, "logs", "-l", "app.kubernetes.io/name=fathom-node-runner", "--tail=40"])
-                    .unwrap_or_default();
-                let op_logs = kubectl(&["-n", &ns, "logs", "-l", "app.kubernetes.io/name=fathom-operator", "--tail=40"])
-                    .unwrap_or_default();
-                panic!("job pod-opens: {phase}: {:#}\n--- runner:\n{logs}\n--- operator:\n{op_logs}", job["status"]);
+                let logs = kubectl(&[
+                    "-n",
+                    &ns,
+                    "logs",
+                    "-l",
+                    "app.kubernetes.io/name=fathom-node-runner",
+                    "--tail=40",
+                ])
+                .unwrap_or_default();
+                let op_logs = kubectl(&[
+                    "-n",
+                    &ns,
+                    "logs",
+                    "-l",
+                    "app.kubernetes.io/name=fathom-operator",
+                    "--tail=40",
+                ])
+                .unwrap_or_default();
+                panic!(
+                    "job pod-opens: {phase}: {:#}\n--- runner:\n{logs}\n--- operator:\n{op_logs}",
+                    job["status"]
+                );
             }
             break phase;
         }
@@ -460,47 +705,114 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     };
     assert_eq!(phase, "Succeeded");
     let results = kubectl_ok(&["-n", work.as_str(), "get", "results"]);
-    assert!(results.contains("pod-opens"), "kubectl get results: {results}");
+    assert!(
+        results.contains("pod-opens"),
+        "kubectl get results: {results}"
+    );
     let result = json_of(&["-n", work.as_str(), "get", "traceresults", "-o", "json"]);
-    let rows = result["items"][0]["status"]["data"]["rows"].as_array().cloned().unwrap_or_default();
-    let web_pod = json_of(&["-n", work.as_str(), "get", "pods", "-l", "app=web", "-o", "json"])["items"][0]
-        ["metadata"]["name"].as_str().expect("web pod").to_string();
+    let rows = result["items"][0]["status"]["data"]["rows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let web_pod = json_of(&[
+        "-n",
+        work.as_str(),
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "-o",
+        "json",
+    ])["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("web pod")
+        .to_string();
     let web_rows: Vec<&serde_json::Value> = rows
         .iter()
         .filter(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str()))
         .collect();
     assert!(
-        !web_rows.is_empty() && web_rows.iter().all(|r| r["value"].as_u64().unwrap_or(0) > 0),
+        !web_rows.is_empty()
+            && web_rows
+                .iter()
+                .all(|r| r["value"].as_u64().unwrap_or(0) > 0),
         "rows of {web_pod}: {rows:#?}"
     );
     assert!(
-        rows.iter().all(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str())),
+        rows.iter()
+            .all(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str())),
         "rows of other pods: {rows:#?}"
     );
 
     // Jobs go before the operator does (their cleanup finalizer is its), then helm uninstall:
     // no pod, program, link or pin of the release left; the CRDs stay.
-    kubectl_ok(&["-n", work.as_str(), "delete", "tracejob", "pod-opens", "--wait=true", "--timeout=60s"]);
-    let out = helm(&["uninstall", "fathom-it", "--namespace", &ns, "--wait", "--timeout", "120s"]);
-    assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
+    kubectl_ok(&[
+        "-n",
+        work.as_str(),
+        "delete",
+        "tracejob",
+        "pod-opens",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let out = helm(&[
+        "uninstall",
+        "fathom-it",
+        "--namespace",
+        &ns,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let gone = std::time::Instant::now();
     loop {
         let left = kubectl_ok(&["-n", &ns, "get", "pods", "-o", "name"]);
         if left.trim().is_empty() {
             break;
         }
-        assert!(gone.elapsed().as_secs() < 60, "pods left after helm uninstall: {left}");
+        assert!(
+            gone.elapsed().as_secs() < 60,
+            "pods left after helm uninstall: {left}"
+        );
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the runner process is still there");
-    assert_eq!(fathom_e2e::runner::fathom_programs(), programs_before, "programs (and their links) left");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the runner process is still there"
+    );
+    assert_eq!(
+        fathom_e2e::runner::fathom_programs(),
+        programs_before,
+        "programs (and their links) left"
+    );
     let pins = pins_under(pin_root);
     assert!(pins.is_empty(), "pins left under {pin_root}: {pins:?}");
-    for crd in ["tracejobs.fathom.dev", "traceresults.fathom.dev", "clustertracejobs.fathom.dev", "traceassignments.fathom.dev"] {
+    for crd in [
+        "tracejobs.fathom.dev",
+        "traceresults.fathom.dev",
+        "clustertracejobs.fathom.dev",
+        "traceassignments.fathom.dev",
+    ] {
         kubectl_ok(&["get", "crd", crd]);
     }
-    for kind in ["clusterrole", "clusterrolebinding", "validatingadmissionpolicy"] {
-        let left = kubectl_ok(&["get", kind, "-l", "app.kubernetes.io/instance=fathom-it", "-o", "name"]);
+    for kind in [
+        "clusterrole",
+        "clusterrolebinding",
+        "validatingadmissionpolicy",
+    ] {
+        let left = kubectl_ok(&[
+            "get",
+            kind,
+            "-l",
+            "app.kubernetes.io/instance=fathom-it",
+            "-o",
+            "name",
+        ]);
         assert!(left.trim().is_empty(), "{kind} left: {left}");
     }
     eprintln!(
