@@ -547,11 +547,8 @@ fn json_of(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&kubectl_ok(args)).expect("kubectl -o json")
 }
 
-#[tokio::test]
-async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leaving_nothing() {
-    let _ = admin().await;
-    let e = env();
-    let node = e.real_node.as_str();
+/// Preconditions of an install on the real node: the images imported; the API server's port.
+fn install_preconditions() -> String {
     let images = ctr(&["images", "ls", "-q"]);
     for image in IMAGES {
         assert!(
@@ -566,21 +563,26 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
         "-o",
         "jsonpath={.clusters[0].cluster.server}",
     ]);
-    let api_port = server.trim().rsplit(':').next().expect("port").to_string();
-    let pin_root = "/sys/fs/bpf/fathom-it";
-    let programs_before = fathom_e2e::runner::fathom_programs();
+    server.trim().rsplit(':').next().expect("port").to_string()
+}
 
-    // helm install, to every pod Ready on the real node.
-    let start = std::time::Instant::now();
-    let mut args: Vec<String> = local_cluster_values(&api_port, node, pin_root);
-    args.extend(["--wait".into(), "--timeout".into(), "180s".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let release = Release::install("fathom-it", "fathom-install", &args);
-    let ns = release.namespace.clone();
+/// What one install showed.
+struct Figures {
+    ready: std::time::Duration,
+    runner_pid: u32,
+    rss: String,
+    idle_cpu: f64,
+}
+
+/// An installed release in `ns` (installed at `start`): every pod Ready on the real node, the
+/// runner's CapEff exactly the documented set, idle figures, and the example TraceJob on a
+/// workload pod Succeeded with its rows (`kubectl get results` shows it); the job deleted after.
+async fn exercise(ns: &str, start: std::time::Instant, work_ns: &str) -> Figures {
+    let node = env().real_node.as_str();
     for app in ["fathom-operator", "fathom-node-runner"] {
         kubectl_ok(&[
             "-n",
-            &ns,
+            ns,
             "wait",
             "pod",
             "-l",
@@ -590,7 +592,7 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
         ]);
     }
     let ready = start.elapsed();
-    let pods = json_of(&["-n", &ns, "get", "pods", "-o", "json"]);
+    let pods = json_of(&["-n", ns, "get", "pods", "-o", "json"]);
     for p in pods["items"].as_array().expect("pods") {
         assert_eq!(
             p["spec"]["nodeName"].as_str(),
@@ -600,8 +602,9 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
         );
     }
 
-    // The runner's effective capabilities are exactly the documented set.
-    let pid = runner_pid(&ns);
+    // The runner's effective capabilities are exactly the documented set. (With hostPID the
+    // container's /proc/1 is the host's init: the runner is read by its host pid.)
+    let pid = runner_pid(ns);
     let cap_eff = u64::from_str_radix(&proc_status_field(pid, "CapEff"), 16).expect("CapEff hex");
     let mut want: Vec<&str> = fathom_e2e::chart::RUNNER_CAPABILITIES.to_vec();
     want.sort_unstable();
@@ -619,10 +622,9 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     let rss = proc_status_field(pid, "VmRSS");
 
     // A workload and the example job on it, applied with kubectl as a user would.
-    let work = ScratchNamespace::create("fathom-install-work");
     let web = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "web", "namespace": work.as_str()},
+        "metadata": {"name": "web", "namespace": work_ns},
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app": "web"}},
@@ -645,7 +647,7 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
     kubectl_ok(&[
         "-n",
-        work.as_str(),
+        work_ns,
         "rollout",
         "status",
         "deployment/web",
@@ -654,135 +656,110 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     let example = fathom_e2e::workspace_root().join("examples/pod-opens.yaml");
     kubectl_ok(&[
         "-n",
-        work.as_str(),
+        work_ns,
         "apply",
         "-f",
         example.to_str().expect("utf-8"),
     ]);
     let job_start = std::time::Instant::now();
-    let phase = loop {
-        let job = json_of(&[
-            "-n",
-            work.as_str(),
-            "get",
-            "tracejob",
-            "pod-opens",
-            "-o",
-            "json",
-        ]);
+    loop {
+        let job = json_of(&["-n", work_ns, "get", "tracejob", "pod-opens", "-o", "json"]);
         let phase = job["status"]["phase"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        if phase == "Succeeded" || phase == "Failed" || job_start.elapsed().as_secs() > 120 {
-            if phase != "Succeeded" {
-                let logs = kubectl(&[
+        if phase == "Succeeded" {
+            break;
+        }
+        if phase == "Failed" || job_start.elapsed().as_secs() > 120 {
+            let logs = |app: &str| {
+                kubectl(&[
                     "-n",
-                    &ns,
+                    ns,
                     "logs",
                     "-l",
-                    "app.kubernetes.io/name=fathom-node-runner",
+                    &format!("app.kubernetes.io/name={app}"),
                     "--tail=40",
                 ])
-                .unwrap_or_default();
-                let op_logs = kubectl(&[
-                    "-n",
-                    &ns,
-                    "logs",
-                    "-l",
-                    "app.kubernetes.io/name=fathom-operator",
-                    "--tail=40",
-                ])
-                .unwrap_or_default();
-                panic!(
-                    "job pod-opens: {phase}: {:#}\n--- runner:\n{logs}\n--- operator:\n{op_logs}",
-                    job["status"]
-                );
-            }
-            break phase;
+                .unwrap_or_default()
+            };
+            panic!(
+                "job pod-opens: {phase:?}: {:#}\n--- runner:\n{}\n--- operator:\n{}",
+                job["status"],
+                logs("fathom-node-runner"),
+                logs("fathom-operator")
+            );
         }
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    };
-    assert_eq!(phase, "Succeeded");
-    let results = kubectl_ok(&["-n", work.as_str(), "get", "results"]);
+    }
+    let results = kubectl_ok(&["-n", work_ns, "get", "results"]);
     assert!(
         results.contains("pod-opens"),
         "kubectl get results: {results}"
     );
-    let result = json_of(&["-n", work.as_str(), "get", "traceresults", "-o", "json"]);
+    let result = json_of(&["-n", work_ns, "get", "traceresults", "-o", "json"]);
     let rows = result["items"][0]["status"]["data"]["rows"]
         .as_array()
         .cloned()
         .unwrap_or_default();
-    let web_pod = json_of(&[
-        "-n",
-        work.as_str(),
-        "get",
-        "pods",
-        "-l",
-        "app=web",
-        "-o",
-        "json",
-    ])["items"][0]["metadata"]["name"]
+    let web_pod = json_of(&["-n", work_ns, "get", "pods", "-l", "app=web", "-o", "json"])["items"]
+        [0]["metadata"]["name"]
         .as_str()
         .expect("web pod")
         .to_string();
-    let web_rows: Vec<&serde_json::Value> = rows
-        .iter()
-        .filter(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str()))
-        .collect();
     assert!(
-        !web_rows.is_empty()
-            && web_rows
-                .iter()
-                .all(|r| r["value"].as_u64().unwrap_or(0) > 0),
-        "rows of {web_pod}: {rows:#?}"
+        rows.iter()
+            .any(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str())
+                && r["value"].as_u64().unwrap_or(0) > 0),
+        "no row of {web_pod}: {rows:#?}"
     );
     assert!(
         rows.iter()
             .all(|r| r["keys"]["pod"].as_str() == Some(web_pod.as_str())),
         "rows of other pods: {rows:#?}"
     );
-
-    // Jobs go before the operator does (their cleanup finalizer is its), then helm uninstall:
-    // no pod, program, link or pin of the release left; the CRDs stay.
+    // Jobs go before the operator does (their cleanup finalizer is its).
     kubectl_ok(&[
         "-n",
-        work.as_str(),
+        work_ns,
         "delete",
         "tracejob",
         "pod-opens",
         "--wait=true",
         "--timeout=60s",
     ]);
-    let out = helm(&[
-        "uninstall",
-        "fathom-it",
-        "--namespace",
-        &ns,
-        "--wait",
-        "--timeout",
-        "120s",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Figures {
+        ready,
+        runner_pid: pid,
+        rss,
+        idle_cpu,
+    }
+}
+
+/// After an uninstall: no pod of `ns`, the runner process gone, no program or link of Fathom
+/// beyond `programs_before`, no pin under `pin_root`, no cluster-scoped object of `instance`;
+/// the CRDs kept.
+async fn assert_nothing_left(
+    ns: &str,
+    instance: &str,
+    figures: &Figures,
+    pin_root: &str,
+    programs_before: &[String],
+) {
     let gone = std::time::Instant::now();
     loop {
-        let left = kubectl_ok(&["-n", &ns, "get", "pods", "-o", "name"]);
+        let left = kubectl_ok(&["-n", ns, "get", "pods", "-o", "name"]);
         if left.trim().is_empty() {
             break;
         }
         assert!(
             gone.elapsed().as_secs() < 60,
-            "pods left after helm uninstall: {left}"
+            "pods left after the uninstall: {left}"
         );
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
     assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        !std::path::Path::new(&format!("/proc/{}", figures.runner_pid)).exists(),
         "the runner process is still there"
     );
     assert_eq!(
@@ -804,20 +781,151 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
         "clusterrole",
         "clusterrolebinding",
         "validatingadmissionpolicy",
+        "validatingadmissionpolicybinding",
     ] {
         let left = kubectl_ok(&[
             "get",
             kind,
             "-l",
-            "app.kubernetes.io/instance=fathom-it",
+            &format!("app.kubernetes.io/instance={instance}"),
             "-o",
             "name",
         ]);
         assert!(left.trim().is_empty(), "{kind} left: {left}");
     }
-    eprintln!(
-        "install figures: helm install to every pod Ready {:.1} s; runner idle: VmRSS {rss}, CPU {idle_cpu:.2} % of a core over 10 s",
-        ready.as_secs_f64()
+}
+
+#[tokio::test]
+async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leaving_nothing() {
+    let _ = admin().await;
+    let api_port = install_preconditions();
+    let node = env().real_node.clone();
+    let pin_root = "/sys/fs/bpf/fathom-it";
+    let programs_before = fathom_e2e::runner::fathom_programs();
+    let work = ScratchNamespace::create("fathom-install-work");
+
+    let start = std::time::Instant::now();
+    let mut args: Vec<String> = local_cluster_values(&api_port, &node, pin_root);
+    args.extend(["--wait".into(), "--timeout".into(), "180s".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let release = Release::install("fathom-it", "fathom-install", &args);
+    let figures = exercise(&release.namespace, start, work.as_str()).await;
+
+    let out = helm(&[
+        "uninstall",
+        "fathom-it",
+        "--namespace",
+        &release.namespace,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    drop(release);
+    assert_nothing_left(
+        &release.namespace,
+        "fathom-it",
+        &figures,
+        pin_root,
+        &programs_before,
+    )
+    .await;
+    eprintln!(
+        "install figures (helm): install to every pod Ready {:.1} s; runner idle: VmRSS {}, CPU {:.2} % of a core over 10 s",
+        figures.ready.as_secs_f64(),
+        figures.rss,
+        figures.idle_cpu
+    );
+}
+
+/// The GitOps way: `deploy/` as the server takes it (server-side dry run of `kubectl apply -k
+/// deploy/`: every object accepted, CEL of the policy and CRDs compiled, RBAC grantable), and a
+/// real `kubectl apply` of the same pipeline — `helm template` of the chart with
+/// `deploy/values.yaml`, the collector's TLS Secret made beforehand by
+/// `scripts/collector-tls.sh` as docs/install.md says — then the same checks as the Helm install
+/// and a `kubectl delete` that leaves nothing. The literal `deploy/` targets `fathom-system`,
+/// whose ServiceAccounts the shared local cluster's own identities are (scripts/cluster.sh), so
+/// the real apply renders it for a namespace of its own (and this cluster's particulars).
+#[tokio::test]
+async fn deploy_applies_with_kubectl_runs_a_tracejob_and_deletes_leaving_nothing() {
+    let _ = admin().await;
+    let root = fathom_e2e::workspace_root();
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        // The shared cluster's e2e suite owns Roles of the same names in fathom-system (its
+        // own RBAC files); a dry run takes nothing from it.
+        "--force-conflicts",
+        "--field-manager",
+        "fathom-e2e-gitops",
+        "-k",
+        root.join("deploy").to_str().expect("utf-8"),
+    ]);
+
+    let api_port = install_preconditions();
+    let node = env().real_node.clone();
+    let (release, ns, pin_root) = (
+        "fathom-gitops",
+        "fathom-gitops",
+        "/sys/fs/bpf/fathom-gitops",
+    );
+    let programs_before = fathom_e2e::runner::fathom_programs();
+    let work = ScratchNamespace::create("fathom-gitops-work");
+    let target = ScratchNamespace::create(ns);
+    let mut args: Vec<String> = [
+        "template",
+        release,
+        "charts/fathom",
+        "--namespace",
+        ns,
+        "--values",
+        "deploy/values.yaml",
+        "--set-string",
+        "collector.tls.existingSecret=fathom-gitops-collector-tls",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(local_cluster_values(&api_port, &node, pin_root));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let rendered = fathom_e2e::chart::helm_ok(&args);
+    let file = fathom_e2e::target_dir().join("e2e-logs/gitops.yaml");
+    std::fs::create_dir_all(file.parent().expect("dir")).expect("dir");
+    std::fs::write(&file, &rendered).expect("rendered file");
+    let file = file.to_str().expect("utf-8");
+
+    let start = std::time::Instant::now();
+    let tls = Command::new("bash")
+        .arg(root.join("scripts/collector-tls.sh"))
+        .args([ns, "fathom-gitops-collector", "fathom-gitops-collector-tls"])
+        .env("KUBECONFIG", &env().kubeconfig)
+        .output()
+        .expect("scripts/collector-tls.sh");
+    assert!(
+        tls.status.success(),
+        "scripts/collector-tls.sh: {}",
+        String::from_utf8_lossy(&tls.stderr)
+    );
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager",
+        "fathom-gitops",
+        "-f",
+        file,
+    ]);
+    let figures = exercise(ns, start, work.as_str()).await;
+    kubectl_ok(&["delete", "-f", file, "--wait=true", "--timeout=120s"]);
+    assert_nothing_left(ns, release, &figures, pin_root, &programs_before).await;
+    eprintln!(
+        "install figures (kubectl apply): apply to every pod Ready {:.1} s; runner idle: VmRSS {}, CPU {:.2} % of a core over 10 s",
+        figures.ready.as_secs_f64(),
+        figures.rss,
+        figures.idle_cpu
+    );
+    drop(target);
 }
