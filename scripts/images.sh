@@ -4,6 +4,7 @@
 #
 #   scripts/images.sh build     # target/images/{fathom-operator,fathom-node-runner}.tar
 #   scripts/images.sh import    # build, then import into scripts/cluster.sh's containerd, pinned
+#   scripts/images.sh load      # import what `build` made, without building
 #
 # FATHOM_IMAGE_PROFILE=debug packs the debug binaries instead of release ones (the test command
 # does, to reuse the binaries the e2e suite already built rather than spend a release build
@@ -76,11 +77,12 @@ build() {
   done
 }
 
-import() {
+load() {
   local sock=$STATE/containerd/containerd.sock
   [ -S "$sock" ] || die "no cluster containerd at $sock (scripts/cluster.sh up)"
   local name
   for name in fathom-operator fathom-node-runner; do
+    [ -f "$OUT/$name.tar" ] || die "$OUT/$name.tar is missing (scripts/images.sh build)"
     ctr --address "$sock" -n k8s.io images import --all-platforms "$OUT/$name.tar" >/dev/null \
       || die "importing $OUT/$name.tar failed"
     # Pinned: the kubelet's image garbage collection must never remove an image no registry
@@ -93,6 +95,7 @@ import() {
 
 case ${1:-build} in
   build) build ;;
-  import) build; import ;;
-  *) echo "usage: scripts/images.sh build|import" >&2; exit 2 ;;
+  import) build; load ;;
+  load) load ;;
+  *) echo "usage: scripts/images.sh build|import|load" >&2; exit 2 ;;
 esac
