@@ -769,6 +769,9 @@ async fn assert_nothing_left(
     );
     let pins = pins_under(pin_root);
     assert!(pins.is_empty(), "pins left under {pin_root}: {pins:?}");
+    // The pin root itself (an empty directory the runner made) stays on the node; removed here
+    // so that the machine is as before.
+    let _ = std::fs::remove_dir(pin_root);
     for crd in [
         "tracejobs.fathom.dev",
         "traceresults.fathom.dev",
