@@ -28,6 +28,9 @@ cargo test --workspace --exclude fathom-node --exclude fathom-e2e
 cargo test -p fathom-node --lib --bins
 # The runner's transport (T3–T5: gRPC on loopback, iptables): kernel-independent, host only.
 cargo test -p fathom-node --test transport -- --test-threads=1
+# The Helm chart without a cluster: helm lint/template with the Helm setup.sh built, the schema's
+# messages, deploy/ drift (fails, never skips, without helm).
+cargo test -p fathom-e2e --test chart
 stamp "unit tests done"
 if ! wait "$cluster_build"; then
   cat target/cluster-build.log
@@ -42,12 +45,17 @@ stamp "kernel matrix done"
 echo "== e2e: a real cluster on this machine (scripts/cluster.sh)"
 # The components the tests run as processes, built once here (the tests would build them).
 cargo build -p fathom-operator --bin fathom-operator -p fathom-node --bin fathom-node-runner
+# The images the chart deploys (tests/install.rs), from those debug binaries (stripped): a
+# release build of the workspace would not fit CI's budget; `scripts/images.sh` alone packs
+# the release binaries.
+FATHOM_IMAGE_PROFILE=debug bash scripts/images.sh build
 export FATHOM_E2E_OPERATOR_BIN=$PWD/target/debug/fathom-operator
 export FATHOM_E2E_RUNNER_BIN=$PWD/target/debug/fathom-node-runner
 cargo test -p fathom-e2e --no-run
 trap 'bash scripts/cluster.sh down' EXIT
 bash scripts/cluster.sh up
 eval "$(bash scripts/cluster.sh env)"
+bash scripts/images.sh load
 kubectl version
 kubectl get nodes -o wide
 cargo test -p fathom-e2e -- --test-threads=1

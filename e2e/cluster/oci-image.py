@@ -193,6 +193,10 @@ def build_archive(args, entries):
         container_config["Cmd"] = args.cmd
     container_config["Env"] = args.env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
     container_config["WorkingDir"] = args.workdir
+    if args.user:
+        if not re.fullmatch(r"[0-9]+(:[0-9]+)?", args.user):
+            raise SpecError(f"--user {args.user!r}: expected UID[:GID], numeric")
+        container_config["User"] = args.user
     created = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
     config = {
         "architecture": args.arch,
@@ -242,6 +246,7 @@ def main(argv):
     parser.add_argument("--env", action="append", default=[], metavar="K=V",
                         help="config Env, one per use (default: a standard PATH)")
     parser.add_argument("--workdir", default="/", help="config WorkingDir (default /)")
+    parser.add_argument("--user", default="", help="config User, e.g. 65532:65532 (default: none, root)")
     parser.add_argument("--dir", action="append", default=[], metavar="DEST[:MODE]",
                         help="an empty directory in the layer (default mode 0755)")
     parser.add_argument("--arch", default="amd64", help="config architecture (default amd64)")

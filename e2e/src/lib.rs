@@ -42,6 +42,7 @@ use kube::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+pub mod chart;
 pub mod runner;
 
 /// The field manager of everything the tests write as the cluster admin.
@@ -341,11 +342,40 @@ pub fn apply_manifest(name: &str) {
     ]);
 }
 
-/// Grants the operator's ServiceAccount its permissions (`manifests/operator-rbac.yaml`),
+/// Applies a template of the chart's RBAC (`charts/fathom/templates/<template>`) as release
+/// `fathom` in the operator's namespace renders it — ServiceAccounts `fathom-operator` and
+/// `fathom-node-runner` of `fathom-system`, the cluster's identities — server-side, as the
+/// admin. The chart is the one source of the components' permissions.
+pub fn apply_chart_rbac(template: &str) {
+    let yaml = chart::helm_ok(&[
+        "template",
+        "fathom",
+        "charts/fathom",
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--show-only",
+        &format!("templates/{template}"),
+    ]);
+    let dir = target_dir().join("e2e-logs");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let path = dir.join(format!("chart-{template}"));
+    std::fs::write(&path, yaml).expect("rendered RBAC");
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager",
+        MANAGER,
+        "-f",
+        path.to_str().expect("utf-8 path"),
+    ]);
+}
+
+/// Grants the operator's ServiceAccount its permissions (the chart's `rbac-operator.yaml`),
 /// once per test process.
 pub fn install_operator_rbac() {
     static DONE: Once = Once::new();
-    DONE.call_once(|| apply_manifest("operator-rbac.yaml"));
+    DONE.call_once(|| apply_chart_rbac("rbac-operator.yaml"));
 }
 
 // ------------------------------------------------------------------ namespaces and cleanup

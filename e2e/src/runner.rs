@@ -26,8 +26,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    HOWTO, MANAGER, OPERATOR_NAMESPACE, apply_manifest, cargo_binary, env, free_port, http_get,
-    kubectl_ok, log_tail, secs, target_dir,
+    HOWTO, MANAGER, OPERATOR_NAMESPACE, cargo_binary, env, free_port, http_get, kubectl_ok,
+    log_tail, secs, target_dir,
 };
 
 /// The runner's ServiceAccount.
@@ -67,11 +67,11 @@ pub fn runner_binary() -> &'static PathBuf {
     BIN.get_or_init(|| cargo_binary("fathom-node", "fathom-node-runner", "FATHOM_E2E_RUNNER_BIN"))
 }
 
-/// Grants the runner's ServiceAccount its permissions (`manifests/runner-rbac.yaml`), once per
-/// test process.
+/// Grants the runner's ServiceAccount its permissions (the chart's `rbac-runner.yaml`), once
+/// per test process.
 pub fn install_runner_rbac() {
     static DONE: Once = Once::new();
-    DONE.call_once(|| apply_manifest("runner-rbac.yaml"));
+    DONE.call_once(|| crate::apply_chart_rbac("rbac-runner.yaml"));
 }
 
 /// The placeholder pod that gives the runner of `node` its identity.

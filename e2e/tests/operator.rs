@@ -332,7 +332,7 @@ async fn o1_a_settled_job_gets_no_writes_and_every_operator_write_names_its_fiel
         .collect();
     assert!(
         refused.is_empty(),
-        "requests of the operator refused by RBAC (manifests/operator-rbac.yaml):\n{}",
+        "requests of the operator refused by RBAC (charts/fathom/templates/rbac-operator.yaml):\n{}",
         briefs(refused.iter().copied())
     );
 
@@ -721,7 +721,7 @@ async fn leader_election_one_of_two_operator_processes_acts_and_the_other_takes_
     );
 }
 
-/// `manifests/operator-rbac.yaml` grants the operator's ServiceAccount what the operator does
+/// The chart's `rbac-operator.yaml` grants the operator's ServiceAccount what the operator does
 /// and nothing else (the o1 test checks from the audit log that no request of it is refused).
 #[tokio::test]
 async fn operator_rbac_allows_what_the_operator_does_and_denies_the_rest() {

@@ -52,6 +52,12 @@ struct Args {
     /// reports are not sent (statuses still are).
     #[arg(long, env = "FATHOM_COLLECTOR")]
     collector: Option<String>,
+    /// `endpointslices`: connect to the ready endpoints of the collector's Service (the URL's
+    /// host `<service>.<namespace>.svc…`), found in its EndpointSlices, one after the other at
+    /// each reconnect, instead of resolving the host: for clusters without cluster DNS or a
+    /// Service proxy (kube-proxy); TLS still checks the URL's host name. Default: resolve it.
+    #[arg(long, env = "FATHOM_COLLECTOR_DISCOVERY", value_parser = ["dns", "endpointslices"], default_value = "dns")]
+    collector_discovery: String,
     /// The projected ServiceAccount token (audience fathom-collector), sent as
     /// `authorization: Bearer` and read again at each connect.
     #[arg(long, env = "FATHOM_TOKEN_FILE")]
@@ -132,8 +138,16 @@ async fn main() -> anyhow::Result<()> {
     let transport_task = {
         let shutdown = shutdown.clone();
         let stats = transport_stats.clone();
+        let dial = match (&args.collector, args.collector_discovery.as_str()) {
+            (Some(url), "endpointslices") => Some(
+                collector_endpoints(client.clone(), url, shutdown.clone())
+                    .context("--collector-discovery endpointslices")?,
+            ),
+            _ => None,
+        };
         let config = args.collector.clone().map(|url| {
             let mut c = TransportConfig::new(url);
+            c.dial = dial;
             c.token_file = args.token_file.clone();
             c.ca_file = args.ca_file.clone();
             c.insecure_plaintext = args.insecure_plaintext;
@@ -187,6 +201,93 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let _ = engine_thread.join();
     Ok(())
+}
+
+/// The collector Service's ready endpoints, kept current by a watch of its EndpointSlices (in
+/// the Service's namespace, label `kubernetes.io/service-name`); each call of the returned
+/// [`transport::Dial`] gives the next one (so a runner told UNAVAILABLE by the standby
+/// operator replica tries the other), `None` while there is none.
+fn collector_endpoints(
+    client: Client,
+    url: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<transport::Dial> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use std::sync::{Mutex, atomic::AtomicUsize};
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default();
+    let mut labels = host.split('.');
+    let (Some(service), Some(namespace)) = (labels.next(), labels.next()) else {
+        anyhow::bail!("the collector URL's host {host:?} is not <service>.<namespace>[.svc…]");
+    };
+    let api: kube::Api<EndpointSlice> = kube::Api::namespaced(client, namespace);
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let slices: Arc<Mutex<std::collections::BTreeMap<String, Vec<SocketAddr>>>> = Arc::default();
+    let addrs_of = |s: &EndpointSlice| -> Vec<SocketAddr> {
+        let port = s.ports.iter().flatten().find_map(|p| p.port).unwrap_or(0);
+        let mut out = Vec::new();
+        for e in s.endpoints.iter().flatten() {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &e.addresses {
+                if let Ok(ip) = a.parse::<std::net::IpAddr>() {
+                    out.push(SocketAddr::new(ip, port as u16));
+                }
+            }
+        }
+        out
+    };
+    {
+        let slices = slices.clone();
+        let service = format!("{namespace}/{service}");
+        tokio::spawn(async move {
+            let stream = watcher(api, config).default_backoff();
+            futures::pin_mut!(stream);
+            loop {
+                let event = tokio::select! {
+                    _ = shutdown.changed() => return,
+                    e = stream.next() => match e { Some(e) => e, None => return },
+                };
+                let mut map = slices.lock().expect("endpoints lock");
+                match event {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        map.insert(s.metadata.name.clone().unwrap_or_default(), addrs_of(&s));
+                    }
+                    Ok(watcher::Event::Delete(s)) => {
+                        map.remove(&s.metadata.name.clone().unwrap_or_default());
+                    }
+                    Ok(watcher::Event::Init) => map.clear(),
+                    Ok(watcher::Event::InitDone) => {}
+                    Err(e) => {
+                        tracing::warn!(%service, error = %e, "watching the collector's EndpointSlices")
+                    }
+                }
+                tracing::debug!(%service, endpoints = ?map, "collector endpoints");
+            }
+        });
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    Ok(transport::Dial(Arc::new(move || {
+        let all: Vec<SocketAddr> = slices
+            .lock()
+            .expect("endpoints lock")
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        if all.is_empty() {
+            return None;
+        }
+        let addr = all[next.fetch_add(1, Ordering::Relaxed) % all.len()];
+        tracing::info!(%addr, "dialing a collector endpoint (EndpointSlice)");
+        Some(addr)
+    })))
 }
 
 /// SIGTERM or Ctrl-C.

@@ -367,6 +367,19 @@ pub struct TransportConfig {
     /// Events queued at most (the spool of event batches while the collector is unreachable
     /// or not reading); more are dropped, oldest first, and counted.
     pub spool_events: usize,
+    /// Where each attempt connects instead of resolving the URL's host (e.g. the collector
+    /// Service's ready endpoints, in turn); TLS still checks the URL's host name.
+    pub dial: Option<Dial>,
+}
+
+/// Picks the address of the next connection attempt; `None`: resolve the URL's host.
+#[derive(Clone)]
+pub struct Dial(pub Arc<dyn Fn() -> Option<std::net::SocketAddr> + Send + Sync>);
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dial(..)")
+    }
 }
 
 impl TransportConfig {
@@ -382,6 +395,7 @@ impl TransportConfig {
             connect_timeout: Duration::from_secs(5),
             buffer: 4096,
             spool_events: 100_000,
+            dial: None,
         }
     }
 
@@ -556,7 +570,7 @@ enum Ended {
 /// second connection behind the backoff (T4: not more than one attempt a second). TLS, when
 /// configured, is layered on it by the endpoint.
 #[derive(Clone, Debug, Default)]
-struct OneConnection(Arc<AtomicBool>);
+struct OneConnection(Arc<AtomicBool>, Option<Dial>);
 
 impl tonic::codegen::Service<tonic::codegen::http::Uri> for OneConnection {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
@@ -574,6 +588,7 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for OneConnection {
 
     fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
         let first = !self.0.swap(true, Ordering::SeqCst);
+        let dialed = self.1.as_ref().and_then(|d| (d.0)());
         Box::pin(async move {
             if !first {
                 return Err(std::io::Error::other(
@@ -590,7 +605,10 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for OneConnection {
                 Some("http") => 80,
                 _ => 443,
             });
-            let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let stream = match dialed {
+                Some(addr) => tokio::net::TcpStream::connect(addr).await?,
+                None => tokio::net::TcpStream::connect((host.as_str(), port)).await?,
+            };
             stream.set_nodelay(true)?;
             Ok(hyper_util::rt::TokioIo::new(stream))
         })
@@ -621,7 +639,8 @@ impl Session<'_> {
         };
         // Reports keep arriving while connecting: the runner never blocks on us.
         let endpoint = self.endpoint;
-        let connect = endpoint.connect_with_connector(OneConnection::default());
+        let connect = endpoint
+            .connect_with_connector(OneConnection(Arc::default(), self.config.dial.clone()));
         tokio::pin!(connect);
         let channel: Channel = loop {
             tokio::select! {
