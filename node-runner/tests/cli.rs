@@ -371,3 +371,75 @@ fn a_job_over_its_cpu_budget_is_stopped_with_the_reason() {
     );
     busy.join().expect("workload");
 }
+
+/// Sets `kernel.bpf_stats_enabled` for the guard's life, as another tool would hold it.
+struct StatsSysctl(String);
+
+impl StatsSysctl {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn hold_on() -> StatsSysctl {
+        let old = std::fs::read_to_string(Self::PATH).expect("the sysctl exists");
+        std::fs::write(Self::PATH, "1").expect("setting kernel.bpf_stats_enabled (root)");
+        StatsSysctl(old.trim().to_string())
+    }
+}
+
+impl Drop for StatsSysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// CPU use of a steady getppid flood's probe over 4 s, and why the job stopped early if it
+/// did (with a CPU budget of `budget` percent).
+fn flood_cpu(c: &str, budget: Option<u32>) -> (f64, Option<String>) {
+    let limits = budget.map_or(String::new(), |b| {
+        format!("\nlimits: {{ cpuPercent: {b} }}")
+    });
+    let s = start(&format!(
+        "probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {c} }}{limits}"
+    ));
+    let wc = c.to_string();
+    let flood = std::thread::spawn(move || workload(&wc, "pace", 20_000, Some("6")));
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let r = fathom_node::cli::run::run_session(s, Some(Duration::from_secs(4)), &never, |_| {})
+        .expect("runs");
+    flood.join().expect("workload");
+    let b = r.budget.as_ref().expect("budget figures");
+    eprintln!(
+        "cpu {} runs {} ns {} hits {}",
+        b.cpu_percent, b.runs, b.cpu_ns, r.totals.hits
+    );
+    (b.cpu_percent, r.stopped_reason)
+}
+
+#[test]
+fn cpu_use_is_honest_when_someone_else_keeps_bpf_statistics_on() {
+    let _k = KernelTest::begin();
+    let c = comm("stats");
+    // Alone, the statistics are sampled (on 10 % of each second) and scaled up.
+    let (alone, _) = flood_cpu(&c, None);
+    assert!(alone > 0.0, "the probe's CPU use is measured");
+    // With kernel.bpf_stats_enabled=1 held by another tool they run all the time: scaling
+    // them up too read ~10× the real use and stopped jobs under budget.
+    let budget = ((alone * 3.0).ceil() as u32).clamp(1, 100);
+    // Held by the sysctl (seen at start), then by another process's BPF_ENABLE_STATS file
+    // descriptor, which no sysctl shows (seen when the run time grows while ours is off).
+    for how in ["sysctl", "a BPF_ENABLE_STATS fd"] {
+        let sysctl = (how == "sysctl").then(StatsSysctl::hold_on);
+        let fd = (how != "sysctl")
+            .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS"));
+        let (shared, stopped) = flood_cpu(&c, Some(budget));
+        drop((sysctl, fd));
+        assert_eq!(
+            stopped, None,
+            "held on by {how}: stopped under a budget of {budget} % ({alone:.3} % alone, {shared:.3} % held on)"
+        );
+        let ratio = shared / alone;
+        assert!(
+            (0.8..=1.25).contains(&ratio),
+            "held on by {how}: CPU {shared:.3} % vs {alone:.3} % alone (×{ratio:.2})"
+        );
+    }
+}

@@ -86,6 +86,13 @@ pub fn hostname() -> String {
 /// 75 ns per hit here, more than the probe itself), so they are switched on for a window of
 /// each second only — the first window at start — and the readings are scaled up by the
 /// share of time they were on. `duty` 1.0 keeps them on.
+///
+/// The statistics are one switch for the whole kernel: anyone else may hold them on
+/// (`sysctl kernel.bpf_stats_enabled=1`, another tool's `BPF_ENABLE_STATS`). Then the
+/// programs' run time grows in our "off" windows too, and scaling it up would inflate it (up
+/// to 1/duty, 10×) and stop jobs for budgets they kept. So the sampler looks: when the
+/// sysctl is set at start, or the run time grew while its own switch was off, the kernel's
+/// figure is the whole run's and is taken as it is, unscaled ([`RunTimeSampler::estimate`]).
 pub struct RunTimeSampler {
     fd: Option<OwnedFd>,
     duty: f64,
@@ -93,15 +100,29 @@ pub struct RunTimeSampler {
     on_since: Option<Instant>,
     sampled: Duration,
     last_off: Instant,
+    /// The programs' run time (ns) a moment after the switch last went off (runs in flight
+    /// when it went off still count theirs: the baseline waits [`OFF_SETTLE`]).
+    off_at_ns: Option<u64>,
+    /// The switch went off and the baseline is still to be read.
+    baseline_due: bool,
+    /// Someone else keeps the statistics on: readings are not scaled.
+    others: bool,
 }
 
 /// The sampling period of the run-time statistics.
 const STATS_PERIOD: Duration = Duration::from_secs(1);
 
+/// How long after switching the statistics off the baseline of the off window is read.
+const OFF_SETTLE: Duration = Duration::from_millis(50);
+
+/// The sysctl that keeps the kernel's BPF statistics on for everyone.
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
 impl RunTimeSampler {
     pub fn start(duty: f64) -> RunTimeSampler {
         let now = Instant::now();
         let fd = enable_stats(Stats::RunTime).ok();
+        let others = fs::read_to_string(STATS_SYSCTL).is_ok_and(|v| v.trim() != "0");
         RunTimeSampler {
             on_since: fd.as_ref().map(|_| now),
             fd,
@@ -109,6 +130,9 @@ impl RunTimeSampler {
             started: now,
             sampled: Duration::ZERO,
             last_off: now,
+            off_at_ns: None,
+            baseline_due: false,
+            others,
         }
     }
 
@@ -123,32 +147,77 @@ impl RunTimeSampler {
             on_since: None,
             sampled: Duration::ZERO,
             last_off: now,
+            off_at_ns: None,
+            baseline_due: false,
+            others: false,
         }
     }
 
-    /// Switches the statistics on or off as the period goes.
-    pub fn tick(&mut self) {
+    /// Whether [`RunTimeSampler::observe`] wants a reading now: to switch the statistics on
+    /// or off, or to take the baseline of an off window.
+    pub fn wants_reading(&self) -> bool {
+        self.switch_due() || (self.baseline_due && self.last_off.elapsed() >= OFF_SETTLE)
+    }
+
+    /// Takes the programs' run time as the kernel counts it now: the off window's baseline,
+    /// or a switch when one is due.
+    pub fn observe(&mut self, run_time_ns: u64) {
+        if self.switch_due() {
+            self.switch(run_time_ns);
+        } else if self.baseline_due && self.last_off.elapsed() >= OFF_SETTLE {
+            self.off_at_ns = Some(run_time_ns);
+            self.baseline_due = false;
+        }
+    }
+
+    /// Whether the statistics are to be switched on or off now.
+    fn switch_due(&self) -> bool {
         if self.duty >= 1.0 {
-            return;
+            return false;
         }
         let now = Instant::now();
         let window = STATS_PERIOD.mul_f64(self.duty);
         match self.on_since {
-            Some(since) if now.duration_since(since) >= window => {
+            Some(since) => now.duration_since(since) >= window,
+            None => now.duration_since(self.last_off) >= STATS_PERIOD - window,
+        }
+    }
+
+    /// Switches the statistics on or off; `run_time_ns` is the programs' run time as the
+    /// kernel counts it now.
+    fn switch(&mut self, run_time_ns: u64) {
+        let now = Instant::now();
+        match self.on_since {
+            Some(since) => {
                 self.fd = None;
                 self.sampled += now.duration_since(since);
                 self.on_since = None;
                 self.last_off = now;
+                self.off_at_ns = None;
+                self.baseline_due = true;
             }
-            None if now.duration_since(self.last_off) >= STATS_PERIOD - window => {
+            None => {
+                if self.off_at_ns.is_some_and(|off| run_time_ns > off) {
+                    if !self.others {
+                        tracing::info!(
+                            "BPF run-time statistics are kept on by someone else: CPU use is read unscaled"
+                        );
+                    }
+                    self.others = true;
+                }
                 self.fd = enable_stats(Stats::RunTime).ok();
                 self.on_since = self.fd.as_ref().map(|_| now);
             }
-            _ => {}
         }
     }
 
-    /// Whole run time over sampled time (1 when always on, or before any sample).
+    /// Someone else keeps the kernel's statistics on.
+    pub fn shared(&self) -> bool {
+        self.others
+    }
+
+    /// Whole run time over sampled time (1 when always on, when someone else keeps the
+    /// statistics on, or before any sample).
     pub fn scale(&self) -> f64 {
         let now = Instant::now();
         let sampled = self.sampled
@@ -156,11 +225,16 @@ impl RunTimeSampler {
                 .on_since
                 .map_or(Duration::ZERO, |s| now.duration_since(s));
         let total = now.duration_since(self.started);
-        if sampled.is_zero() || self.duty >= 1.0 {
+        if sampled.is_zero() || self.duty >= 1.0 || self.others {
             1.0
         } else {
             total.as_secs_f64() / sampled.as_secs_f64()
         }
+    }
+
+    /// The whole run's figure from the kernel's reading (ns or runs).
+    pub fn estimate(&self, reading: u64) -> u64 {
+        (reading as f64 * self.scale()) as u64
     }
 }
 
@@ -1131,7 +1205,7 @@ impl Session {
         let Some(ring) = self.ring.as_mut() else {
             std::thread::sleep(timeout);
             self.remember_processes();
-            self.stats.tick();
+            self.tick_stats();
             return 0;
         };
         let mut pfd = libc::pollfd {
@@ -1148,8 +1222,16 @@ impl Session {
         self.drain_ring()
     }
 
+    /// Switches the run-time statistics on or off as their period goes.
+    fn tick_stats(&mut self) {
+        if self.stats.wants_reading() {
+            let (ns, _) = self.raw_run_time();
+            self.stats.observe(ns);
+        }
+    }
+
     fn drain_ring(&mut self) -> usize {
-        self.stats.tick();
+        self.tick_stats();
         let Some(ring) = self.ring.as_mut() else {
             return 0;
         };
@@ -1255,14 +1337,19 @@ impl Session {
         if let Some(t) = self.final_run_time {
             return t;
         }
+        let (ns, runs) = self.raw_run_time();
+        (self.stats.estimate(ns), self.stats.estimate(runs))
+    }
+
+    /// The programs' run time (ns) and runs as the kernel counts them, summed.
+    fn raw_run_time(&self) -> (u64, u64) {
         let mut ns = 0;
         let mut runs = 0;
         for info in self.program_infos() {
             ns += info.run_time().as_nanos() as u64;
             runs += info.run_count();
         }
-        let scale = self.stats.scale();
-        ((ns as f64 * scale) as u64, (runs as f64 * scale) as u64)
+        (ns, runs)
     }
 
     /// Locked kernel memory of the job's maps and programs, from the kernel's fdinfo.
