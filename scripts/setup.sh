@@ -85,5 +85,6 @@ install_bpf_linker
 mount_fs tracefs /sys/kernel/tracing
 mount_fs bpf /sys/fs/bpf
 fetch_matrix_kernels
-install_helm
+# scripts/test.sh builds Helm beside the cluster's Go build instead (FATHOM_SETUP_HELM=later).
+[ "${FATHOM_SETUP_HELM:-now}" = later ] || install_helm
 log "ready: $(bpf-linker --version 2>&1 | head -n1), $(bpftrace --version 2>&1 | head -n1)"

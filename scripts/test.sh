@@ -9,12 +9,13 @@ cd "$(dirname "$0")/.."
 t_start=$SECONDS
 stamp() { echo "   ($1: $((SECONDS - t_start)) s since start)"; }
 
-bash scripts/setup.sh
+FATHOM_SETUP_HELM=later bash scripts/setup.sh
 
-# The cluster's binaries build (Go, cached under /var/cache/fathom/k8s) beside the Rust build;
-# the kernel matrix waits for it, so that its emulated VMs do not share the cores with it.
+# The cluster's binaries and Helm build (Go, cached under /var/cache/fathom) beside the Rust
+# build; the chart tests and the kernel matrix wait for them, so that the matrix's emulated VMs
+# do not share the cores with them.
 mkdir -p target
-bash scripts/cluster.sh build >target/cluster-build.log 2>&1 &
+{ bash scripts/cluster.sh build && bash scripts/helm.sh --build; } >target/cluster-build.log 2>&1 &
 cluster_build=$!
 
 echo "== cargo fmt --check"
@@ -28,16 +29,16 @@ cargo test --workspace --exclude fathom-node --exclude fathom-e2e
 cargo test -p fathom-node --lib --bins
 # The runner's transport (T3–T5: gRPC on loopback, iptables): kernel-independent, host only.
 cargo test -p fathom-node --test transport -- --test-threads=1
-# The Helm chart without a cluster: helm lint/template with the Helm setup.sh built, the schema's
-# messages, deploy/ drift (fails, never skips, without helm).
-cargo test -p fathom-e2e --test chart
 stamp "unit tests done"
 if ! wait "$cluster_build"; then
   cat target/cluster-build.log
   exit 1
 fi
 cat target/cluster-build.log
-stamp "cluster binaries built"
+stamp "cluster binaries and helm built"
+# The Helm chart without a cluster: helm lint/template with that Helm, the schema's messages,
+# deploy/ drift (fails, never skips, without helm).
+cargo test -p fathom-e2e --test chart
 echo "== kernel tests: host kernel and VMs (scripts/kernel-matrix.sh)"
 bash scripts/kernel-matrix.sh
 stamp "kernel matrix done"
