@@ -330,7 +330,11 @@ pub async fn install_crds(client: &Client) {
 
 /// Applies a manifest of `e2e/manifests/` (server-side, as the admin).
 pub fn apply_manifest(name: &str) {
-    let path = manifest(name);
+    apply_file(&manifest(name));
+}
+
+/// Applies a file server-side as the admin, taking over its fields.
+fn apply_file(path: &Path) {
     kubectl_ok(&[
         "apply",
         "--server-side",
@@ -360,15 +364,7 @@ pub fn apply_chart_rbac(template: &str) {
     std::fs::create_dir_all(&dir).expect("log dir");
     let path = dir.join(format!("chart-{template}"));
     std::fs::write(&path, yaml).expect("rendered RBAC");
-    kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager",
-        MANAGER,
-        "-f",
-        path.to_str().expect("utf-8 path"),
-    ]);
+    apply_file(&path);
 }
 
 /// Grants the operator's ServiceAccount its permissions (the chart's `rbac-operator.yaml`),

@@ -186,6 +186,36 @@ fn runner_token_on(release: &Release, node: &str) -> String {
 }
 
 /// `kubectl` with a bearer token instead of the admin's credentials.
+/// What a runner writes of its assignment `job-<node>`.
+#[derive(Clone, Copy, Debug)]
+enum Patched {
+    /// The status subresource.
+    Status,
+    /// Its finalizers (released after detaching).
+    Finalizers,
+}
+
+/// Patches assignment `job-<node>` of namespace `ns` with a runner's `token`.
+fn patch_assignment(token: &str, ns: &str, node: &str, what: Patched) -> Result<String, String> {
+    let name = format!("job-{node}");
+    let mut args = vec!["-n", ns, "patch", "traceassignment", name.as_str()];
+    args.extend(match what {
+        Patched::Status => [
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"run":1}}"#,
+        ]
+        .as_slice(),
+        Patched::Finalizers => {
+            ["--type", "merge", "-p", r#"{"metadata":{"finalizers":[]}}"#].as_slice()
+        }
+    });
+    kubectl_as_token(token, &args)
+}
+
 fn kubectl_as_token(token: &str, args: &[&str]) -> Result<String, String> {
     let server = kubectl_ok(&[
         "config",
@@ -244,63 +274,25 @@ async fn a_runner_token_of_node_a_cannot_write_node_bs_assignment() {
         kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
     }
     let token_a = runner_token_on(&release, node_a);
-    let status = r#"{"status":{"run":1}}"#;
     // Its own node's assignment: the status patch and a finalizer patch are allowed.
-    kubectl_as_token(
-        &token_a,
-        &[
-            "-n",
-            ns,
-            "patch",
-            "traceassignment",
-            &format!("job-{node_a}"),
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
-            status,
-        ],
-    )
-    .unwrap_or_else(|e| panic!("runner of {node_a} patching its own assignment's status: {e}"));
-    kubectl_as_token(
-        &token_a,
-        &[
-            "-n",
-            ns,
-            "patch",
-            "traceassignment",
-            &format!("job-{node_a}"),
-            "--type",
-            "merge",
-            "-p",
-            r#"{"metadata":{"finalizers":[]}}"#,
-        ],
-    )
-    .unwrap_or_else(|e| panic!("runner of {node_a} patching its own assignment: {e}"));
+    for what in [Patched::Status, Patched::Finalizers] {
+        patch_assignment(&token_a, ns, node_a, what).unwrap_or_else(|e| {
+            panic!("runner of {node_a} patching its own assignment's {what:?}: {e}")
+        });
+    }
     // Node B's: denied by the admission policy, with its message.
-    for (what, args) in [
-        (
-            "status",
-            vec!["--subresource", "status", "--type", "merge", "-p", status],
-        ),
-        (
-            "finalizers",
-            vec!["--type", "merge", "-p", r#"{"metadata":{"finalizers":[]}}"#],
-        ),
-    ] {
-        let name = format!("job-{node_b}");
-        let mut full = vec!["-n", ns, "patch", "traceassignment", name.as_str()];
-        full.extend(args);
-        let err = kubectl_as_token(&token_a, &full)
+    for what in [Patched::Status, Patched::Finalizers] {
+        let err = patch_assignment(&token_a, ns, node_b, what)
             .err()
-            .unwrap_or_else(|| panic!("runner of {node_a} wrote {what} of {node_b}'s assignment"));
+            .unwrap_or_else(|| {
+                panic!("runner of {node_a} wrote {what:?} of {node_b}'s assignment")
+            });
         assert!(
             err.contains("ValidatingAdmissionPolicy")
                 && err.contains(&format!(
                     "token is bound to node {node_a}, the assignment is for node {node_b}"
                 )),
-            "{what}: {err}"
+            "{what:?}: {err}"
         );
     }
     // A runner token bound to no node (not a pod's) is denied even on node A's assignment.
@@ -313,23 +305,8 @@ async fn a_runner_token_of_node_a_cannot_write_node_bs_assignment() {
         "--duration",
         "1h",
     ]);
-    let err = kubectl_as_token(
-        unbound.trim(),
-        &[
-            "-n",
-            ns,
-            "patch",
-            "traceassignment",
-            &format!("job-{node_a}"),
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
-            status,
-        ],
-    )
-    .expect_err("an unbound runner token wrote an assignment");
+    let err = patch_assignment(unbound.trim(), ns, node_a, Patched::Status)
+        .expect_err("an unbound runner token wrote an assignment");
     assert!(err.contains("bound to no node"), "{err}");
     // The admin (not the runner) is not concerned by the policy.
     kubectl_ok(&[
@@ -343,7 +320,7 @@ async fn a_runner_token_of_node_a_cannot_write_node_bs_assignment() {
         "--type",
         "merge",
         "-p",
-        status,
+        r#"{"status":{"run":1}}"#,
     ]);
     drop(release);
     let _ = kubectl(&[
