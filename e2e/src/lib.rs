@@ -104,6 +104,28 @@ pub fn log_filter() -> String {
     std::env::var("FATHOM_E2E_LOG").unwrap_or_else(|_| "info".into())
 }
 
+/// Starts a component (operator, runner) with `args`: nothing of the test's environment but
+/// PATH, the `kubeconfig` it acts with and the log filter; stdout and stderr to `log`.
+pub(crate) fn spawn_component<S: AsRef<std::ffi::OsStr>>(
+    bin: &Path,
+    args: &[S],
+    kubeconfig: &Path,
+    log: File,
+) -> Child {
+    let err = log.try_clone().expect("component log");
+    Command::new(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", log_filter())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()))
+}
+
 pub fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| Env {
@@ -1251,7 +1273,6 @@ impl OperatorOptions {
         std::fs::create_dir_all(&dir).expect("log dir");
         let log = dir.join(format!("{}.log", self.log_name));
         let out = File::create(&log).expect("operator log");
-        let err = out.try_clone().expect("operator log");
         let mut args: Vec<String> = vec![
             "--namespace".into(),
             OPERATOR_NAMESPACE.into(),
@@ -1287,17 +1308,7 @@ impl OperatorOptions {
                 pki.key.display().to_string(),
             ]);
         }
-        let child = Command::new(bin)
-            .args(&args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", crate::log_filter())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let child = spawn_component(bin, &args, &self.kubeconfig, out);
         let mut op = Operator {
             child,
             options: self,

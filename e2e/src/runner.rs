@@ -12,7 +12,7 @@
 use std::{
     fs::File,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Once, OnceLock},
     time::{Duration, Instant},
 };
@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::{
     HOWTO, MANAGER, OPERATOR_NAMESPACE, cargo_binary, env, free_port, http_get, kubectl_ok,
-    log_tail, secs, target_dir,
+    log_tail, secs, spawn_component, target_dir,
 };
 
 /// The runner's ServiceAccount.
@@ -180,10 +180,10 @@ impl RunnerOptions {
             .append(true)
             .open(&log)
             .expect("runner log");
-        let err = out.try_clone().expect("runner log");
         let pin_root = PathBuf::from(PIN_ROOT).join(&self.node);
-        let child = Command::new(bin)
-            .args([
+        let child = spawn_component(
+            bin,
+            &[
                 "--node-name",
                 &self.node,
                 "--collector",
@@ -200,16 +200,10 @@ impl RunnerOptions {
                 &self.report_interval.to_string(),
                 "--status-interval",
                 &self.status_interval.to_string(),
-            ])
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("KUBECONFIG", &env().runner_kubeconfig)
-            .env("RUST_LOG", crate::log_filter())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            ],
+            &env().runner_kubeconfig,
+            out,
+        );
         let mut runner = NodeRunner {
             child,
             options: self,

@@ -39,9 +39,13 @@ const M_CALLS: u64 = 170;
 /// The workload's command name (what the jobs count by).
 const COMM: &str = "fathom-e2e-wl";
 
-/// The trigger directory of a test on this machine (a hostPath of its pods).
+/// The trigger directory of a test on this machine (a hostPath of its pods), made empty.
 fn trigger_dir(test: &str) -> PathBuf {
-    env().state.join("e2e-trigger").join(test)
+    let dir = env().state.join("e2e-trigger").join(test);
+    // Empty: a trigger left by an earlier run would start the pods at once.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("trigger dir");
+    dir
 }
 
 /// A Deployment of `replicas` workload pods labelled `app: <app>` on `node`: each waits for
@@ -267,8 +271,6 @@ async fn a_tracejob_counts_exactly_the_opens_and_uprobe_calls_of_its_pods_and_no
     let ns = TestNamespace::create(&client, "loop").await;
     let node = env().real_node.clone();
     let dir = trigger_dir("loop");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("trigger dir");
 
     // Two target pods and one decoy pod of the same namespace, all waiting for the trigger.
     workload(&client, ns.as_str(), "target", 2, &node, &dir).await;
@@ -511,8 +513,6 @@ async fn t2_a_runner_killed_mid_job_resumes_its_pinned_probe_and_counts_exactly(
     let ns = TestNamespace::create(&client, "t2").await;
     let node = env().real_node.clone();
     let dir = trigger_dir("t2");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("trigger dir");
     workload(&client, ns.as_str(), "target", 1, &node, &dir).await;
     let pods = running_pods(&client, ns.as_str(), "target", 1).await;
     let pod = pods[0].name_any();
@@ -587,7 +587,6 @@ async fn t1_a_runner_killed_then_its_job_deleted_leaves_nothing_once_it_restarts
     let ns = TestNamespace::create(&client, "t1").await;
     let node = env().real_node.clone();
     let dir = trigger_dir("t1");
-    std::fs::create_dir_all(&dir).expect("trigger dir");
     workload(&client, ns.as_str(), "target", 1, &node, &dir).await;
     running_pods(&client, ns.as_str(), "target", 1).await;
 
