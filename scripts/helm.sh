@@ -35,6 +35,6 @@ build() {
 
 case ${1:-} in
   --build) build; echo "$BIN" ;;
-  --path) [ -x "$BIN" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] || { echo "helm.sh: helm $VERSION is not built (scripts/setup.sh or scripts/helm.sh --build)" >&2; exit 1; }; echo "$BIN" ;;
+  --path) [ -x "$BIN" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] || { echo "helm.sh: helm $VERSION is not built (scripts/helm.sh --build; scripts/test.sh builds it)" >&2; exit 1; }; echo "$BIN" ;;
   *) build; exec "$BIN" "$@" ;;
 esac

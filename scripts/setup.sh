@@ -69,13 +69,6 @@ fetch_matrix_kernels() {
   "$(dirname "${BASH_SOURCE[0]}")/kernel-matrix.sh" --fetch
 }
 
-# Helm, for the chart's tests (helm lint/template/install): built from the Go module pinned by
-# e2e/cluster/helm/go.mod and go.sum (helm.sh/helm/v3), cached in /var/cache/fathom/helm/<version>/
-# with a stamp of go.mod/go.sum, so it builds once per pin. `scripts/helm.sh` prints its path.
-install_helm() {
-  "$(dirname "${BASH_SOURCE[0]}")/helm.sh" --build >/dev/null
-}
-
 need_root
 apt_install bpftrace bpftool libbpf-tools qemu-system-x86 busybox-static cpio python3 linux-perf
 # The local cluster's node (scripts/cluster.sh): container runtime, CNI plugins, iptables.
@@ -85,6 +78,4 @@ install_bpf_linker
 mount_fs tracefs /sys/kernel/tracing
 mount_fs bpf /sys/fs/bpf
 fetch_matrix_kernels
-# scripts/test.sh builds Helm beside the cluster's Go build instead (FATHOM_SETUP_HELM=later).
-[ "${FATHOM_SETUP_HELM:-now}" = later ] || install_helm
 log "ready: $(bpf-linker --version 2>&1 | head -n1), $(bpftrace --version 2>&1 | head -n1)"

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 t_start=$SECONDS
 stamp() { echo "   ($1: $((SECONDS - t_start)) s since start)"; }
 
-FATHOM_SETUP_HELM=later bash scripts/setup.sh
+bash scripts/setup.sh
 
 # The cluster's binaries and Helm build (Go, cached under /var/cache/fathom) beside the Rust
 # build; the chart tests and the kernel matrix wait for them, so that the matrix's emulated VMs

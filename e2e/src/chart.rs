@@ -1,6 +1,7 @@
 //! The Helm chart (`charts/fathom`) and its rendered GitOps manifests (`deploy/`): the real
-//! Helm the tests run (built by `scripts/setup.sh` from the Go module pinned in
-//! `e2e/cluster/helm`), rendering, and the documented facts the tests compare with.
+//! Helm the tests run (built by `scripts/helm.sh --build`, which the test command runs, from
+//! the Go module pinned in `e2e/cluster/helm`), rendering, and the documented facts the tests
+//! compare with.
 //!
 //! A missing Helm is a failure, never a skip: every helper here panics naming how to build it.
 
@@ -51,7 +52,7 @@ pub fn helm_bin() -> PathBuf {
         .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
     assert!(
         out.status.success(),
-        "no Helm: {} (run scripts/setup.sh, or scripts/helm.sh --build, or set FATHOM_HELM)",
+        "no Helm: {} (run scripts/helm.sh --build, or set FATHOM_HELM)",
         String::from_utf8_lossy(&out.stderr).trim()
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
