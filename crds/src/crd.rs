@@ -278,6 +278,52 @@ pub fn spec_rules() -> Vec<SpecRule> {
     rules
 }
 
+/// The tenant rules a TraceJob's spec must keep at admission, as CEL on the TraceJob CRD
+/// only (a ClusterTraceJob is for cluster admins): the probe kinds and payload capture that
+/// [`TraceJobSpec::tenant_refusals`](crate::TraceJobSpec::tenant_refusals) refuses, with the
+/// same messages.
+pub fn tenant_rules() -> Vec<SpecRule> {
+    use crate::tenancy::{
+        KERNEL_CATALOG, KERNEL_FORMS, TENANT_RAW_TRACEPOINTS, kernel_catalog_message,
+        kernel_form_message, payload_message, raw_tracepoint_message,
+    };
+    const FIELDS: &[(&str, &str)] = &[
+        ("kprobe", ".probe.kprobe"),
+        ("kretprobe", ".probe.kretprobe"),
+        ("fentry", ".probe.fentry"),
+        ("fexit", ".probe.fexit"),
+        ("lsm", ".probe.lsm"),
+    ];
+    assert_eq!(
+        FIELDS.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+        KERNEL_FORMS,
+        "one CEL rule per kernel form"
+    );
+    let mut rules: Vec<SpecRule> = FIELDS
+        .iter()
+        .map(|(form, field)| SpecRule {
+            path: "",
+            rule: format!("!has(self.probe.{form})"),
+            message: kernel_form_message(form),
+            field_path: Some(field),
+        })
+        .collect();
+    rules.extend([
+        rule(
+            "probe.rawTracepoint",
+            format!("self.trim() in {}", cel_list(TENANT_RAW_TRACEPOINTS)),
+            raw_tracepoint_message(),
+        ),
+        rule(
+            "probe.catalog",
+            format!("!(self.trim() in {})", cel_list(KERNEL_CATALOG)),
+            kernel_catalog_message(),
+        ),
+        rule("events.payload", "!self", payload_message()),
+    ]);
+    rules
+}
+
 /// Size bounds added to the schema (field path relative to `spec`, keyword, value): they cap
 /// the cost the API server estimates for the CEL rules. The rules themselves carry the
 /// tighter, user-facing limits.
@@ -329,15 +375,18 @@ fn node_mut<'a>(schema: &'a mut Value, path: &str) -> &'a mut Value {
     node
 }
 
-/// Adds [`spec_rules`] and [`SPEC_BOUNDS`] to a job CRD.
-fn add_spec_validation(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+/// Adds `rules` and [`SPEC_BOUNDS`] to a job CRD.
+fn add_spec_validation(
+    mut crd: CustomResourceDefinition,
+    rules: Vec<SpecRule>,
+) -> CustomResourceDefinition {
     for version in &mut crd.spec.versions {
         let Some(schema) = version.schema.as_mut() else {
             continue;
         };
         let mut value =
             serde_json::to_value(schema.open_api_v3_schema.take()).expect("schema serializes");
-        for r in spec_rules() {
+        for r in &rules {
             let node = node_mut(&mut value, r.path);
             let mut entry = json!({ "rule": r.rule, "message": r.message });
             if let Some(fp) = r.field_path {
@@ -356,14 +405,16 @@ fn add_spec_validation(mut crd: CustomResourceDefinition) -> CustomResourceDefin
     crd
 }
 
-/// The TraceJob CRD, with the spec's CEL rules.
+/// The TraceJob CRD, with the spec's CEL rules and the tenant rules.
 pub fn trace_job() -> CustomResourceDefinition {
-    add_spec_validation(TraceJob::crd())
+    let mut rules = spec_rules();
+    rules.extend(tenant_rules());
+    add_spec_validation(TraceJob::crd(), rules)
 }
 
 /// The ClusterTraceJob CRD, with the spec's CEL rules.
 pub fn cluster_trace_job() -> CustomResourceDefinition {
-    add_spec_validation(ClusterTraceJob::crd())
+    add_spec_validation(ClusterTraceJob::crd(), spec_rules())
 }
 
 /// Every CRD Fathom installs.
@@ -463,12 +514,31 @@ mod tests {
 
     #[test]
     fn the_job_spec_schema_is_the_shared_spec() {
+        /// The schema without its CEL rules.
+        fn shape(v: &Value) -> Value {
+            match v {
+                Value::Object(m) => Value::Object(
+                    m.iter()
+                        .filter(|(k, _)| *k != "x-kubernetes-validations")
+                        .map(|(k, v)| (k.clone(), shape(v)))
+                        .collect(),
+                ),
+                Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+                other => other.clone(),
+            }
+        }
         let tj = schema_json(&trace_job());
         let ctj = schema_json(&cluster_trace_job());
         assert_eq!(
-            tj.pointer("/properties/spec"),
-            ctj.pointer("/properties/spec")
+            tj.pointer("/properties/spec").map(shape),
+            ctj.pointer("/properties/spec").map(shape)
         );
+        // Only the TraceJob carries the tenant rules.
+        let (tj_text, ctj_text) = (tj.to_string(), ctj.to_string());
+        for r in tenant_rules() {
+            assert!(tj_text.contains(&r.message), "{r:?}");
+            assert!(!ctj_text.contains(&r.message), "{r:?}");
+        }
         assert!(
             tj.pointer("/properties/spec/properties/probe/properties/tracepoint")
                 .is_some()

@@ -3,6 +3,7 @@
 //! - [`spec`]: the TraceJob spec (what users write) and its validation.
 //! - [`result`]: the results model (rows, histograms, events, totals).
 //! - [`verdict`]: the per-node feasibility verdict.
+//! - [`tenancy`]: what a namespaced TraceJob may use (the tenant rules).
 //! - [`job`], [`assignment`], [`trace_result`]: the Kubernetes resources (`TraceJob`,
 //!   `ClusterTraceJob`, `TraceAssignment`, `TraceResult`); [`crd`]: their CRDs, CEL rules and
 //!   generated YAML.
@@ -12,6 +13,7 @@ pub mod crd;
 pub mod job;
 pub mod result;
 pub mod spec;
+pub mod tenancy;
 pub mod trace_result;
 pub mod verdict;
 

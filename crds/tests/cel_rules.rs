@@ -36,7 +36,7 @@ fn every_rule_compiles_and_is_affordable() {
             "{:?}",
             compiled.compilation_errors()
         );
-        for r in crd::spec_rules() {
+        for r in crd::spec_rules().into_iter().chain(crd::tenant_rules()) {
             let at = compile_schema(node(&schema, r.path));
             let warnings = estimate_rule_cost(&r.rule, &at);
             assert!(warnings.is_empty(), "{}: {warnings:?}", r.rule);
@@ -44,15 +44,14 @@ fn every_rule_compiles_and_is_affordable() {
     }
 }
 
-#[test]
-fn a_full_valid_spec_passes_every_rule() {
-    let schema = crd::schema_json(&crd::trace_job());
-    let job = json!({
-        "apiVersion": "fathom.dev/v1alpha1", "kind": "TraceJob",
+/// A job with every field set, of `kind` with `probe` and aggregate keys `by`.
+fn full_job(kind: &str, probe: Value, by: Value) -> Value {
+    json!({
+        "apiVersion": "fathom.dev/v1alpha1", "kind": kind,
         "metadata": {"name": "web-drops", "namespace": "shop"},
         "spec": {
-            "probe": {"kprobe": "tcp_v4_connect"},
-            "aggregate": {"by": ["pod", "arg0", "comm"], "value": "count", "top": 50},
+            "probe": probe,
+            "aggregate": {"by": by, "value": "count", "top": 50},
             "events": {"last": 10, "maxPayloadBytes": 64},
             "filter": {"pids": [1, 2], "comm": "nginx"},
             "duration": "1h30m",
@@ -61,8 +60,63 @@ fn a_full_valid_spec_passes_every_rule() {
             "ttlSecondsAfterFinished": 0,
             "targetRef": {"kind": "Deployment", "name": "web"}
         }
-    });
+    })
+}
+
+#[test]
+fn a_full_valid_spec_passes_every_rule() {
+    let cluster = full_job(
+        "ClusterTraceJob",
+        json!({"kprobe": "tcp_v4_connect"}),
+        json!(["pod", "arg0", "comm"]),
+    );
     Validator::new()
-        .validate(&schema, &job, None)
+        .validate(&crd::schema_json(&crd::cluster_trace_job()), &cluster, None)
         .unwrap_or_else(|e| panic!("{e:?}"));
+    let namespaced = full_job(
+        "TraceJob",
+        json!({"rawTracepoint": "sys_enter"}),
+        json!(["pod", "arg1", "comm"]),
+    );
+    Validator::new()
+        .validate(&crd::schema_json(&crd::trace_job()), &namespaced, None)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+}
+
+/// The tenant rules refuse at admission what `tenant_refusals` refuses, with its message, and
+/// only on the TraceJob CRD.
+#[test]
+fn the_tenant_rules_refuse_at_admission_with_the_operators_words() {
+    let tj = crd::schema_json(&crd::trace_job());
+    let ctj = crd::schema_json(&crd::cluster_trace_job());
+    for (probe, events) in [
+        (json!({"kprobe": "tcp_v4_connect"}), json!({"last": 1})),
+        (json!({"kretprobe": "tcp_v4_connect"}), json!({"last": 1})),
+        (json!({"fentry": "vfs_read"}), json!({"last": 1})),
+        (json!({"fexit": "vfs_read"}), json!({"last": 1})),
+        (json!({"lsm": "file_open"}), json!({"last": 1})),
+        (json!({"rawTracepoint": "kfree_skb"}), json!({"last": 1})),
+        (json!({"catalog": "tcp-connect-kprobe"}), json!({"last": 1})),
+        (json!({"catalog": "exec"}), json!({"payload": true})),
+    ] {
+        let mut job = full_job("TraceJob", probe.clone(), json!(["comm"]));
+        job["spec"]["events"] = events.clone();
+        let spec: fathom_crds::TraceJobSpec =
+            serde_json::from_value(job["spec"].clone()).expect("spec");
+        let refusals = spec.tenant_refusals();
+        assert_eq!(refusals.len(), 1, "{probe} {events}: {refusals:?}");
+        let err = Validator::new()
+            .validate(&tj, &job, None)
+            .expect_err(&format!("TraceJob {probe} {events} is refused"));
+        let text = format!("{err:?}");
+        assert!(
+            text.contains(&refusals[0].message),
+            "{probe} {events}: {text}\nwanted: {}",
+            refusals[0].message
+        );
+        job["kind"] = json!("ClusterTraceJob");
+        Validator::new()
+            .validate(&ctj, &job, None)
+            .unwrap_or_else(|e| panic!("a ClusterTraceJob may use {probe} {events}: {e:?}"));
+    }
 }

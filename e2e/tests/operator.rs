@@ -154,7 +154,7 @@ async fn dry_run_and_cluster_wide_jobs_follow_the_real_nodes() {
         &client,
         ns,
         "dry",
-        json!({"probe": {"kprobe": "tcp_v4_connect"}, "dryRun": true,
+        json!({"probe": {"catalog": "tcp-connect"}, "dryRun": true,
                "targetRef": {"kind": "Deployment", "name": "web"}}),
     )
     .await;

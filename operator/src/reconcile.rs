@@ -521,6 +521,14 @@ pub fn admit<'a>(
         Ok(c) => c,
         Err(errors) => return Intent::Invalid(errors),
     };
+    if !cluster {
+        // The CRD refuses these at admission; this holds where the CRD's rules did not run.
+        let refused = spec.tenant_refusals();
+        if !refused.is_empty() {
+            let all: Vec<String> = refused.iter().map(ToString::to_string).collect();
+            return Intent::Rejected("PolicyDenied", all.join("; "));
+        }
+    }
     let targets = match (&spec.pod_selector, &spec.target_ref) {
         (Some(_), Some(_)) => {
             return Intent::Rejected(

@@ -284,7 +284,7 @@ async fn pods_of_a_workload_are_followed_as_they_move() {
         .expect("create deployment");
     w.add_pod(pod("shop", "checkout-1", &[("app", "checkout")], "n1"));
     w.create_job(
-        "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\nmetadata: { name: co, namespace: shop }\nspec:\n  probe: { kprobe: tcp_v4_connect }\n  targetRef: { kind: Deployment, name: checkout }\n",
+        "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\nmetadata: { name: co, namespace: shop }\nspec:\n  probe: { catalog: tcp-connect }\n  targetRef: { kind: Deployment, name: checkout }\n",
     )
     .await;
     w.settle("shop", "co").await;
@@ -306,7 +306,7 @@ async fn pods_of_a_workload_are_followed_as_they_move() {
 
     // A missing workload is waited for, not a failure.
     w.create_job(
-        "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\nmetadata: { name: ghost, namespace: shop }\nspec:\n  probe: { kprobe: tcp_v4_connect }\n  targetRef: { kind: StatefulSet, name: nope }\n",
+        "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\nmetadata: { name: ghost, namespace: shop }\nspec:\n  probe: { catalog: tcp-connect }\n  targetRef: { kind: StatefulSet, name: nope }\n",
     )
     .await;
     w.settle("shop", "ghost").await;
@@ -458,6 +458,55 @@ async fn an_invalid_spec_is_a_condition_not_a_crash_loop() {
     assert_eq!(phase(&job), Some(JobPhase::Pending));
     assert_eq!(job.status.as_ref().and_then(|s| s.run), Some(2));
     assert_eq!(w.assignment_nodes("shop"), ["n1", "n2"]);
+}
+
+/// Where the CRD's tenant rules did not run (the in-memory API has none), the operator refuses
+/// what a TraceJob may not use with the rule's name, and attaches nothing; a ClusterTraceJob
+/// may use it.
+#[tokio::test]
+async fn the_tenant_rules_refuse_kernel_probes_and_payloads_in_a_tracejob() {
+    let w = shop();
+    for (name, spec, rule) in [
+        (
+            "kp",
+            "probe: { kprobe: tcp_v4_connect }",
+            "tenant-probe-kind",
+        ),
+        (
+            "raw",
+            "probe: { rawTracepoint: kfree_skb }",
+            "tenant-probe-kind",
+        ),
+        (
+            "pay",
+            "probe: { catalog: exec }\n  events: { payload: true }",
+            "tenant-payload",
+        ),
+    ] {
+        w.create_job(&format!(
+            "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\nmetadata: {{ name: {name}, namespace: shop }}\nspec:\n  {spec}\n  podSelector: {{ matchLabels: {{ app: web }} }}\n"
+        ))
+        .await;
+        w.settle("shop", name).await;
+        let job = w.job("shop", name).await.expect("job");
+        assert_eq!(phase(&job), Some(JobPhase::Failed), "{name}");
+        let c = condition(&job, "Failed");
+        assert_eq!(c.reason, "PolicyDenied", "{name}");
+        assert!(c.message.contains(rule), "{name}: {}", c.message);
+        assert!(
+            c.message.contains("ClusterTraceJob"),
+            "{name}: {}",
+            c.message
+        );
+    }
+    assert!(w.assignments("shop").is_empty());
+    w.create_cluster_job(
+        "apiVersion: fathom.dev/v1alpha1\nkind: ClusterTraceJob\nmetadata: { name: kp }\nspec:\n  probe: { kprobe: tcp_v4_connect }\n",
+    )
+    .await;
+    w.reconcile_cluster("kp").await;
+    w.reconcile_cluster("kp").await;
+    assert!(!w.assignment_nodes("fathom-system").is_empty());
 }
 
 #[tokio::test]

@@ -34,26 +34,31 @@ fn pod_changes_wake_the_jobs_that_target_that_namespace() {
         tj(
             "shop",
             "sel",
-            "  probe: { kprobe: f }\n  podSelector: { matchLabels: { app: web } }\n",
+            "  probe: { tracepoint: sock/inet_sock_set_state }\n  podSelector: { matchLabels: { app: web } }\n",
             None,
         ),
         tj(
             "shop",
             "ref",
-            "  probe: { kprobe: f }\n  targetRef: { kind: Deployment, name: web }\n",
+            "  probe: { tracepoint: sock/inet_sock_set_state }\n  targetRef: { kind: Deployment, name: web }\n",
             Some(JobPhase::Running),
         ),
         tj(
             "shop",
             "done",
-            "  probe: { kprobe: f }\n  podSelector: {}\n",
+            "  probe: { tracepoint: sock/inet_sock_set_state }\n  podSelector: {}\n",
             Some(JobPhase::Succeeded),
         ),
-        tj("shop", "wide", "  probe: { kprobe: f }\n", None),
+        tj(
+            "shop",
+            "wide",
+            "  probe: { tracepoint: sock/inet_sock_set_state }\n",
+            None,
+        ),
         tj(
             "other",
             "sel",
-            "  probe: { kprobe: f }\n  podSelector: {}\n",
+            "  probe: { tracepoint: sock/inet_sock_set_state }\n  podSelector: {}\n",
             None,
         ),
     ] {
@@ -61,11 +66,11 @@ fn pod_changes_wake_the_jobs_that_target_that_namespace() {
     }
     cw.apply_watcher_event(&watcher::Event::Apply(ctj(
         "pods",
-        "  probe: { kprobe: f }\n  podSelector: {}\n",
+        "  probe: { tracepoint: sock/inet_sock_set_state }\n  podSelector: {}\n",
     )));
     cw.apply_watcher_event(&watcher::Event::Apply(ctj(
         "nodes",
-        "  probe: { kprobe: f }\n",
+        "  probe: { tracepoint: sock/inet_sock_set_state }\n",
     )));
     let (t, c) = jobs_for_pod(&pod("shop", "p", &[("app", "web")], "n1"), &tjs, &ctjs);
     let mut t: Vec<String> = t.into_iter().map(|r| r.name).collect();

@@ -218,6 +218,62 @@ impl TracepointFormat {
     }
 
     /// The names `__print_symbolic(REC->field, { value, "NAME" }, …)` gives a field's values.
+    /// Whether the kernel prints `field` as an address (`%p`, `%pS`, `%px`…): a field that
+    /// holds an address although it is declared as a number, such as `call_site`.
+    pub fn printed_as_address(&self, field: &str) -> bool {
+        let fmt = self.print_fmt.as_str();
+        let Some(body_start) = fmt.find('"') else {
+            return false;
+        };
+        let Some(body_len) = fmt[body_start + 1..].find('"') else {
+            return false;
+        };
+        let body = &fmt[body_start + 1..body_start + 1 + body_len];
+        // The conversions of the format string, in order: whether each is `%p…`.
+        let mut conversions = Vec::new();
+        let mut chars = body.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                continue;
+            }
+            if chars.peek() == Some(&'%') {
+                chars.next();
+                continue;
+            }
+            while chars
+                .peek()
+                .is_some_and(|c| "-+ #0123456789.*lhzjt".contains(*c))
+            {
+                chars.next();
+            }
+            conversions.push(chars.next() == Some('p'));
+        }
+        // The arguments after the format string, split at top-level commas.
+        let mut args = Vec::new();
+        let (mut depth, mut start) = (0i32, 0usize);
+        let rest = &fmt[body_start + 1 + body_len + 1..];
+        for (i, c) in rest.char_indices() {
+            match c {
+                '(' | '{' | '[' => depth += 1,
+                ')' | '}' | ']' => depth -= 1,
+                ',' if depth == 0 => {
+                    args.push(&rest[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        args.push(&rest[start..]);
+        let needle = format!("REC->{field}");
+        // args[0] is what precedes the first comma (nothing).
+        args.iter().skip(1).zip(conversions).any(|(a, is_ptr)| {
+            is_ptr
+                && a.match_indices(&needle).any(|(i, _)| {
+                    !a[i + needle.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                })
+        })
+    }
+
     pub fn symbolic(&self, field: &str) -> BTreeMap<u64, String> {
         let mut out = BTreeMap::new();
         let needle = format!("__print_symbolic(REC->{field},");
@@ -316,6 +372,22 @@ mod tests {
         assert_eq!(names.get(&16).map(String::as_str), Some("HEX"));
         assert_eq!(f.own_fields().count(), 4);
         assert!(f.symbolic("protocol").is_empty());
+    }
+
+    #[test]
+    fn fields_printed_as_addresses_are_told_apart() {
+        let f = TracepointFormat::parse(KFREE_SKB);
+        assert!(f.printed_as_address("skbaddr"));
+        assert!(f.printed_as_address("location"));
+        assert!(!f.printed_as_address("protocol"));
+        assert!(!f.printed_as_address("reason"));
+        let kmalloc = TracepointFormat::parse(
+            "name: kmalloc\nformat:\n\tfield:unsigned long call_site;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:const void * ptr;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:size_t bytes_req;\toffset:24;\tsize:8;\tsigned:0;\n\nprint fmt: \"call_site=%pS ptr=%p bytes_req=%zu\", (void *)REC->call_site, REC->ptr, REC->bytes_req\n",
+        );
+        assert!(kmalloc.printed_as_address("call_site"));
+        assert!(kmalloc.printed_as_address("ptr"));
+        assert!(!kmalloc.printed_as_address("bytes_req"));
+        assert!(!kmalloc.printed_as_address("call"));
     }
 
     #[test]

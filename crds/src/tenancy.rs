@@ -1,0 +1,198 @@
+//! What a namespaced `TraceJob` may use: the tenant rules.
+//!
+//! A TraceJob is something a namespace admin may create, so it may observe only its own pods
+//! and may not read kernel memory. ClusterTraceJobs (cluster admins) and `fathom run` (root on
+//! the machine) are not bound by these rules.
+//!
+//! Each rule has a name that every refusal carries, in the same words wherever it is
+//! enforced:
+//! - at admission, by the TraceJob CRD's CEL rules ([`tenant_rules`](crate::crd::tenant_rules)),
+//!   for what the spec alone shows (probe kinds, payload capture);
+//! - by the operator ([`tenant_refusals`]), as the job's `Failed` condition, for an API server
+//!   that skipped the CRD's rules (an older CRD);
+//! - by the node runner, which plans a TraceJob's assignment with [`Reach::Namespace`] and so
+//!   refuses what only the node's kernel can tell (an argument or field that holds a kernel
+//!   address) and re-checks the rest.
+
+use crate::spec::{FieldError, Probe, TraceJobSpec};
+
+/// The rule that keeps TraceJobs to hooks that cannot read kernel memory at will.
+pub const RULE_PROBE_KIND: &str = "tenant-probe-kind";
+/// The rule that keeps string payloads (paths, file names, which can carry secrets) out of
+/// TraceJobs.
+pub const RULE_PAYLOAD: &str = "tenant-payload";
+/// The rule that keeps kernel addresses (which undo KASLR) out of TraceJobs' results.
+pub const RULE_KERNEL_ADDRESS: &str = "tenant-kernel-address";
+
+/// Who a job is planned for, which decides what it may read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// `fathom run` and ClusterTraceJobs: everything the kernel allows.
+    Node,
+    /// A TraceJob: the tenant rules of this module hold.
+    Namespace,
+}
+
+/// Probe forms a TraceJob may not use: each reads kernel functions' arguments and memory.
+pub const KERNEL_FORMS: &[&str] = &["kprobe", "kretprobe", "fentry", "fexit", "lsm"];
+
+/// Raw tracepoints a TraceJob may use: the syscall entry and exit, whose arguments are the
+/// calling process's own.
+pub const TENANT_RAW_TRACEPOINTS: &[&str] = &["sys_enter", "sys_exit"];
+
+/// Catalog entries a TraceJob may not use (built on a kernel-function probe).
+pub const KERNEL_CATALOG: &[&str] = &["tcp-connect-kprobe"];
+
+/// The message of a refusal by `rule`: the rule's name, what it refuses, and the fix.
+pub fn refusal(rule: &str, what: &str, fix: &str) -> String {
+    format!("refused by rule {rule}: {what}; {fix}")
+}
+
+/// The [`RULE_PROBE_KIND`] message for a kernel-function probe form.
+pub fn kernel_form_message(form: &str) -> String {
+    refusal(
+        RULE_PROBE_KIND,
+        &format!("a TraceJob may not use {form} probes (they read kernel memory)"),
+        "use a tracepoint, a syscall raw tracepoint, profile, uprobe or usdt, or ask a cluster admin for a ClusterTraceJob",
+    )
+}
+
+/// The [`RULE_PROBE_KIND`] message for a raw tracepoint other than the syscall ones.
+pub fn raw_tracepoint_message() -> String {
+    refusal(
+        RULE_PROBE_KIND,
+        &format!(
+            "a TraceJob may use only the raw tracepoints {}",
+            TENANT_RAW_TRACEPOINTS.join(" and ")
+        ),
+        "use the tracepoint of the same name (its fields are checked), or a ClusterTraceJob",
+    )
+}
+
+/// The [`RULE_PROBE_KIND`] message for a kernel-function catalog entry.
+pub fn kernel_catalog_message() -> String {
+    refusal(
+        RULE_PROBE_KIND,
+        &format!(
+            "catalog entries {} are built on kernel-function probes",
+            KERNEL_CATALOG.join(", ")
+        ),
+        "use tcp-connect (a tracepoint), or a ClusterTraceJob",
+    )
+}
+
+/// The [`RULE_PAYLOAD`] message.
+pub fn payload_message() -> String {
+    refusal(
+        RULE_PAYLOAD,
+        "a TraceJob may not capture string payloads (paths can carry secrets)",
+        "remove events.payload, or ask a cluster admin for a ClusterTraceJob",
+    )
+}
+
+/// The [`RULE_KERNEL_ADDRESS`] message for `what` (e.g. `arg0 of raw_tracepoint:sys_enter`).
+pub fn kernel_address_message(what: &str) -> String {
+    refusal(
+        RULE_KERNEL_ADDRESS,
+        &format!("{what} is a kernel address, which a TraceJob may not read (it would undo KASLR)"),
+        "key by another field, or ask a cluster admin for a ClusterTraceJob",
+    )
+}
+
+impl TraceJobSpec {
+    /// What the tenant rules refuse in this spec, as far as the spec alone tells (the node
+    /// runner refuses kernel addresses, which only the node's kernel can tell). Empty for an
+    /// allowed spec; a spec whose probe does not parse is [`TraceJobSpec::validate`]'s to refuse.
+    pub fn tenant_refusals(&self) -> Vec<FieldError> {
+        let mut out = Vec::new();
+        let mut refuse = |field: &str, message: String| {
+            out.push(FieldError {
+                field: field.into(),
+                message,
+            })
+        };
+        match self.probe.parse() {
+            Ok(Probe::Kprobe(_)) => refuse("spec.probe.kprobe", kernel_form_message("kprobe")),
+            Ok(Probe::Kretprobe(_)) => {
+                refuse("spec.probe.kretprobe", kernel_form_message("kretprobe"))
+            }
+            Ok(Probe::Fentry(_)) => refuse("spec.probe.fentry", kernel_form_message("fentry")),
+            Ok(Probe::Fexit(_)) => refuse("spec.probe.fexit", kernel_form_message("fexit")),
+            Ok(Probe::Lsm(_)) => refuse("spec.probe.lsm", kernel_form_message("lsm")),
+            Ok(Probe::RawTracepoint(name)) if !TENANT_RAW_TRACEPOINTS.contains(&name.as_str()) => {
+                refuse("spec.probe.rawTracepoint", raw_tracepoint_message())
+            }
+            Ok(Probe::Catalog(c)) if KERNEL_CATALOG.contains(&c.as_str()) => {
+                refuse("spec.probe.catalog", kernel_catalog_message())
+            }
+            _ => {}
+        }
+        if self.events.as_ref().and_then(|e| e.payload) == Some(true) {
+            refuse("spec.events.payload", payload_message());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> TraceJobSpec {
+        serde_yaml::from_str(yaml).expect("spec")
+    }
+
+    #[test]
+    fn each_kernel_form_is_refused_with_its_field_and_rule() {
+        for form in KERNEL_FORMS {
+            let s = spec(&format!("probe: {{ {form}: tcp_v4_connect }}"));
+            let r = s.tenant_refusals();
+            assert_eq!(r.len(), 1, "{form}: {r:?}");
+            assert_eq!(r[0].field, format!("spec.probe.{form}"));
+            assert!(r[0].message.contains(RULE_PROBE_KIND), "{}", r[0].message);
+        }
+    }
+
+    #[test]
+    fn what_a_tenant_may_use_is_not_refused() {
+        for ok in [
+            "probe: { tracepoint: skb/kfree_skb }",
+            "probe: { rawTracepoint: sys_enter }\naggregate: { by: [syscall] }",
+            "probe: { catalog: tcp-connect }",
+            "probe: { catalog: packet-drops }",
+            "probe: { profile: { frequency: 99 } }",
+            "probe: { uprobe: '/bin/sh:main' }",
+            "probe: { usdt: '/usr/bin/python3:python:function__entry' }",
+            "probe: { catalog: exec }\nevents: { last: 10 }",
+            "probe: { catalog: exec }\nevents: { payload: false }",
+        ] {
+            assert_eq!(spec(ok).tenant_refusals(), vec![], "{ok}");
+        }
+    }
+
+    #[test]
+    fn other_raw_tracepoints_kernel_catalog_entries_and_payloads_are_refused() {
+        for (bad, field, rule) in [
+            (
+                "probe: { rawTracepoint: kfree_skb }",
+                "spec.probe.rawTracepoint",
+                RULE_PROBE_KIND,
+            ),
+            (
+                "probe: { catalog: tcp-connect-kprobe }",
+                "spec.probe.catalog",
+                RULE_PROBE_KIND,
+            ),
+            (
+                "probe: { catalog: exec }\nevents: { payload: true }",
+                "spec.events.payload",
+                RULE_PAYLOAD,
+            ),
+        ] {
+            let r = spec(bad).tenant_refusals();
+            assert_eq!(r.len(), 1, "{bad}: {r:?}");
+            assert_eq!(r[0].field, field);
+            assert!(r[0].message.contains(rule), "{}", r[0].message);
+        }
+    }
+}
