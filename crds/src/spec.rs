@@ -12,6 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::tenancy::Reach;
+
 /// Largest `limits.mapEntries` a job may ask for (per map).
 pub const MAX_MAP_ENTRIES: u32 = 1 << 20;
 /// `limits.mapEntries` when the job does not say.
@@ -503,6 +505,10 @@ pub struct CheckedSpec {
     pub events_per_second: Option<u32>,
     pub map_entries: u32,
     pub cpu_percent: Option<u32>,
+    /// Who the job is planned for: [`Reach::Node`] from [`TraceJobSpec::validate`]; the node
+    /// runner sets [`Reach::Namespace`] for a TraceJob's assignment, so the node's checks of
+    /// the tenant rules hold (kernel addresses, argument counts).
+    pub reach: Reach,
 }
 
 /// Event streaming, checked.
@@ -882,6 +888,7 @@ impl TraceJobSpec {
             events_per_second: limits.events_per_second,
             map_entries,
             cpu_percent: limits.cpu_percent,
+            reach: Reach::Node,
         })
     }
 

@@ -43,9 +43,17 @@ pub const TENANT_RAW_TRACEPOINTS: &[&str] = &["sys_enter", "sys_exit"];
 /// Catalog entries a TraceJob may not use (built on a kernel-function probe).
 pub const KERNEL_CATALOG: &[&str] = &["tcp-connect-kprobe"];
 
+/// How every refusal's message begins, before the rule's name.
+const REFUSED_BY: &str = "refused by rule ";
+
 /// The message of a refusal by `rule`: the rule's name, what it refuses, and the fix.
 pub fn refusal(rule: &str, what: &str, fix: &str) -> String {
-    format!("refused by rule {rule}: {what}; {fix}")
+    format!("{REFUSED_BY}{rule}: {what}; {fix}")
+}
+
+/// Whether `message` (or the message it ends with) is a tenant rule's refusal.
+pub fn is_refusal(message: &str) -> bool {
+    message.contains(REFUSED_BY)
 }
 
 /// The [`RULE_PROBE_KIND`] message for a kernel-function probe form.

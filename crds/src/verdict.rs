@@ -29,6 +29,8 @@ pub enum Reason {
     VerifierRejected,
     /// An aggregate key or value this probe cannot provide on this kernel.
     InvalidForProbe,
+    /// A tenant rule refuses it for a namespaced TraceJob (the message names the rule).
+    PolicyDenied,
 }
 
 /// The verdict for one attach point of a job.

@@ -332,6 +332,7 @@ impl From<Reason> for v1::Reason {
             Reason::FilesystemUnavailable => W::FilesystemUnavailable,
             Reason::VerifierRejected => W::VerifierRejected,
             Reason::InvalidForProbe => W::InvalidForProbe,
+            Reason::PolicyDenied => W::PolicyDenied,
         }
     }
 }
@@ -354,6 +355,7 @@ fn reason_from_wire(value: i32) -> Result<Option<Reason>, ConversionError> {
         W::FilesystemUnavailable => Reason::FilesystemUnavailable,
         W::VerifierRejected => Reason::VerifierRejected,
         W::InvalidForProbe => Reason::InvalidForProbe,
+        W::PolicyDenied => Reason::PolicyDenied,
     }))
 }
 
@@ -525,7 +527,7 @@ mod tests {
             )
     }
 
-    const REASONS: [Reason; 9] = [
+    const REASONS: [Reason; 10] = [
         Reason::BTFUnavailable,
         Reason::SymbolNotFound,
         Reason::BinaryNotFound,
@@ -535,6 +537,7 @@ mod tests {
         Reason::FilesystemUnavailable,
         Reason::VerifierRejected,
         Reason::InvalidForProbe,
+        Reason::PolicyDenied,
     ];
 
     fn verdict() -> impl Strategy<Value = Verdict> {

@@ -29,6 +29,7 @@ use fathom_crds::{
     CheckedSpec,
     assignment::{AssignmentPhase, TraceAssignmentSpec, TraceAssignmentStatus},
     result::{EventRecord, ResultData},
+    tenancy::Reach,
     verdict::Verdict,
 };
 use fathom_proto::{MAX_EVENTS_PER_REPORT, v1};
@@ -480,6 +481,22 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         };
         let nothing = !resolved.scope.attaches();
         let mut checked = checked;
+        // Anything but a ClusterTraceJob is held to the tenant rules (the operator and the
+        // CRD refuse the same; the node checks again, and checks what only it can tell).
+        if spec.job.kind != CLUSTER_TRACE_JOB {
+            checked.reach = Reach::Namespace;
+            let refused = spec.trace.tenant_refusals();
+            if !refused.is_empty() {
+                let lines: Vec<String> = refused
+                    .iter()
+                    .map(|e| {
+                        let field = e.field.strip_prefix("spec.").unwrap_or(&e.field);
+                        format!("spec.trace.{field}: {}", e.message)
+                    })
+                    .collect();
+                return fail(t, AssignmentPhase::Failed, lines.join("; "));
+            }
+        }
         let in_containers = !matches!(resolved.scope, Scope::Node);
         if in_containers && let Some(binary) = targets::user_binary(&mut checked.probe) {
             // A pod-limited job names the binary as its containers see it.
@@ -933,6 +950,44 @@ mod tests {
         engine.0.borrow_mut().events = 3_000;
         assert_eq!(r.report_events(at(3), 2).len(), 2);
         assert_eq!(r.report_events(at(4), 2).len(), 1);
+    }
+
+    /// A TraceJob's assignment is planned for a namespace (the engine checks kernel addresses
+    /// and argument counts); one that breaks a tenant rule (which the CRD and the operator
+    /// refuse too) fails with the rule's name and reaches no engine. A ClusterTraceJob's is
+    /// planned for the node.
+    #[test]
+    fn a_tracejobs_assignment_is_held_to_the_tenant_rules() {
+        let tree = Tree::new("tenant");
+        let (mut r, engine) = runner(&tree);
+        r.sync([desired("u1", TRACE_JOB, Some("shop"), &["shop"])]);
+        assert_eq!(
+            phase(&r.reconcile(at(0), false)),
+            Some(AssignmentPhase::Attached)
+        );
+        let reach = |uid: &str| engine.0.borrow().running.get(uid).map(|(s, _, _)| s.reach);
+        assert_eq!(reach("u1"), Some(Reach::Namespace));
+
+        let mut kprobe = desired("u2", TRACE_JOB, Some("shop"), &["shop"]);
+        kprobe.spec.trace = serde_yaml::from_str("probe: {kprobe: tcp_v4_connect}").unwrap();
+        r.sync([kprobe]);
+        let out = r.reconcile(at(1), false);
+        assert_eq!(phase(&out), Some(AssignmentPhase::Failed));
+        let message = out.statuses.last().and_then(|(_, s)| s.error.clone());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("spec.trace.probe.kprobe")
+                    && m.contains(fathom_crds::tenancy::RULE_PROBE_KIND)),
+            "{message:?}"
+        );
+        assert!(!engine.0.borrow().applies.iter().any(|(id, _)| id == "u2"));
+
+        let mut cluster = desired("u3", CLUSTER_TRACE_JOB, None, &["shop"]);
+        cluster.spec.trace = serde_yaml::from_str("probe: {kprobe: tcp_v4_connect}").unwrap();
+        r.sync([cluster]);
+        r.reconcile(at(2), false);
+        assert_eq!(reach("u3"), Some(Reach::Node));
     }
 
     #[test]

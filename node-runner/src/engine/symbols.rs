@@ -15,6 +15,9 @@ pub struct KernelSymbols {
     syms: Vec<(u64, String)>,
 }
 
+/// How a kernel frame below every known symbol shows.
+pub const UNKNOWN_KERNEL_FRAME: &str = "[unknown]";
+
 impl KernelSymbols {
     pub fn load() -> KernelSymbols {
         let text = fs::read_to_string("/proc/kallsyms").unwrap_or_default();
@@ -40,7 +43,9 @@ impl KernelSymbols {
     /// The function containing `addr`, or the address in hex.
     pub fn name(&self, addr: u64) -> String {
         match self.syms.partition_point(|(a, _)| *a <= addr) {
-            0 => format!("{addr:#x}"),
+            // Never the address itself: results can be read by people a kernel address must
+            // not reach (it would undo KASLR).
+            0 => UNKNOWN_KERNEL_FRAME.to_string(),
             i => self.syms[i - 1].1.clone(),
         }
     }
@@ -218,7 +223,7 @@ mod tests {
             "data symbols are skipped"
         );
         assert_eq!(k.name(0xffffffff81003000), "other");
-        assert_eq!(k.name(0x10), "0x10");
+        assert_eq!(k.name(0x10), UNKNOWN_KERNEL_FRAME);
     }
 
     #[test]

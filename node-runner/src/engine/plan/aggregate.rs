@@ -43,7 +43,7 @@ impl Draft<'_> {
                 KeySpec::Kstack => (KeyPart::Kstack, Render::Unsigned),
                 KeySpec::Ustack => (KeyPart::Ustack, Render::Unsigned),
                 KeySpec::Syscall | KeySpec::Arg(_) | KeySpec::Ret | KeySpec::Field(_) => {
-                    match self.main.key_source(k) {
+                    match self.main.shown_source(k) {
                         Ok((src, render)) => {
                             let slot = self.field_slots.len();
                             self.field_slots.push(src);
@@ -81,7 +81,7 @@ impl Draft<'_> {
         };
         let kind = match &value_spec {
             ValueSpec::Count => ValueKind::Count,
-            ValueSpec::Sum(k) | ValueSpec::Hist(k) => match self.main.key_source(k) {
+            ValueSpec::Sum(k) | ValueSpec::Hist(k) => match self.main.shown_source(k) {
                 Ok((src, _)) => {
                     self.config.value_src = src;
                     if matches!(value_spec, ValueSpec::Sum(_)) {

@@ -288,6 +288,8 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel, scope: Scope) -> Result<JobPlan
     let mut draft = Draft::new(Resolver {
         point: &template.main,
         format: formats.get(&template.main.label()),
+        args: resolve::kernel_args(&template.main, kernel),
+        reach: spec.reach,
     });
     let columns = draft.keys(spec, &template);
     let value = draft.value(spec, &template);

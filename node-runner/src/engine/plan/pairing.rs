@@ -2,6 +2,7 @@
 //! at the template's entry points, keyed the same as the main program at the return.
 
 use fathom_common::flags;
+use fathom_crds::tenancy::Reach;
 
 use super::{
     Attachment, Role,
@@ -49,9 +50,13 @@ impl Draft<'_> {
         };
         let mut attachments = Vec::new();
         for sp in &template.stash {
+            // The stash's key and value are the template's own (a thread id, a field), never
+            // shown: no argument count or tenant check applies.
             let r = Resolver {
                 point: sp,
                 format: formats.get(&sp.label()),
+                args: None,
+                reach: Reach::Node,
             };
             match r.named(entry_key) {
                 Ok((src, _)) => self.stash.key_src = src,

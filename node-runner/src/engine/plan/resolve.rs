@@ -4,26 +4,73 @@
 use fathom_common::{Source, source};
 use fathom_crds::{
     spec::KeySpec,
+    tenancy::{self, Reach},
     verdict::{ProbeVerdict, Reason},
 };
 
 use super::{AttachPoint, Render, template::Named};
-use crate::engine::tracefs::{TpField, TracepointFormat};
+use crate::engine::{
+    btf::ArgKind,
+    kernel::Kernel,
+    tracefs::{TpField, TracepointFormat},
+};
 
-/// A field error at `probe`: the probe is infeasible on this kernel for `message`.
+/// A field error at `probe`: the probe is infeasible on this kernel for `message` (or a
+/// tenant rule refuses it, when the message is a refusal).
 pub(super) fn infeasible(probe: &str, message: String) -> ProbeVerdict {
+    let reason = if tenancy::is_refusal(&message) {
+        Reason::PolicyDenied
+    } else {
+        Reason::SymbolNotFound
+    };
     ProbeVerdict {
         probe: probe.to_string(),
         feasible: false,
-        reason: Some(Reason::SymbolNotFound),
+        reason: Some(reason),
         message,
     }
+}
+
+/// The arguments of a kernel attach point as BTF describes them; `None` when BTF does not
+/// (no BTF, a function BTF leaves out) or the point's arguments are not the kernel's (uprobes,
+/// tracepoints, profile).
+pub(super) fn kernel_args<'k>(point: &AttachPoint, kernel: &'k Kernel) -> Option<&'k [ArgKind]> {
+    let idx = kernel.btf_index()?;
+    match point {
+        AttachPoint::RawTracepoint { name } => idx.raw_tracepoint_args(name),
+        AttachPoint::Kprobe { function }
+        | AttachPoint::Kretprobe { function }
+        | AttachPoint::Fentry { function }
+        | AttachPoint::Fexit { function } => idx.function_args(function),
+        AttachPoint::Lsm { hook } => idx.function_args(&format!("bpf_lsm_{hook}")),
+        AttachPoint::Tracepoint { .. }
+        | AttachPoint::Uprobe { .. }
+        | AttachPoint::Profile { .. } => None,
+    }
+}
+
+/// Whether a point's `argN` are the kernel's (registers or a BTF context): read past the real
+/// count they are other kernel data.
+fn kernel_side(point: &AttachPoint) -> bool {
+    matches!(
+        point,
+        AttachPoint::RawTracepoint { .. }
+            | AttachPoint::Kprobe { .. }
+            | AttachPoint::Kretprobe { .. }
+            | AttachPoint::Fentry { .. }
+            | AttachPoint::Fexit { .. }
+            | AttachPoint::Lsm { .. }
+    )
 }
 
 /// Resolves named numbers against one attach point.
 pub(super) struct Resolver<'a> {
     pub(super) point: &'a AttachPoint,
     pub(super) format: Option<&'a TracepointFormat>,
+    /// The point's arguments, when BTF describes them ([`kernel_args`]).
+    pub(super) args: Option<&'a [ArgKind]>,
+    /// Who the job is for: a TraceJob may not read kernel addresses.
+    pub(super) reach: Reach,
 }
 
 impl Resolver<'_> {
@@ -56,7 +103,7 @@ impl Resolver<'_> {
             Render::Ipv4
         } else if !symbolic.is_empty() {
             Render::Symbolic(symbolic)
-        } else if f.c_type.contains('*') {
+        } else if f.c_type.contains('*') || fmt.printed_as_address(name) {
             Render::Hex
         } else if f.signed {
             Render::Signed
@@ -77,15 +124,23 @@ impl Resolver<'_> {
     pub(super) fn named(&self, n: &Named) -> Result<(Source, Render), String> {
         match n {
             Named::Field(f) => self.field_source(f),
-            Named::Arg(i) => Ok((
-                Source {
-                    kind: source::ARG,
-                    offset: *i,
-                    size: 8,
-                    signed: 0,
-                },
-                Render::Unsigned,
-            )),
+            Named::Arg(i) => {
+                let kind = self.arg_kind(*i)?;
+                let render = if kind == Some(ArgKind::KernelPointer) {
+                    Render::Hex
+                } else {
+                    Render::Unsigned
+                };
+                Ok((
+                    Source {
+                        kind: source::ARG,
+                        offset: *i,
+                        size: 8,
+                        signed: 0,
+                    },
+                    render,
+                ))
+            }
             Named::Ret => Ok((
                 Source {
                     kind: source::RET,
@@ -103,6 +158,68 @@ impl Resolver<'_> {
                 Render::Unsigned,
             )),
         }
+    }
+
+    /// What argument `i` holds, checked against the point's real argument count: an index
+    /// past it would read other kernel data (the program reads arguments with a checked
+    /// kernel read, so the kernel's own bound does not apply).
+    fn arg_kind(&self, i: u32) -> Result<Option<ArgKind>, String> {
+        let label = self.point.label();
+        match self.args {
+            Some(args) if (i as usize) < args.len() => Ok(Some(args[i as usize])),
+            Some([]) => Err(format!(
+                "arg{i}: {label} has no arguments; key by a built-in key instead"
+            )),
+            Some(args) => Err(format!(
+                "arg{i} is past the {n} argument(s) of {label} (the kernel's BTF says so); use arg0…arg{last}",
+                n = args.len(),
+                last = args.len() - 1
+            )),
+            None if self.reach == Reach::Namespace && kernel_side(self.point) => {
+                Err(tenancy::refusal(
+                    tenancy::RULE_KERNEL_ADDRESS,
+                    &format!(
+                        "arg{i} of {label} cannot be checked without the kernel's BTF, and may hold a kernel address"
+                    ),
+                    "key by a tracepoint field, or ask a cluster admin for a ClusterTraceJob",
+                ))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a tracepoint field holds a kernel address: a pointer (other than a syscall's
+    /// arguments, which are the caller's) or a number the kernel prints as an address.
+    fn field_is_kernel_address(&self, f: &TpField) -> bool {
+        let syscall = matches!(self.point, AttachPoint::Tracepoint { category, .. } if category == "syscalls");
+        let printed = self
+            .format
+            .is_some_and(|fmt| fmt.printed_as_address(&f.name));
+        (f.c_type.contains('*') && !syscall) || printed
+    }
+
+    /// A key or value the job shows (its aggregate keys and values): what [`Self::key_source`]
+    /// resolves, refused for a TraceJob when it is a kernel address.
+    pub(super) fn shown_source(&self, k: &KeySpec) -> Result<(Source, Render), String> {
+        let resolved = self.key_source(k)?;
+        if self.reach == Reach::Namespace {
+            let address = match k {
+                KeySpec::Field(f) => self.field(f).is_ok_and(|f| self.field_is_kernel_address(f)),
+                KeySpec::Ret if matches!(self.point, AttachPoint::Tracepoint { .. }) => self
+                    .field("ret")
+                    .is_ok_and(|f| self.field_is_kernel_address(f)),
+                KeySpec::Arg(i) => self.arg_kind(u32::from(*i))? == Some(ArgKind::KernelPointer),
+                _ => false,
+            };
+            if address {
+                return Err(tenancy::kernel_address_message(&format!(
+                    "{} of {}",
+                    k.name(),
+                    self.point.label()
+                )));
+            }
+        }
+        Ok(resolved)
     }
 
     /// A key or value name on this attach point.

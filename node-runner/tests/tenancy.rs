@@ -1,0 +1,137 @@
+//! The node's share of the tenant rules (issue 10), against the running kernel: argument
+//! reads are bounded by the hook's real argument count for every job, and a TraceJob
+//! (`Reach::Namespace`) may not key by anything that holds a kernel address. What the spec
+//! alone shows (probe kinds, payloads) is refused before planning: crds' `tenancy` tests.
+//! Needs root and scripts/setup.sh.
+
+mod common;
+
+use common::*;
+use fathom_crds::{
+    tenancy::{RULE_KERNEL_ADDRESS, Reach},
+    verdict::Reason,
+};
+use fathom_node::{
+    EngineError,
+    engine::plan::{self, JobPlan, Scope},
+};
+
+/// Plans `yaml` for `reach` (a TraceJob's plan is scoped to its pods' cgroups).
+fn plan_for(yaml: &str, reach: Reach) -> Result<JobPlan, EngineError> {
+    let mut s = spec(yaml);
+    s.reach = reach;
+    let scope = match reach {
+        Reach::Node => Scope::Node,
+        Reach::Namespace => Scope::targets([1]),
+    };
+    plan::plan(&s, kernel(), scope)
+}
+
+/// The reason and message a plan is refused with.
+fn refused(yaml: &str, reach: Reach) -> (Reason, String) {
+    match plan_for(yaml, reach) {
+        Ok(_) => panic!("planned, but should be refused for {reach:?}: {yaml}"),
+        Err(EngineError::NotFeasible(v)) => {
+            let p = v.first_problem().expect("a problem");
+            (p.reason.expect("a reason"), p.message.clone())
+        }
+        Err(e) => panic!("{yaml}: {e}"),
+    }
+}
+
+fn plans(yaml: &str, reach: Reach) -> JobPlan {
+    plan_for(yaml, reach).unwrap_or_else(|e| panic!("{reach:?} {yaml}: {e}"))
+}
+
+/// `rawTracepoint: sys_enter` has two arguments (regs, id). `arg5` used to read the words
+/// past them on the kernel stack and return them as row keys; now any job is refused at plan
+/// time, naming the count.
+#[test]
+fn arguments_past_the_real_count_are_refused_for_every_job() {
+    for reach in [Reach::Node, Reach::Namespace] {
+        let (reason, message) = refused(
+            "probe: { rawTracepoint: sys_enter }\naggregate: { by: [arg5] }",
+            reach,
+        );
+        assert_eq!(reason, Reason::SymbolNotFound, "{message}");
+        assert!(
+            message.contains("arg5 is past the 2 argument(s) of raw_tracepoint:sys_enter")
+                && message.contains("use arg0…arg1"),
+            "{message}"
+        );
+    }
+    // The syscall number is argument 1: fine for everyone.
+    for reach in [Reach::Node, Reach::Namespace] {
+        plans(
+            "probe: { rawTracepoint: sys_enter }\naggregate: { by: [arg1] }",
+            reach,
+        );
+    }
+}
+
+/// A kernel address as a row key undoes KASLR: a TraceJob may not key by a pointer argument,
+/// a pointer field or a number the kernel prints as an address; a ClusterTraceJob may, and
+/// sees it in hex.
+#[test]
+fn a_tracejob_may_not_key_by_a_kernel_address() {
+    for (yaml, what) in [
+        (
+            "probe: { rawTracepoint: sys_enter }\naggregate: { by: [arg0] }",
+            "arg0 of raw_tracepoint:sys_enter",
+        ),
+        (
+            "probe: { tracepoint: skb/kfree_skb }\naggregate: { by: [skbaddr] }",
+            "skbaddr of tracepoint:skb/kfree_skb",
+        ),
+        (
+            "probe: { tracepoint: skb/kfree_skb }\naggregate: { by: [location] }",
+            "location of tracepoint:skb/kfree_skb",
+        ),
+        (
+            "probe: { tracepoint: skb/kfree_skb }\naggregate: { value: sum(skbaddr) }",
+            "skbaddr of tracepoint:skb/kfree_skb",
+        ),
+        (
+            "probe: { tracepoint: kmem/kmalloc }\naggregate: { by: [call_site] }",
+            "call_site of tracepoint:kmem/kmalloc",
+        ),
+    ] {
+        let (reason, message) = refused(yaml, Reach::Namespace);
+        assert_eq!(reason, Reason::PolicyDenied, "{yaml}: {message}");
+        assert!(
+            message.contains(RULE_KERNEL_ADDRESS) && message.contains(what),
+            "{yaml}: {message}"
+        );
+        let plan = plans(yaml, Reach::Node);
+        assert!(plan.verdict.feasible, "{yaml}");
+    }
+    // Not addresses: a drop reason, a syscall's own (user) pointer argument, kernel stacks
+    // (shown as function names only).
+    for yaml in [
+        "probe: { tracepoint: skb/kfree_skb }\naggregate: { by: [reason, kstack] }",
+        "probe: { tracepoint: syscalls/sys_enter_openat }\naggregate: { by: [filename] }",
+        "probe: { catalog: packet-drops }",
+    ] {
+        plans(yaml, Reach::Namespace);
+    }
+}
+
+/// A ClusterTraceJob keying by a kernel address sees it in hex, as the kernel prints it.
+#[test]
+fn a_kernel_address_key_renders_in_hex_for_a_cluster_job() {
+    let _k = KernelTest::begin();
+    let c = comm("hex");
+    let s = start(&format!(
+        "probe: {{ rawTracepoint: sys_enter }}\naggregate: {{ by: [arg0] }}\nfilter: {{ comm: {c} }}"
+    ));
+    workload(&c, "getppid", 20, None);
+    let r = s.stop().expect("stops");
+    assert!(!r.rows.is_empty());
+    for row in &r.rows {
+        let key = &row.keys["arg0"];
+        assert!(
+            key.starts_with("0xffff"),
+            "a kernel pt_regs address, in hex: {key}"
+        );
+    }
+}
