@@ -689,7 +689,11 @@ pub fn fathom_profile(ctx: PerfEventContext) -> u32 {
     on_hit(&ctx)
 }
 
-/// Observe-only LSM program: counts the hook and always allows (returns 0).
+/// Observe-only LSM program: counts the hook and returns 0, which on the kernel's
+/// modify-return trampoline means "no decision": the hook's default (and the other LSMs) then
+/// decide, as without the program. A non-zero verdict of an earlier program ends the chain
+/// before this one runs, so the `ret` argument it could pass through is always 0 here.
+/// Proven on `task_prctl`, whose default is -ENOSYS (kernel_functions.rs, docs/tenancy.md).
 #[lsm]
 pub fn fathom_lsm(ctx: LsmContext) -> i32 {
     on_hit(&ctx);

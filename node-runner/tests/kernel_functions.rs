@@ -364,6 +364,40 @@ fn lsm_observes_file_open_and_denies_nothing() {
     assert_eq!(row_value(&r, "comm", &c), OPENS_OK);
 }
 
+/// The observe-only LSM program changes no decision, also on a hook whose default is not 0.
+/// `task_prctl`'s default is -ENOSYS ("no module handles this option"): had the program's 0
+/// replaced it, every prctl(2) would count as handled, PR_GET_DUMPABLE would answer 0 and
+/// PR_SET_NAME would rename nothing while the job runs. It does not: BPF LSM programs attach
+/// as modify-return trampolines, where 0 means "no decision, run the hook's default", and the
+/// first non-zero verdict ends the chain (docs/tenancy.md).
+#[test]
+fn lsm_keeps_the_hooks_own_verdict_where_the_default_is_not_zero() {
+    let _k = KernelTest::begin();
+    let Some(s) = start_or_refused(
+        Kind::Lsm,
+        "probe: { lsm: task_prctl }\naggregate: { by: [comm] }",
+        &["lsm:task_prctl"],
+    ) else {
+        return;
+    };
+    let c = comm("prc");
+    // The workload renames itself (PR_SET_NAME), then asks twice for its dumpable flag and
+    // its name: 1 + 2 x 2 prctl calls under its new name (or its old one, had the rename
+    // been swallowed).
+    let answers = workload(&c, "prctl", 2, None);
+    let r = s.stop().expect("stops");
+    let answers: Vec<&str> = answers
+        .lines()
+        .filter(|l| l.starts_with("dumpable="))
+        .collect();
+    assert_eq!(
+        answers,
+        vec![format!("dumpable=1 name={c}"); 2],
+        "prctl answers as it does without the program"
+    );
+    assert_eq!(row_value(&r, "comm", &c), 4, "{:?}", r.rows);
+}
+
 #[test]
 fn tcp_connect_kprobe_catalog_entry_counts_connects_by_result() {
     let _k = KernelTest::begin();

@@ -131,6 +131,15 @@ int main(int argc, char **argv) {
       FATHOM_USDT(fathom, tick);
       sink++;
     }
+  } else if (!strcmp(mode, "prctl")) {
+    /* What prctl(2) answers, N times: the dumpable flag (1) and this process's name, which
+     * PR_SET_NAME above set (an LSM program that changes task_prctl's verdict breaks both). */
+    char name[17] = {0};
+    for (long i = 0; i < n; i++) {
+      int dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+      if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0) return die("PR_GET_NAME");
+      printf("dumpable=%d name=%s\n", dumpable, name);
+    }
   } else if (!strcmp(mode, "getppid")) {
     for (long i = 0; i < n; i++) syscall(SYS_getppid);
   } else if (!strcmp(mode, "spin")) {
