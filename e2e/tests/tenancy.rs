@@ -1,0 +1,228 @@
+//! Issue 10's table of hostile namespaced TraceJobs, on the real cluster. Each one is refused
+//! with the rule that refused it: at admission (the TraceJob CRD's CEL), by the operator
+//! (scope), or by the node runner (what only the node's kernel can tell). None of them
+//! leaves anything attached, while an allowed job of the same namespace attaches as usual.
+//! The same specs as ClusterTraceJobs pass admission: the rules bind tenants only.
+
+use anyhow::ensure;
+use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob};
+use fathom_e2e::{
+    OperatorOptions, TestNamespace, admin, busybox_deployment, env, eventually, install_crds,
+    runner::{RunnerOptions, fathom_programs, remove_identity_pods},
+    running_pods, secs,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, PostParams},
+};
+use serde_json::{Value, json};
+
+fn trace_job(ns: &str, name: &str, spec: &Value) -> TraceJob {
+    serde_json::from_value(json!({
+        "apiVersion": "fathom.dev/v1alpha1", "kind": "TraceJob",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    }))
+    .expect("job")
+}
+
+/// A spec aimed at the pods labelled app=web of the job's namespace.
+fn at_web(mut spec: Value) -> Value {
+    spec["podSelector"] = json!({"matchLabels": {"app": "web"}});
+    spec
+}
+
+/// The job's status as JSON once it is Failed.
+async fn failed_status(jobs: &Api<TraceJob>, name: &str) -> String {
+    eventually(secs(60), format!("TraceJob {name} Failed"), async || {
+        let job = jobs.get(name).await?;
+        let status = serde_json::to_string(&job.status)?;
+        ensure!(
+            job.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Failed),
+            "{status}"
+        );
+        Ok(status)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn hostile_tracejobs_are_refused_with_their_rule_and_attach_nothing() {
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::create(&client, "tenancy").await;
+    let jobs: Api<TraceJob> = Api::namespaced(client.clone(), ns.as_str());
+
+    // 1. Admission: what the spec alone shows never reaches the cluster's storage.
+    let admission = [
+        (
+            json!({"kprobe": "tcp_v4_connect"}),
+            None,
+            "tenant-probe-kind",
+        ),
+        (
+            json!({"kretprobe": "tcp_v4_connect"}),
+            None,
+            "tenant-probe-kind",
+        ),
+        (json!({"fentry": "vfs_read"}), None, "tenant-probe-kind"),
+        (json!({"fexit": "vfs_read"}), None, "tenant-probe-kind"),
+        (json!({"lsm": "file_open"}), None, "tenant-probe-kind"),
+        (
+            json!({"rawTracepoint": "kfree_skb"}),
+            None,
+            "tenant-probe-kind",
+        ),
+        (
+            json!({"catalog": "tcp-connect-kprobe"}),
+            None,
+            "tenant-probe-kind",
+        ),
+        (
+            json!({"catalog": "exec"}),
+            Some(json!({"last": 10, "payload": true})),
+            "tenant-payload",
+        ),
+    ];
+    let clusters: Api<ClusterTraceJob> = Api::all(client.clone());
+    for (i, (probe, events, rule)) in admission.iter().enumerate() {
+        let mut spec = at_web(json!({"probe": probe}));
+        if let Some(e) = events {
+            spec["events"] = e.clone();
+        }
+        let name = format!("hostile-{i}");
+        match jobs
+            .create(
+                &PostParams::default(),
+                &trace_job(ns.as_str(), &name, &spec),
+            )
+            .await
+        {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{probe}: {e:?}");
+                assert!(
+                    e.message.contains(&format!("refused by rule {rule}")),
+                    "{probe}: {}",
+                    e.message
+                );
+            }
+            other => panic!("TraceJob with {probe} {events:?} was not refused: {other:?}"),
+        }
+        // A cluster admin's ClusterTraceJob may (a server-side dry run: nothing is stored).
+        let mut cluster_spec = spec.clone();
+        cluster_spec
+            .as_object_mut()
+            .expect("object")
+            .remove("podSelector");
+        let cluster: ClusterTraceJob = serde_json::from_value(json!({
+            "apiVersion": "fathom.dev/v1alpha1", "kind": "ClusterTraceJob",
+            "metadata": {"name": name}, "spec": cluster_spec,
+        }))
+        .expect("cluster job");
+        clusters
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &cluster,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("ClusterTraceJob with {probe}: {e}"));
+    }
+
+    // 2. The operator and the node: a target pod, the operator with its collector, a runner.
+    let node = env().real_node.clone();
+    busybox_deployment(&client, ns.as_str(), "web", 1, &node).await;
+    running_pods(&client, ns.as_str(), "web", 1).await;
+    let mut opts = OperatorOptions::new("tenancy");
+    opts.collector = true;
+    let operator = opts.start(&client).await;
+    let cport = operator.collector_port.expect("collector port");
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    assert_eq!(
+        fathom_programs(),
+        Vec::<String>::new(),
+        "nothing attached before"
+    );
+
+    let hostile = [
+        // Past sys_enter's 2 arguments: kernel stack words, for any job.
+        (
+            "arg-past-count",
+            at_web(json!({"probe": {"rawTracepoint": "sys_enter"}, "aggregate": {"by": ["arg5"]}})),
+            "arg5 is past the 2 argument(s) of raw_tracepoint:sys_enter",
+        ),
+        // sys_enter's arg0 is the kernel's struct pt_regs pointer.
+        (
+            "pointer-arg",
+            at_web(json!({"probe": {"rawTracepoint": "sys_enter"}, "aggregate": {"by": ["arg0"]}})),
+            "refused by rule tenant-kernel-address: arg0 of raw_tracepoint:sys_enter",
+        ),
+        // A kernel text address printed with %pS.
+        (
+            "pointer-field",
+            at_web(
+                json!({"probe": {"tracepoint": "skb/kfree_skb"}, "aggregate": {"by": ["location"]}}),
+            ),
+            "refused by rule tenant-kernel-address: location of tracepoint:skb/kfree_skb",
+        ),
+        // The whole node.
+        (
+            "node-wide",
+            json!({"probe": {"tracepoint": "syscalls/sys_enter_getppid"}}),
+            "NodeWideNeedsClusterTraceJob",
+        ),
+    ];
+    for (name, spec, _) in &hostile {
+        jobs.create(&PostParams::default(), &trace_job(ns.as_str(), name, spec))
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    }
+    for (name, _, why) in &hostile {
+        let status = failed_status(&jobs, name).await;
+        assert!(status.contains(why), "{name}: {status}");
+        if name.starts_with("pointer") {
+            assert!(status.contains("PolicyDenied"), "{name}: {status}");
+        }
+    }
+    assert_eq!(
+        fathom_programs(),
+        Vec::<String>::new(),
+        "a refused job left programs in the kernel"
+    );
+
+    // The control: an allowed job of the same namespace (the syscall number, arg1) attaches.
+    let control =
+        at_web(json!({"probe": {"rawTracepoint": "sys_enter"}, "aggregate": {"by": ["arg1"]}}));
+    jobs.create(
+        &PostParams::default(),
+        &trace_job(ns.as_str(), "allowed", &control),
+    )
+    .await
+    .expect("creating the control job");
+    eventually(secs(60), "the control job Running", async || {
+        let job = jobs.get("allowed").await?;
+        let phase = job.status.as_ref().and_then(|s| s.phase);
+        ensure!(phase == Some(JobPhase::Running), "{:?}", job.status);
+        ensure!(!fathom_programs().is_empty(), "no program attached yet");
+        Ok(())
+    })
+    .await;
+    jobs.delete("allowed", &DeleteParams::default())
+        .await
+        .expect("delete the control job");
+    eventually(
+        secs(60),
+        "the control job's programs detached",
+        async || {
+            let left = fathom_programs();
+            ensure!(left.is_empty(), "{left:?}");
+            Ok(())
+        },
+    )
+    .await;
+
+    runner.stop();
+    drop(operator);
+    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
+}
