@@ -31,6 +31,9 @@ pub enum Reason {
     InvalidForProbe,
     /// A tenant rule refuses it for a namespaced TraceJob (the message names the rule).
     PolicyDenied,
+    /// The node's budget for all jobs together has no room for this one (the message says
+    /// what is taken and what the job needs).
+    NodeBudget,
 }
 
 /// The verdict for one attach point of a job.

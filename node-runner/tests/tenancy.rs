@@ -1,7 +1,8 @@
 //! The node's share of the tenant rules (issue 10), against the running kernel: argument
 //! reads are bounded by the hook's real argument count for every job, and a TraceJob
 //! (`Reach::Namespace`) may not key by anything that holds a kernel address. What the spec
-//! alone shows (probe kinds, payloads) is refused before planning: crds' `tenancy` tests.
+//! alone shows (probe kinds, payloads) is refused before planning: crds' `tenancy` tests. And
+//! the node's memory budget holds across all jobs.
 //! Needs root and scripts/setup.sh.
 
 mod common;
@@ -13,7 +14,11 @@ use fathom_crds::{
 };
 use fathom_node::{
     EngineError,
-    engine::plan::{self, JobPlan, Scope},
+    engine::{
+        kernel::Kernel,
+        plan::{self, JobPlan, Scope},
+        session::{self, Engine, EngineOptions},
+    },
 };
 
 /// Plans `yaml` for `reach` (a TraceJob's plan is scoped to its pods' cgroups).
@@ -134,4 +139,61 @@ fn a_kernel_address_key_renders_in_hex_for_a_cluster_job() {
             "a kernel pt_regs address, in hex: {key}"
         );
     }
+}
+
+/// The node's memory budget holds across jobs: a job whose maps could take more than what
+/// the running jobs leave is refused with the figures and the knobs, and attaches nothing;
+/// once the others end, it fits. Sizes count a value per possible CPU.
+#[test]
+fn a_job_that_does_not_fit_the_nodes_memory_budget_is_refused_and_attaches_nothing() {
+    let _k = KernelTest::begin();
+    let small = "probe: { tracepoint: syscalls/sys_enter_getppid }\nlimits: { mapEntries: 1024 }";
+    let huge = "probe: { tracepoint: syscalls/sys_enter_getppid }\naggregate: { by: [pid] }\nlimits: { mapEntries: 1048576 }";
+    let opts = EngineOptions::default();
+    let need = |yaml: &str| {
+        session::memlock_budget(
+            &plan::plan(&spec(yaml), kernel(), Scope::Node).expect("plans"),
+            &opts,
+        )
+    };
+    let (small_need, huge_need) = (need(small), need(huge));
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
+    assert!(
+        huge_need >= (1 << 20) * 16 * cpus,
+        "a per-CPU value for each of {cpus} possible CPUs is counted: {huge_need}"
+    );
+    let mut engine = Engine::new(
+        Kernel::running(),
+        EngineOptions {
+            node_memory_budget: small_need + huge_need - 1,
+            ..EngineOptions::default()
+        },
+    );
+    engine
+        .apply("small", &spec(small), Scope::Node)
+        .expect("fits");
+    let before = residue();
+    let e = engine
+        .apply("huge", &spec(huge), Scope::Node)
+        .expect_err("does not fit beside the small job");
+    let EngineError::NotFeasible(v) = &e else {
+        panic!("{e}")
+    };
+    let p = v.first_problem().expect("a problem");
+    assert_eq!(p.reason, Some(Reason::NodeBudget), "{}", p.message);
+    for words in [
+        "1048576 entries",
+        "1 running job",
+        "limits.mapEntries",
+        "--node-memory-budget",
+    ] {
+        assert!(p.message.contains(words), "{words:?} in: {}", p.message);
+    }
+    assert_eq!(residue(), before, "the refused job loaded nothing");
+    engine.detach("small").expect("detaches");
+    engine
+        .apply("huge", &spec(huge), Scope::Node)
+        .expect("fits alone");
+    engine.detach("huge").expect("detaches");
+    assert_no_residue("after both jobs");
 }

@@ -333,6 +333,7 @@ impl From<Reason> for v1::Reason {
             Reason::VerifierRejected => W::VerifierRejected,
             Reason::InvalidForProbe => W::InvalidForProbe,
             Reason::PolicyDenied => W::PolicyDenied,
+            Reason::NodeBudget => W::NodeBudget,
         }
     }
 }
@@ -356,6 +357,7 @@ fn reason_from_wire(value: i32) -> Result<Option<Reason>, ConversionError> {
         W::VerifierRejected => Reason::VerifierRejected,
         W::InvalidForProbe => Reason::InvalidForProbe,
         W::PolicyDenied => Reason::PolicyDenied,
+        W::NodeBudget => Reason::NodeBudget,
     }))
 }
 
@@ -527,7 +529,7 @@ mod tests {
             )
     }
 
-    const REASONS: [Reason; 10] = [
+    const REASONS: [Reason; 11] = [
         Reason::BTFUnavailable,
         Reason::SymbolNotFound,
         Reason::BinaryNotFound,
@@ -538,6 +540,7 @@ mod tests {
         Reason::VerifierRejected,
         Reason::InvalidForProbe,
         Reason::PolicyDenied,
+        Reason::NodeBudget,
     ];
 
     fn verdict() -> impl Strategy<Value = Verdict> {

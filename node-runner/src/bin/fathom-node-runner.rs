@@ -26,7 +26,7 @@ use fathom_node::{
     },
     engine::{
         kernel::Kernel,
-        session::{Engine, EngineOptions},
+        session::{DEFAULT_NODE_MEMORY_BUDGET, Engine, EngineOptions},
     },
 };
 use fathom_proto::v1::{NodeReport, RejectionCode, ReportAck};
@@ -84,6 +84,10 @@ struct Args {
     /// Seconds between two status writes that only update counters.
     #[arg(long, env = "FATHOM_STATUS_INTERVAL", default_value_t = 30)]
     status_interval: u64,
+    /// Locked kernel memory (bytes) all jobs on this node may use together, by the most each
+    /// job's maps may take: a job that does not fit fails with reason NodeBudget.
+    #[arg(long, env = "FATHOM_NODE_MEMORY_BUDGET", default_value_t = DEFAULT_NODE_MEMORY_BUDGET)]
+    node_memory_budget: u64,
 }
 
 /// Reports between the engine thread and the transport.
@@ -123,7 +127,11 @@ async fn main() -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
 
     let engine_thread = {
-        let identity = (args.node_name.clone(), args.pin_root.clone());
+        let identity = (
+            args.node_name.clone(),
+            args.pin_root.clone(),
+            args.node_memory_budget,
+        );
         let intervals = (
             Duration::from_secs(args.report_interval.max(1)),
             Duration::from_secs(args.status_interval),
@@ -344,7 +352,7 @@ async fn watch_assignments(
 /// The engine thread: owns the engine and the runner; reconciles on every change and reports
 /// every interval.
 fn engine_loop(
-    (node, pin_root): (String, PathBuf),
+    (node, pin_root, node_memory_budget): (String, PathBuf, u64),
     (report_interval, status_interval): (Duration, Duration),
     commands: std_mpsc::Receiver<Command>,
     reports: mpsc::Sender<NodeReport>,
@@ -357,6 +365,7 @@ fn engine_loop(
         Kernel::running(),
         EngineOptions {
             node: node.clone(),
+            node_memory_budget,
             ..Default::default()
         },
     )

@@ -32,7 +32,7 @@ use fathom_crds::{
     CheckedSpec,
     result::{Budget, EventRecord, ResultData, Totals},
     spec::MAX_MAP_ENTRIES,
-    verdict::Reason,
+    verdict::{ProbeVerdict, Reason, Verdict},
 };
 
 use crate::engine::{
@@ -60,7 +60,13 @@ pub struct EngineOptions {
     pub node: String,
     /// Share of each second the kernel's run-time statistics are on (see [`RunTimeSampler`]).
     pub stats_duty: f64,
+    /// Locked kernel memory all jobs of an [`Engine`] may use together, by their
+    /// [`memlock_budget`]: a job that does not fit is refused with the reason, never started.
+    pub node_memory_budget: u64,
 }
+
+/// [`EngineOptions::node_memory_budget`] by default: 512 MiB.
+pub const DEFAULT_NODE_MEMORY_BUDGET: u64 = 512 << 20;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -71,6 +77,7 @@ impl Default for EngineOptions {
             verifier_log_budget: 4096,
             node: hostname(),
             stats_duty: 0.1,
+            node_memory_budget: DEFAULT_NODE_MEMORY_BUDGET,
         }
     }
 }
@@ -254,7 +261,11 @@ pub struct Counters {
 /// An upper bound of the locked kernel memory a job may use with these options: what the
 /// maps' sizes allow, with room for the kernel's per-element overhead (RELIABILITY E6).
 pub fn memlock_budget(plan: &JobPlan, opts: &EngineOptions) -> u64 {
-    let cpus = online_cpus().map(|c| c.len() as u64).unwrap_or(1).max(1);
+    if !plan.scope.attaches() {
+        return 0;
+    }
+    // Per-CPU maps hold a value for every possible CPU, online or not.
+    let cpus = aya::util::nr_cpus().map(|n| n as u64).unwrap_or(1).max(1);
     let entries = u64::from(plan.map_entries.clamp(1, MAX_MAP_ENTRIES));
     let agg = entries * (64 + 64 + 16 * cpus) * 2;
     let stacks =
@@ -341,6 +352,7 @@ impl Engine {
             None => false,
         };
         let plan = crate::engine::plan::plan(spec, &self.kernel, scope.clone())?;
+        self.check_node_budget(id, &plan)?;
         let (session, resumed) = match &self.pin_root {
             Some(root) => {
                 let dir = job_pin_dir(root, id)?;
@@ -361,6 +373,41 @@ impl Engine {
         } else {
             Applied::Started
         })
+    }
+
+    /// Refuses `plan` (for job `id`) when it does not fit the node's memory budget beside the
+    /// other running jobs.
+    fn check_node_budget(&self, id: &str, plan: &JobPlan) -> Result<(), EngineError> {
+        let need = memlock_budget(plan, &self.opts);
+        let others: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(other, _)| other.as_str() != id)
+            .map(|(_, (_, _, s))| memlock_budget(s.plan(), &self.opts))
+            .collect();
+        let taken: u64 = others.iter().sum();
+        let budget = self.opts.node_memory_budget;
+        if taken.saturating_add(need) <= budget {
+            return Ok(());
+        }
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        Err(EngineError::NotFeasible(Verdict {
+            feasible: false,
+            probes: vec![ProbeVerdict {
+                probe: plan.label.clone(),
+                feasible: false,
+                reason: Some(Reason::NodeBudget),
+                message: format!(
+                    "this job may lock up to {} MiB of kernel memory (maps of {} entries, per-CPU values for {} possible CPUs) and the node's budget for all jobs is {} MiB, {} MiB of it taken by {} running job(s); lower limits.mapEntries, or wait for other jobs to end (the runner's --node-memory-budget sets the budget)",
+                    mib(need),
+                    plan.map_entries,
+                    aya::util::nr_cpus().unwrap_or(1),
+                    mib(budget),
+                    mib(taken),
+                    others.len(),
+                ),
+            }],
+        }))
     }
 
     /// Detaches job `id` and returns its final result; `None` when it was not running.
