@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# Runs the fuzz targets of fuzz/ with cargo-fuzz (libFuzzer, AddressSanitizer) on the pinned
-# nightly, each for SECONDS (default 600: RELIABILITY S3's ten minutes; the test command runs
-# 30), and fails on the first crash, leak or timeout, naming the input that caused it.
-#   scripts/fuzz.sh [SECONDS] [TARGET...]
+# Runs the fuzz targets of fuzz/ with cargo-fuzz (libFuzzer) on the pinned nightly, each for
+# SECONDS (default 600: RELIABILITY S3's ten minutes; the test command runs 30), and fails on
+# the first crash, panic, overflow, leak or timeout, naming the input that caused it.
+#   scripts/fuzz.sh [SECONDS] [TARGET...]      run (building first)
+#   scripts/fuzz.sh --build-only                build only
+# FATHOM_FUZZ_MODE=full (default): release build with AddressSanitizer, in fuzz/target.
+# FATHOM_FUZZ_MODE=quick: debug build with overflow checks and no sanitizer, in
+# target/fuzz-quick: it builds in about half the time (the test command builds it beside the
+# e2e suite).
 # Targets: spec (TraceJob YAML/JSON: validation, tenant rules, plans), elf (binaries: symbols,
 # USDT notes), report (the collector's protobuf reports), events (event batches, ring-buffer
 # records), kernel_text (tracepoint formats, BTF, kallsyms). Corpora grow in fuzz/corpus/
-# (not committed), seeded from examples/ and small system binaries; a summary line per target
-# gives runs and executions.
+# (not committed), seeded from examples/ and small system files; a summary line per target
+# gives its executions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NIGHTLY=nightly-2026-05-19   # scripts/setup.sh installs it (the eBPF build's toolchain)
+BUILD_ONLY=false
+if [ "${1:-}" = "--build-only" ]; then
+  BUILD_ONLY=true
+  shift
+fi
 SECONDS_EACH=${1:-600}
 shift || true
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(spec elf report events kernel_text)
+case ${FATHOM_FUZZ_MODE:-full} in
+  full) FLAGS=(-O -s address --target-dir "$PWD/fuzz/target") ;;
+  quick) FLAGS=(-D -s none --target-dir "$PWD/target/fuzz-quick") ;;
+  *) echo "FATHOM_FUZZ_MODE is full or quick" >&2; exit 2 ;;
+esac
 
 log() { echo "[fuzz] $*" >&2; }
 
@@ -44,14 +59,17 @@ seed() {
   esac
 }
 
-log "building the targets (AddressSanitizer, $NIGHTLY)"
-cargo +"$NIGHTLY" fuzz build --fuzz-dir fuzz >&2
+log "building the targets (${FATHOM_FUZZ_MODE:-full}: ${FLAGS[*]})"
+cargo +"$NIGHTLY" fuzz build --fuzz-dir fuzz "${FLAGS[@]}" >&2
+if $BUILD_ONLY; then
+  exit 0
+fi
 status=0
 for t in "${TARGETS[@]}"; do
   seed "$t"
   log "$t: ${SECONDS_EACH}s"
   out=$(mktemp)
-  if cargo +"$NIGHTLY" fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" -- \
+  if cargo +"$NIGHTLY" fuzz run --fuzz-dir fuzz "${FLAGS[@]}" "$t" "fuzz/corpus/$t" -- \
       -max_total_time="$SECONDS_EACH" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
       >"$out" 2>&1; then
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out" | tail -1)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, unit tests, the operator against an
 # in-memory API, the kernel matrix — the kernel tests, which really load and attach eBPF
-# programs, on this machine's kernel and in VMs booted from Debian's kernel — and the e2e
-# suite against a real local Kubernetes cluster (scripts/cluster.sh), run as root.
+# programs, on this machine's kernel and in VMs booted from Debian's kernel — the e2e suite
+# against a real local Kubernetes cluster (scripts/cluster.sh), run as root, and 30 s of each
+# fuzz target (scripts/fuzz.sh).
 # .ci/run calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ cluster_build=$!
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 (cd node-ebpf && cargo fmt -- --check)
+rustfmt --edition 2024 --check fuzz/fuzz_targets/*.rs
 (cd e2e/cluster/launcher && test -z "$(gofmt -l .)") || { echo "gofmt: $(cd e2e/cluster/launcher && gofmt -l .)"; exit 1; }
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -53,6 +55,11 @@ FATHOM_IMAGE_PROFILE=debug bash scripts/images.sh build
 export FATHOM_E2E_OPERATOR_BIN=$PWD/target/debug/fathom-operator
 export FATHOM_E2E_RUNNER_BIN=$PWD/target/debug/fathom-node-runner
 cargo test -p fathom-e2e --no-run
+# The fuzz targets (RELIABILITY S3), built beside the e2e suite, which mostly waits on the
+# cluster: one job, lowest priority, its own target directory.
+nice -n 19 env CARGO_BUILD_JOBS=1 FATHOM_FUZZ_MODE=quick bash scripts/fuzz.sh --build-only \
+  >target/fuzz-build.log 2>&1 &
+fuzz_build=$!
 trap 'bash scripts/cluster.sh down' EXIT
 bash scripts/cluster.sh up
 eval "$(bash scripts/cluster.sh env)"
@@ -62,4 +69,12 @@ kubectl get nodes -o wide
 cargo test -p fathom-e2e -- --test-threads=1
 trap - EXIT
 bash scripts/cluster.sh down
+stamp "e2e done"
+
+echo "== fuzz: 30 s per target (scripts/fuzz.sh; 600 s each by hand)"
+if ! wait "$fuzz_build"; then
+  cat target/fuzz-build.log
+  exit 1
+fi
+FATHOM_FUZZ_MODE=quick bash scripts/fuzz.sh 30
 stamp "all tests passed"
