@@ -409,3 +409,72 @@ fn e8_rate_limits_hold_and_are_counted_apart_from_loss() {
         r.elapsed_seconds
     );
 }
+
+/// S2: a secret in a process's argv, environment and file paths never reaches a result — rows,
+/// events, totals or messages — unless the job asks for payloads (which a TraceJob may not:
+/// docs/tenancy.md). The same jobs with payloads on show the sentinel, so the check would
+/// see a leak.
+#[test]
+fn s2_sentinel_secrets_never_appear_unless_payloads_are_asked_for() {
+    let _k = KernelTest::begin();
+    let c = comm("s2");
+    let sentinel = format!("FATHOMSENTINEL{}X", std::process::id());
+    let dir = std::env::temp_dir().join(format!("fathom-s2-{sentinel}"));
+    std::fs::create_dir_all(&dir).expect("sentinel directory");
+    let program = dir.join("true");
+    let _ = std::fs::remove_file(&program);
+    std::os::unix::fs::symlink("/bin/true", &program).expect("sentinel program");
+    let file = dir.join(format!("{sentinel}.conf"));
+    std::fs::write(&file, "secret").expect("sentinel file");
+
+    let jobs = |payload: bool| -> Vec<Session> {
+        [
+            format!("probe: {{ catalog: exec }}\nevents: {{ last: 50, payload: {payload} }}\naggregate: {{ by: [comm] }}"),
+            format!("probe: {{ catalog: open }}\nevents: {{ last: 50, payload: {payload} }}\nfilter: {{ comm: {c} }}"),
+            format!("probe: {{ tracepoint: syscalls/sys_enter_openat }}\naggregate: {{ by: [comm, pid] }}\nfilter: {{ comm: {c} }}"),
+        ]
+        .iter()
+        .map(|yaml| start(yaml))
+        .collect()
+    };
+    let work = || {
+        for (mode, arg) in [("exec", &program), ("open", &file)] {
+            let out = std::process::Command::new(workload_path())
+                .args([
+                    c.as_str(),
+                    mode,
+                    "3",
+                    arg.to_str().expect("utf-8"),
+                    &sentinel,
+                ])
+                .env("FATHOM_S2_SECRET", &sentinel)
+                .output()
+                .expect("workload runs");
+            assert!(out.status.success(), "{out:?}");
+        }
+    };
+
+    let without = jobs(false);
+    work();
+    for s in without {
+        let r = s.stop().expect("stops");
+        let text = serde_json::to_string(&r).expect("serializes");
+        assert!(r.totals.hits > 0, "the job saw the work: {text}");
+        assert!(
+            !text.contains(&sentinel),
+            "the sentinel leaked into a result without payloads: {text}"
+        );
+    }
+    let with = jobs(true);
+    work();
+    let seen: Vec<bool> = with
+        .into_iter()
+        .map(|s| {
+            let r = s.stop().expect("stops");
+            serde_json::to_string(&r).expect("json").contains(&sentinel)
+        })
+        .collect();
+    // exec's file name and open's path carry it once asked for; the counting job never does.
+    assert_eq!(seen, [true, true, false]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -100,10 +100,12 @@ int main(int argc, char **argv) {
       if (fd >= 0) close(fd);
     }
   } else if (!strcmp(mode, "exec")) {
+    /* Runs ARG (default /bin/true) N times. */
+    const char *prog = argc > 4 ? argv[4] : "/bin/true";
     for (long i = 0; i < n; i++) {
       pid_t p = fork();
       if (p == 0) {
-        execl("/bin/true", "true", (char *)NULL);
+        execl(prog, "true", (char *)NULL);
         _exit(127);
       }
       int st;
