@@ -26,7 +26,7 @@ use std::{
 };
 
 use fathom_crds::{
-    CheckedSpec,
+    CheckedSpec, FieldError,
     assignment::{AssignmentPhase, TraceAssignmentSpec, TraceAssignmentStatus},
     result::{EventRecord, ResultData},
     tenancy::Reach,
@@ -464,16 +464,7 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         let spec = &t.desired.spec;
         let checked = match spec.trace.validate() {
             Ok(c) => c,
-            Err(errors) => {
-                let lines: Vec<String> = errors
-                    .iter()
-                    .map(|e| {
-                        let field = e.field.strip_prefix("spec.").unwrap_or(&e.field);
-                        format!("spec.trace.{field}: {}", e.message)
-                    })
-                    .collect();
-                return fail(t, AssignmentPhase::Failed, lines.join("; "));
-            }
+            Err(errors) => return fail(t, AssignmentPhase::Failed, in_assignment(&errors)),
         };
         let resolved = match targets::resolve(spec, index) {
             Ok(r) => r,
@@ -487,14 +478,7 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
             checked.reach = Reach::Namespace;
             let refused = spec.trace.tenant_refusals();
             if !refused.is_empty() {
-                let lines: Vec<String> = refused
-                    .iter()
-                    .map(|e| {
-                        let field = e.field.strip_prefix("spec.").unwrap_or(&e.field);
-                        format!("spec.trace.{field}: {}", e.message)
-                    })
-                    .collect();
-                return fail(t, AssignmentPhase::Failed, lines.join("; "));
+                return fail(t, AssignmentPhase::Failed, in_assignment(&refused));
             }
         }
         let in_containers = !matches!(resolved.scope, Scope::Node);
@@ -707,6 +691,18 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
             .map(|t| t.desired.uid.clone())
             .collect()
     }
+}
+
+/// Field errors of a job's spec as the assignment names them (`spec.trace.<field>`), joined.
+fn in_assignment(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| {
+            let field = e.field.strip_prefix("spec.").unwrap_or(&e.field);
+            format!("spec.trace.{field}: {}", e.message)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn fail(t: &mut Tracked, phase: AssignmentPhase, error: String) {
