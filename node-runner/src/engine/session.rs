@@ -1717,6 +1717,60 @@ fn fdinfo_memlock(fd: i32) -> u64 {
 mod tests {
     use super::*;
 
+    /// S1: the only bytecode a job can run is the object compiled into this binary, and a plan
+    /// picks its programs by attach kind from a fixed table, never from anything a job or a
+    /// request names. Every program the table can pick is in the object; the object's other
+    /// program (the verifier canary, which never loads) is never picked.
+    #[test]
+    fn s1_every_program_a_plan_can_pick_is_built_in_and_vetted() {
+        use std::collections::BTreeSet;
+
+        use crate::engine::plan::{Attachment, Role};
+        let object = aya_obj::Object::parse(PROGRAMS).expect("the built-in object parses");
+        let built_in: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        let f = || "f".to_string();
+        let points = [
+            AttachPoint::Tracepoint {
+                category: "c".into(),
+                name: "n".into(),
+            },
+            AttachPoint::RawTracepoint { name: f() },
+            AttachPoint::Kprobe { function: f() },
+            AttachPoint::Kretprobe { function: f() },
+            AttachPoint::Fentry { function: f() },
+            AttachPoint::Fexit { function: f() },
+            AttachPoint::Uprobe {
+                binary: "/b".into(),
+                target: UprobeTarget::Symbol(f()),
+                ret: false,
+            },
+            AttachPoint::Uprobe {
+                binary: "/b".into(),
+                target: UprobeTarget::Symbol(f()),
+                ret: true,
+            },
+            AttachPoint::Profile { frequency: 99 },
+            AttachPoint::Lsm { hook: f() },
+        ];
+        let mut picked = BTreeSet::new();
+        for point in points {
+            for role in [Role::Main, Role::Stash] {
+                let name = Attachment {
+                    role,
+                    point: point.clone(),
+                }
+                .program();
+                assert!(
+                    built_in.contains(name),
+                    "{name} is not in the built-in object"
+                );
+                picked.insert(name);
+            }
+        }
+        let unpicked: Vec<&&str> = built_in.difference(&picked).collect();
+        assert_eq!(unpicked, [&"fathom_verifier_canary"]);
+    }
+
     #[test]
     fn verifier_logs_keep_their_end_within_budget() {
         let log: String = (0..500)
