@@ -436,14 +436,14 @@ fn cpu_use_is_honest_when_someone_else_keeps_bpf_statistics_on() {
             stopped, None,
             "held on by {how}: stopped under a budget of {budget} % ({alone:.3} % alone, {shared:.3} % held on)"
         );
-        // The bug read ~10x. On a real CPU an honest figure is within 20 %; a kernel-matrix
-        // VM emulates its CPU (QEMU/TCG) and its clock reads and pacing jitter by ~30 % over
-        // 4 s, so there only a factor of 2 is asked, which still tells honest from ~10x.
+        // The bug read ~10x; an honest figure is within a factor of 2. Not within 20 %: at
+        // ~1 % of a CPU, runs measured with the statistics on for the whole run cost up to
+        // ~30 % more each than those of the sampled windows (x1.30 on this host, x1.32 in
+        // the Debian 6.1 VM; x0.9–1.1 in other runs), which is the kernel's accounting, not
+        // the scaling this test is about.
         let ratio = shared / alone;
-        let emulated = std::env::var("FATHOM_MATRIX_ROW").is_ok_and(|row| row != "host");
-        let within = if emulated { 0.5..=2.0 } else { 0.8..=1.25 };
         assert!(
-            within.contains(&ratio),
+            (0.5..=2.0).contains(&ratio),
             "held on by {how}: CPU {shared:.3} % vs {alone:.3} % alone (×{ratio:.2})"
         );
     }
