@@ -35,6 +35,10 @@ pub(super) fn infeasible(probe: &str, message: String) -> ProbeVerdict {
 /// (no BTF, a function BTF leaves out) or the point's arguments are not the kernel's (uprobes,
 /// tracepoints, profile).
 pub(super) fn kernel_args<'k>(point: &AttachPoint, kernel: &'k Kernel) -> Option<&'k [ArgKind]> {
+    // BTF is parsed (once per kernel; seconds under emulation) only for kernel-side points.
+    if !kernel_side(point) {
+        return None;
+    }
     let idx = kernel.btf_index()?;
     match point {
         AttachPoint::RawTracepoint { name } => idx.raw_tracepoint_args(name),
