@@ -15,7 +15,7 @@
 # crashes; 2 on a usage or setup error. Needs root and scripts/setup.sh.
 #
 # Environment: CARGO_TARGET_DIR (as for cargo), FATHOM_KERNEL_CACHE (default
-# /var/cache/fathom/kernels), FATHOM_VM_TIMEOUT (seconds per VM, default 900),
+# /var/cache/fathom/kernels), FATHOM_VM_TIMEOUT (seconds per VM, default 1500),
 # FATHOM_VM_MEMORY (MiB, default 2048), FATHOM_VM_CPUS (default 2),
 # FATHOM_HOST_EXPECT (overrides the host row's expectations).
 set -euo pipefail
@@ -57,7 +57,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
 OUT=$TARGET_DIR/kernel-matrix
 CACHE=${FATHOM_KERNEL_CACHE:-/var/cache/fathom/kernels}
-VM_TIMEOUT=${FATHOM_VM_TIMEOUT:-900}
+VM_TIMEOUT=${FATHOM_VM_TIMEOUT:-1500}
 VM_MEMORY=${FATHOM_VM_MEMORY:-2048}
 VM_CPUS=${FATHOM_VM_CPUS:-2}
 
@@ -504,7 +504,7 @@ def parse(name):
                 res["tests"][k] = "NOT RUN"
             res["order"].append(k)
     if rc == 124 or rc == 137:
-        res["problems"].append(f"hung: killed after FATHOM_VM_TIMEOUT={os.environ.get('FATHOM_VM_TIMEOUT', '900')} s")
+        res["problems"].append(f"hung: killed after FATHOM_VM_TIMEOUT={os.environ.get('FATHOM_VM_TIMEOUT', '1500')} s")
     elif rc != 0:
         res["problems"].append(f"QEMU exited with {rc}")
     if re.search(r"Kernel panic|BUG: |Oops: ", text):
