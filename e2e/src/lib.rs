@@ -253,6 +253,14 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// `target/e2e-logs/<name>`, the folder made if need be: where the tests put logs, rendered
+/// manifests and tokens (a clean clone has no such folder until the first test writes one).
+pub fn e2e_file(name: &str) -> PathBuf {
+    let dir = target_dir().join("e2e-logs");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir.join(name)
+}
+
 /// Runs `kubectl` as the cluster admin: stdout, or an error with its stderr.
 pub fn kubectl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("kubectl")
@@ -382,9 +390,7 @@ pub fn apply_chart_rbac(template: &str) {
         "--show-only",
         &format!("templates/{template}"),
     ]);
-    let dir = target_dir().join("e2e-logs");
-    std::fs::create_dir_all(&dir).expect("log dir");
-    let path = dir.join(format!("chart-{template}"));
+    let path = e2e_file(&format!("chart-{template}"));
     std::fs::write(&path, yaml).expect("rendered RBAC");
     apply_file(&path);
 }
@@ -1269,9 +1275,7 @@ impl OperatorOptions {
             None => sim_node_tolerations(admin).await,
         };
         let port = free_port();
-        let dir = target_dir().join("e2e-logs");
-        std::fs::create_dir_all(&dir).expect("log dir");
-        let log = dir.join(format!("{}.log", self.log_name));
+        let log = e2e_file(&format!("{}.log", self.log_name));
         let out = File::create(&log).expect("operator log");
         let mut args: Vec<String> = vec![
             "--namespace".into(),
@@ -1493,9 +1497,7 @@ pub fn service_account_kubeconfig_in(ns: &str, sa: &str) -> PathBuf {
             c["context"]["namespace"] = serde_yaml::Value::String(ns.to_string());
         }
     }
-    let dir = target_dir().join("e2e-logs");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join(format!("{ns}.{sa}.kubeconfig"));
+    let path = e2e_file(&format!("{ns}.{sa}.kubeconfig"));
     std::fs::write(&path, serde_yaml::to_string(&kc).expect("yaml")).expect("write kubeconfig");
     #[cfg(unix)]
     {

@@ -26,8 +26,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    HOWTO, MANAGER, OPERATOR_NAMESPACE, cargo_binary, env, free_port, http_get, kubectl_ok,
-    log_tail, secs, spawn_component, target_dir,
+    HOWTO, MANAGER, OPERATOR_NAMESPACE, cargo_binary, e2e_file, env, free_port, http_get,
+    kubectl_ok, log_tail, secs, spawn_component,
 };
 
 /// The runner's ServiceAccount.
@@ -124,9 +124,7 @@ pub async fn runner_token(client: &Client, node: &str) -> PathBuf {
         "--duration",
         "1h",
     ]);
-    let dir = target_dir().join("e2e-logs");
-    std::fs::create_dir_all(&dir).expect("log dir");
-    let path = dir.join(format!("runner-{node}.token"));
+    let path = e2e_file(&format!("runner-{node}.token"));
     std::fs::write(&path, token.trim()).expect("token file");
     path
 }
@@ -172,9 +170,7 @@ impl RunnerOptions {
         let token = runner_token(admin, &self.node).await;
         let pki = collector_pki();
         let port = free_port();
-        let dir = target_dir().join("e2e-logs");
-        std::fs::create_dir_all(&dir).expect("log dir");
-        let log = dir.join(format!("runner-{}.log", self.node));
+        let log = e2e_file(&format!("runner-{}.log", self.node));
         let out = File::options()
             .create(true)
             .append(true)

@@ -164,7 +164,7 @@ fn runner_token_on(release: &Release, node: &str) -> String {
             "containers": [{"name": "pause", "image": "fathom.local/pause:1", "imagePullPolicy": "Never"}],
         }
     });
-    let file = fathom_e2e::target_dir().join(format!("e2e-logs/{pod}.json"));
+    let file = fathom_e2e::e2e_file(&format!("{pod}.json"));
     std::fs::create_dir_all(file.parent().expect("dir")).expect("log dir");
     std::fs::write(&file, manifest.to_string()).expect("pod file");
     kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
@@ -269,7 +269,7 @@ async fn a_runner_token_of_node_a_cannot_write_node_bs_assignment() {
                 "trace": {"probe": {"tracepoint": "syscalls/sys_enter_openat"}},
             }
         });
-        let file = fathom_e2e::target_dir().join(format!("e2e-logs/assignment-{node}.json"));
+        let file = fathom_e2e::e2e_file(&format!("assignment-{node}.json"));
         std::fs::write(&file, a.to_string()).expect("assignment file");
         kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
     }
@@ -618,7 +618,7 @@ async fn exercise(ns: &str, start: std::time::Instant, work_ns: &str) -> Figures
             }
         }
     });
-    let file = fathom_e2e::target_dir().join("e2e-logs/install-web.json");
+    let file = fathom_e2e::e2e_file("install-web.json");
     std::fs::create_dir_all(file.parent().expect("dir")).expect("dir");
     std::fs::write(&file, web.to_string()).expect("file");
     kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
@@ -873,7 +873,7 @@ async fn deploy_applies_with_kubectl_runs_a_tracejob_and_deletes_leaving_nothing
     args.extend(local_cluster_values(&api_port, &node, pin_root));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let rendered = fathom_e2e::chart::helm_ok(&args);
-    let file = fathom_e2e::target_dir().join("e2e-logs/gitops.yaml");
+    let file = fathom_e2e::e2e_file("gitops.yaml");
     std::fs::create_dir_all(file.parent().expect("dir")).expect("dir");
     std::fs::write(&file, &rendered).expect("rendered file");
     let file = file.to_str().expect("utf-8");
