@@ -38,6 +38,9 @@ SCHED_PORT=10259
 KUBELET_PORT=10250
 KUBELET_HEALTHZ_PORT=10248
 PAUSE_IMAGE=fathom.local/pause:1
+# The namespace of the identities the e2e suite runs its operator and runners as (processes);
+# not fathom-system, which stays free for installs of the chart and of deploy/ as they ship.
+E2E_NAMESPACE=fathom-e2e
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet simnodes)
 
@@ -147,7 +150,7 @@ collector_pki() {
     -out "$PKI/collector.csr" 2>/dev/null
   printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
     "extendedKeyUsage=serverAuth" \
-    "subjectAltName=IP:127.0.0.1,IP:$NODE_IP,DNS:localhost,DNS:fathom-collector.fathom-system.svc" \
+    "subjectAltName=IP:127.0.0.1,IP:$NODE_IP,DNS:localhost,DNS:fathom-collector.$E2E_NAMESPACE.svc" \
     >"$PKI/collector.ext"
   openssl x509 -req -in "$PKI/collector.csr" -CA "$PKI/collector-ca.crt" \
     -CAkey "$PKI/collector-ca.key" -CAcreateserial -days 30 -sha256 \
@@ -265,7 +268,7 @@ rules:
 EOF
   start kube-apiserver "$BIN" kube-apiserver \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --secure-port "$API_PORT" --advertise-address "$NODE_IP" \
+    --bind-address 0.0.0.0 --secure-port "$API_PORT" --advertise-address "$NODE_IP" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" \
     --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
@@ -307,12 +310,26 @@ start_controllers() {
 }
 
 # The pod network: a bridge whose address is the node's IP, and the bridge CNI plugin on it.
+# The `kubernetes` Service without kube-proxy: one DNAT rule from its ClusterIP (what the
+# kubelet puts in every pod's KUBERNETES_SERVICE_HOST/PORT) to the API server on the node's
+# bridge address, so that pods with the default in-cluster config (the chart's and deploy/'s
+# defaults) reach the API server. The chain's KUBE- prefix puts it in remove_iptables' sweep.
+kubernetes_service() {
+  local chain=KUBE-FATHOM-SERVICES
+  iptables -t nat -N "$chain" 2>/dev/null || iptables -t nat -F "$chain"
+  iptables -t nat -A "$chain" -d "$SERVICE_IP/32" -p tcp --dport 443 \
+    -j DNAT --to-destination "$NODE_IP:$API_PORT"
+  iptables -t nat -C PREROUTING -j "$chain" 2>/dev/null || iptables -t nat -A PREROUTING -j "$chain"
+  iptables -t nat -C OUTPUT -j "$chain" 2>/dev/null || iptables -t nat -A OUTPUT -j "$chain"
+}
+
 make_network() {
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge
   fi
   ip addr replace "$NODE_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
+  kubernetes_service
   mkdir -p "$STATE/cni/net.d" "$STATE/cni/ipam"
   cat >"$STATE/cni/net.d/10-fathom.conflist" <<EOF
 {
@@ -328,6 +345,7 @@ make_network() {
       "ipam": {
         "type": "host-local",
         "ranges": [[{ "subnet": "$POD_CIDR", "gateway": "$NODE_IP" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }],
         "dataDir": "$STATE/cni/ipam"
       }
     }
@@ -492,23 +510,23 @@ node_ready() {
 # Namespaced identities the components run as, and kubeconfigs carrying their tokens, so tests
 # exercise RBAC as the operator and runner really meet it.
 make_identities() {
-  kctl apply -f - >/dev/null <<'EOF'
+  kctl apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Namespace
-metadata: { name: fathom-system }
+metadata: { name: $E2E_NAMESPACE }
 ---
 apiVersion: v1
 kind: ServiceAccount
-metadata: { name: fathom-operator, namespace: fathom-system }
+metadata: { name: fathom-operator, namespace: $E2E_NAMESPACE }
 ---
 apiVersion: v1
 kind: ServiceAccount
-metadata: { name: fathom-node-runner, namespace: fathom-system }
+metadata: { name: fathom-node-runner, namespace: $E2E_NAMESPACE }
 EOF
   local sa token
   for sa in fathom-operator fathom-node-runner; do
-    token=$(kctl -n fathom-system create token "$sa" --duration 48h)
-    kubeconfig "$STATE/$sa.kubeconfig" "system:serviceaccount:fathom-system:$sa" --token "$token"
+    token=$(kctl -n "$E2E_NAMESPACE" create token "$sa" --duration 48h)
+    kubeconfig "$STATE/$sa.kubeconfig" "system:serviceaccount:$E2E_NAMESPACE:$sa" --token "$token"
   done
 }
 

@@ -368,23 +368,20 @@ const IMAGES: [&str; 2] = [
     "fathom.local/fathom-node-runner:0.1.0",
 ];
 
-/// The local cluster's particulars, as values (docs/install.md, "Clusters without kube-proxy"):
-/// its API server listens on the node's loopback only and there is no kube-proxy, so both pods
-/// use the node's network and reach the API at 127.0.0.1; one real node, so one operator
-/// replica (two host-network replicas need two nodes) and the runner only there (the simulated
-/// nodes run no containers).
-fn local_cluster_values(api_port: &str, node: &str, pin_root: &str) -> Vec<String> {
+/// The values an install on this cluster needs beyond the chart's defaults: the pods pinned
+/// to the real node (the simulated nodes run no containers), a pin root of the test's own,
+/// images never pulled (no registry), and a short grace. The defaults otherwise: two operator
+/// replicas on the pod network, the in-cluster `kubernetes` Service (scripts/cluster.sh routes
+/// its ClusterIP to the API server, as kube-proxy would).
+fn local_cluster_values(node: &str, pin_root: &str) -> Vec<String> {
     vec![
         "--set-string".into(),
         format!(
-            "kubernetesService.host=127.0.0.1,kubernetesService.port={api_port},\
-             operator.nodeSelector.kubernetes\\.io/hostname={node},\
+            "operator.nodeSelector.kubernetes\\.io/hostname={node},\
              runner.nodeSelector.kubernetes\\.io/hostname={node},runner.pinRoot={pin_root}"
         ),
         "--set".into(),
-        "operator.hostNetwork=true,runner.hostNetwork=true,operator.replicas=1,\
-         operator.graceSeconds=10,images.pullPolicy=Never"
-            .into(),
+        "operator.graceSeconds=10,images.pullPolicy=Never".into(),
     ]
 }
 
@@ -524,8 +521,8 @@ fn json_of(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&kubectl_ok(args)).expect("kubectl -o json")
 }
 
-/// Preconditions of an install on the real node: the images imported; the API server's port.
-fn install_preconditions() -> String {
+/// Preconditions of an install on the real node: the images imported.
+fn install_preconditions() {
     let images = ctr(&["images", "ls", "-q"]);
     for image in IMAGES {
         assert!(
@@ -533,14 +530,6 @@ fn install_preconditions() -> String {
             "{image} is not in the node's containerd: run scripts/images.sh import"
         );
     }
-    let server = kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ]);
-    server.trim().rsplit(':').next().expect("port").to_string()
 }
 
 /// What one install showed.
@@ -630,6 +619,35 @@ async fn exercise(ns: &str, start: std::time::Instant, work_ns: &str) -> Figures
         "deployment/web",
         "--timeout=60s",
     ]);
+    run_example_job(ns, work_ns).await;
+    // Logs as `kubectl logs` shows them: plain text, no terminal colour codes.
+    for app in ["fathom-operator", "fathom-node-runner"] {
+        let logs = kubectl_ok(&[
+            "-n",
+            ns,
+            "logs",
+            "-l",
+            &format!("app.kubernetes.io/name={app}"),
+            "--tail=200",
+        ]);
+        assert!(!logs.trim().is_empty(), "{app} logged nothing");
+        assert!(
+            !logs.contains('\x1b'),
+            "{app}'s log has ANSI escapes:\n{logs}"
+        );
+    }
+    Figures {
+        ready,
+        runner_pid: pid,
+        rss,
+        idle_cpu,
+    }
+}
+
+/// `kubectl apply -f examples/pod-opens.yaml` in `work_ns` (whose `web` pod opens files):
+/// Succeeded, `kubectl get results` lists it, its rows are the web pod's counts and only its;
+/// then the job is deleted. `ns`: the release, for its logs on a failure.
+async fn run_example_job(ns: &str, work_ns: &str) {
     let example = fathom_e2e::workspace_root().join("examples/pod-opens.yaml");
     kubectl_ok(&[
         "-n",
@@ -705,12 +723,92 @@ async fn exercise(ns: &str, start: std::time::Instant, work_ns: &str) -> Figures
         "--wait=true",
         "--timeout=60s",
     ]);
-    Figures {
-        ready,
-        runner_pid: pid,
-        rss,
-        idle_cpu,
-    }
+}
+
+/// The operator pods of release namespace `ns`, by name.
+fn operator_pods(ns: &str) -> Vec<String> {
+    kubectl_ok(&[
+        "-n",
+        ns,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=fathom-operator",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// The holder of the leader Lease of release namespace `ns`.
+fn lease_holder(ns: &str) -> String {
+    kubectl(&[
+        "-n",
+        ns,
+        "get",
+        "lease",
+        "fathom-operator-leader",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])
+    .unwrap_or_default()
+    .trim()
+    .to_string()
+}
+
+/// The leader replica's pod is deleted, as a node drain or a crash would: the standby takes
+/// the Lease over and the Deployment's new pod becomes Ready as the next standby. Returns the
+/// time from the delete to the new leader.
+async fn fail_over(ns: &str) -> std::time::Duration {
+    let pods = operator_pods(ns);
+    assert_eq!(pods.len(), 2, "two operator replicas: {pods:?}");
+    let leader = lease_holder(ns);
+    assert!(
+        pods.contains(&leader),
+        "the Lease is held by {leader:?}, not one of the replicas {pods:?}"
+    );
+    let start = std::time::Instant::now();
+    kubectl_ok(&["-n", ns, "delete", "pod", &leader, "--wait=false"]);
+    let new_leader = loop {
+        let holder = lease_holder(ns);
+        if !holder.is_empty() && holder != leader {
+            break holder;
+        }
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no replica took the Lease over from {leader} within 120 s (holder {holder:?})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    let took_over = start.elapsed();
+    // The leader releases the Lease as it stops: the standby or the Deployment's new pod,
+    // whichever asks first, takes it.
+    let now = operator_pods(ns);
+    assert!(
+        now.contains(&new_leader),
+        "the new leader {new_leader} is none of the operator pods {now:?}"
+    );
+    eprintln!(
+        "operator fail-over: {leader} deleted; {new_leader} ({}) leads",
+        if pods.contains(&new_leader) {
+            "the standby"
+        } else {
+            "the replacement pod"
+        }
+    );
+    kubectl_ok(&[
+        "-n",
+        ns,
+        "rollout",
+        "status",
+        "deployment",
+        "-l",
+        "app.kubernetes.io/name=fathom-operator",
+        "--timeout=120s",
+    ]);
+    took_over
 }
 
 /// After an uninstall: no pod of `ns`, the runner process gone, no program or link of Fathom
@@ -778,18 +876,26 @@ async fn assert_nothing_left(
 #[tokio::test]
 async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leaving_nothing() {
     let _ = admin().await;
-    let api_port = install_preconditions();
+    install_preconditions();
     let node = env().real_node.clone();
     let pin_root = "/sys/fs/bpf/fathom-it";
     let programs_before = fathom_e2e::runner::fathom_programs();
     let work = ScratchNamespace::create("fathom-install-work");
 
     let start = std::time::Instant::now();
-    let mut args: Vec<String> = local_cluster_values(&api_port, &node, pin_root);
+    let mut args: Vec<String> = local_cluster_values(&node, pin_root);
     args.extend(["--wait".into(), "--timeout".into(), "180s".into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let release = Release::install("fathom-it", "fathom-install", &args);
     let figures = exercise(&release.namespace, start, work.as_str()).await;
+    // Leader election as pods: the leader goes, the standby leads, and the product path works
+    // through it (the runner reconnects to the new leader's collector).
+    let took_over = fail_over(&release.namespace).await;
+    run_example_job(&release.namespace, work.as_str()).await;
+    eprintln!(
+        "operator fail-over: a new leader held the Lease {:.1} s after the leader's pod was deleted",
+        took_over.as_secs_f64()
+    );
 
     let out = helm(&[
         "uninstall",
@@ -846,7 +952,7 @@ async fn deploy_applies_with_kubectl_runs_a_tracejob_and_deletes_leaving_nothing
         root.join("deploy").to_str().expect("utf-8"),
     ]);
 
-    let api_port = install_preconditions();
+    install_preconditions();
     let node = env().real_node.clone();
     let (release, ns, pin_root) = (
         "fathom-gitops",
@@ -870,7 +976,7 @@ async fn deploy_applies_with_kubectl_runs_a_tracejob_and_deletes_leaving_nothing
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(local_cluster_values(&api_port, &node, pin_root));
+    args.extend(local_cluster_values(&node, pin_root));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let rendered = fathom_e2e::chart::helm_ok(&args);
     let file = fathom_e2e::e2e_file("gitops.yaml");

@@ -394,7 +394,8 @@ pub async fn run_operator(
         &args.lease_name,
         &identity,
         timings,
-    );
+    )
+    .with_health(health.clone());
     let elect = leader::run(lock, leading_tx, shutdown.clone());
 
     let act = {

@@ -1,5 +1,6 @@
-//! `/metrics` (Prometheus text), `/healthz` (the process serves) and `/readyz` (the caches
-//! are synced and the controllers run, or this replica stands by for the lease).
+//! `/metrics` (Prometheus text), `/healthz` (the process serves) and `/readyz` (the API
+//! server answered a leader-lease round within the renew deadline, and the caches are synced
+//! and the controllers run, or this replica stands by for the lease).
 
 use std::{
     convert::Infallible,
@@ -24,7 +25,12 @@ use crate::{
 /// What the probes report.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// The controllers' caches are synced, or this replica stands by.
     ready: AtomicBool,
+    /// The API server answered a leader-lease round within the renew deadline: a replica
+    /// that cannot reach it can neither lead nor take over, and says so (not Ready), instead
+    /// of looking healthy in `kubectl get pods`.
+    api_answers: AtomicBool,
 }
 
 impl Health {
@@ -32,8 +38,23 @@ impl Health {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
+    pub fn set_api_answers(&self, answers: bool) {
+        self.api_answers.store(answers, Ordering::SeqCst);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.not_ready_because().is_none()
+    }
+
+    /// Why `/readyz` fails, if it does.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        if !self.api_answers.load(Ordering::SeqCst) {
+            Some("the API server has not answered a leader-lease round within the renew deadline")
+        } else if !self.ready.load(Ordering::SeqCst) {
+            Some("caches not synced")
+        } else {
+            None
+        }
     }
 }
 
@@ -45,12 +66,14 @@ fn respond(metrics: &Metrics, health: &Health, path: &str) -> Response<Full<Byte
             metrics.encode(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" if health.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready: caches not synced\n".to_string(),
-        ),
+        "/readyz" => match health.not_ready_because() {
+            None => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -36,6 +36,7 @@ use tracing::{info, warn};
 
 use crate::{
     error::{Error, Result},
+    http::Health,
     reconcile::MANAGER,
 };
 
@@ -147,6 +148,7 @@ pub struct LeaseLock {
     identity: String,
     timings: Timings,
     observed: Arc<Mutex<Option<Observation>>>,
+    health: Option<Arc<Health>>,
 }
 
 impl LeaseLock {
@@ -158,7 +160,14 @@ impl LeaseLock {
             identity: identity.into(),
             timings,
             observed: Arc::new(Mutex::new(None)),
+            health: None,
         }
+    }
+
+    /// Reports to `health` whether the API server answers the lease rounds (`/readyz`).
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// This replica's identity in the Lease.
@@ -309,6 +318,8 @@ pub async fn run(
     let t = lock.timings;
     // When the last successful renewal started, on the local monotonic clock.
     let mut renewed: Option<Instant> = None;
+    // When the API server last answered a round (acquired, renewed or held by another).
+    let mut answered: Option<Instant> = None;
     loop {
         let leader = *leading.borrow();
         let deadline = renewed.filter(|_| leader).map(|at| at + t.renew_deadline);
@@ -320,7 +331,14 @@ pub async fn run(
         let started = Instant::now();
         // A hanging request must not keep a leader leading past its deadline.
         let limit = deadline.map_or(t.renew_deadline, |d| d.saturating_duration_since(started));
-        match tokio::time::timeout(limit, lock.try_acquire_or_renew(Timestamp::now())).await {
+        let round = tokio::time::timeout(limit, lock.try_acquire_or_renew(Timestamp::now())).await;
+        if matches!(round, Ok(Ok(_))) {
+            answered = Some(started);
+        }
+        if let Some(health) = &lock.health {
+            health.set_api_answers(answered.is_some_and(|at| at.elapsed() < t.renew_deadline));
+        }
+        match round {
             Ok(Ok(true)) => {
                 renewed = Some(started);
                 if !leader {

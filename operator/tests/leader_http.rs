@@ -266,7 +266,20 @@ async fn metrics_health_and_readiness_are_served() {
     assert_eq!(get(addr, "/healthz").await.0, 200);
     assert_eq!(get(addr, "/readyz").await.0, 503);
     health.set_ready(true);
+    // Synced, but the API server has not answered a lease round yet.
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("API server has not answered"), "{body}");
+    health.set_api_answers(true);
     assert_eq!(get(addr, "/readyz").await.0, 200);
+    health.set_ready(false);
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.ends_with("\r\n\r\nnot ready: caches not synced\n"),
+        "{body}"
+    );
+    health.set_ready(true);
     let (code, body) = get(addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
