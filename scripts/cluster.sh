@@ -38,8 +38,10 @@ SCHED_PORT=10259
 KUBELET_PORT=10250
 KUBELET_HEALTHZ_PORT=10248
 PAUSE_IMAGE=fathom.local/pause:1
-# The namespace of the identities the e2e suite runs its operator and runners as (processes);
-# not fathom-system, which stays free for installs of the chart and of deploy/ as they ship.
+# The namespace of the identities the e2e suite runs its operator and runners as (processes:
+# ServiceAccounts fathom-e2e-operator and fathom-e2e-node-runner, the chart's RBAC as release
+# fathom-e2e grants them; e2e/src/lib.rs OPERATOR_NAMESPACE). Not fathom-system, which stays
+# free for `kubectl apply -k deploy/` as it ships.
 E2E_NAMESPACE=fathom-e2e
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet simnodes)
@@ -517,16 +519,17 @@ metadata: { name: $E2E_NAMESPACE }
 ---
 apiVersion: v1
 kind: ServiceAccount
-metadata: { name: fathom-operator, namespace: $E2E_NAMESPACE }
+metadata: { name: fathom-e2e-operator, namespace: $E2E_NAMESPACE }
 ---
 apiVersion: v1
 kind: ServiceAccount
-metadata: { name: fathom-node-runner, namespace: $E2E_NAMESPACE }
+metadata: { name: fathom-e2e-node-runner, namespace: $E2E_NAMESPACE }
 EOF
-  local sa token
-  for sa in fathom-operator fathom-node-runner; do
+  local component sa token
+  for component in operator node-runner; do
+    sa=fathom-e2e-$component
     token=$(kctl -n "$E2E_NAMESPACE" create token "$sa" --duration 48h)
-    kubeconfig "$STATE/$sa.kubeconfig" "system:serviceaccount:$E2E_NAMESPACE:$sa" --token "$token"
+    kubeconfig "$STATE/fathom-$component.kubeconfig" "system:serviceaccount:$E2E_NAMESPACE:$sa" --token "$token"
   done
 }
 

@@ -101,7 +101,7 @@ async fn main() {
     let idle = rss_kib(runner.pid());
 
     let api = Api::<ClusterTraceJob>::all(client.clone());
-    let results = Api::<TraceResult>::namespaced(client.clone(), "fathom-system");
+    let results = Api::<TraceResult>::namespaced(client.clone(), fathom_e2e::OPERATOR_NAMESPACE);
     let name = "bench-latency";
     let guard = ClusterJobGuard { name: name.into() };
     job(

@@ -47,12 +47,20 @@ pub mod runner;
 
 /// The field manager of everything the tests write as the cluster admin.
 pub const MANAGER: &str = "fathom-e2e";
-/// Where the operator runs: its ServiceAccount, its Lease, ClusterTraceJobs' assignments.
-pub const OPERATOR_NAMESPACE: &str = "fathom-system";
+/// Where the operator processes the tests run live: their ServiceAccounts, their Lease, the
+/// assignments (scripts/cluster.sh `E2E_NAMESPACE`). Not `fathom-system`, which is left to
+/// `kubectl apply -k deploy/` as it ships (tests/install.rs).
+pub const OPERATOR_NAMESPACE: &str = "fathom-e2e";
+/// The release name the chart's RBAC is rendered with for the test processes' identities
+/// (ServiceAccounts `fathom-e2e-operator` and `fathom-e2e-node-runner`, made by
+/// scripts/cluster.sh): its cluster-scoped objects never collide with a real install's.
+pub const HARNESS_RELEASE: &str = "fathom-e2e";
 /// The operator's identity as the API server (and its audit log) sees it.
-pub const OPERATOR_USER: &str = "system:serviceaccount:fathom-system:fathom-operator";
+pub const OPERATOR_USER: &str = "system:serviceaccount:fathom-e2e:fathom-e2e-operator";
+/// The node runner's identity (the collector accepts only its tokens).
+pub const RUNNER_USER: &str = "system:serviceaccount:fathom-e2e:fathom-e2e-node-runner";
 /// A second operator identity, for the leader election test (`manifests/second-operator.yaml`).
-pub const OPERATOR_2_USER: &str = "system:serviceaccount:fathom-system:fathom-operator-2";
+pub const OPERATOR_2_USER: &str = "system:serviceaccount:fathom-e2e:fathom-operator-2";
 /// The garbage collector's identity (kube-controller-manager runs with
 /// `--use-service-account-credentials`).
 pub const GC_USER: &str = "system:serviceaccount:kube-system:generic-garbage-collector";
@@ -199,7 +207,7 @@ pub async fn admin() -> Client {
     client
 }
 
-/// The operator's own identity (ServiceAccount fathom-system/fathom-operator).
+/// The operator's own identity (ServiceAccount fathom-e2e/fathom-e2e-operator).
 pub async fn operator_client() -> Client {
     client_for(&env().operator_kubeconfig).await
 }
@@ -377,13 +385,14 @@ fn apply_file(path: &Path) {
 }
 
 /// Applies a template of the chart's RBAC (`charts/fathom/templates/<template>`) as release
-/// `fathom` in the operator's namespace renders it — ServiceAccounts `fathom-operator` and
-/// `fathom-node-runner` of `fathom-system`, the cluster's identities — server-side, as the
-/// admin. The chart is the one source of the components' permissions.
+/// [`HARNESS_RELEASE`] in the operator's namespace renders it — ServiceAccounts
+/// `fathom-e2e-operator` and `fathom-e2e-node-runner` of `fathom-e2e`, the cluster's
+/// identities — server-side, as the admin. The chart is the one source of the components'
+/// permissions.
 pub fn apply_chart_rbac(template: &str) {
     let yaml = chart::helm_ok(&[
         "template",
-        "fathom",
+        HARNESS_RELEASE,
         "charts/fathom",
         "--namespace",
         OPERATOR_NAMESPACE,
@@ -1296,6 +1305,8 @@ impl OperatorOptions {
             "10".into(),
             "--runner-tolerations".into(),
             tolerations.to_string(),
+            "--collector-runner-user".into(),
+            RUNNER_USER.into(),
         ];
         if let Some(retry) = self.retry_period_seconds {
             args.extend(["--retry-period-seconds".into(), retry.to_string()]);

@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// The runner's ServiceAccount.
-pub const RUNNER_SA: &str = "fathom-node-runner";
+pub const RUNNER_SA: &str = "fathom-e2e-node-runner";
 /// The audience of the collector's tokens (operator/src/collector/auth.rs).
 pub const AUDIENCE: &str = "fathom-collector";
 /// Where the e2e runners keep their bpffs directories (one per node below it), apart from a
@@ -182,6 +182,8 @@ impl RunnerOptions {
             &[
                 "--node-name",
                 &self.node,
+                "--namespace",
+                OPERATOR_NAMESPACE,
                 "--collector",
                 &format!("https://127.0.0.1:{}", self.collector_port),
                 "--token-file",

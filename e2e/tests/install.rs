@@ -402,23 +402,33 @@ fn ctr(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The host pid of the runner container of the release's pod on `node`.
-fn runner_pid(ns: &str) -> u32 {
-    let pods: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+/// The release's runner pod on the real node (the simulated nodes' runner pods are made up).
+fn real_runner_pod(ns: &str) -> serde_json::Value {
+    let node = env().real_node.as_str();
+    let pods = json_of(&[
         "-n",
         ns,
         "get",
         "pods",
         "-l",
         "app.kubernetes.io/name=fathom-node-runner",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
         "-o",
         "json",
-    ]))
-    .expect("pods json");
-    let id = pods["items"][0]["status"]["containerStatuses"][0]["containerID"]
+    ]);
+    let items = pods["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "one runner pod on {node}: {pods}");
+    items[0].clone()
+}
+
+/// The host pid of the runner container of the release's pod on the real node.
+fn runner_pid(ns: &str) -> u32 {
+    let pod = real_runner_pod(ns);
+    let id = pod["status"]["containerStatuses"][0]["containerID"]
         .as_str()
         .and_then(|s| s.strip_prefix("containerd://"))
-        .unwrap_or_else(|| panic!("no runner container id: {pods}"))
+        .unwrap_or_else(|| panic!("no runner container id: {pod}"))
         .to_string();
     let tasks = ctr(&["task", "ls"]);
     tasks
@@ -532,6 +542,36 @@ fn install_preconditions() {
     }
 }
 
+/// Where an install's pods are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Every pod on the real node (node selectors in the values).
+    Pinned,
+    /// The defaults: the operator where the scheduler puts it (the real node: the simulated
+    /// ones are cordoned), a runner on every node.
+    Everywhere,
+}
+
+/// Nodes cordoned (`kubectl cordon`) for a test's span, uncordoned on drop.
+struct Cordoned(Vec<String>);
+
+impl Cordoned {
+    fn nodes(nodes: &[String]) -> Self {
+        for n in nodes {
+            kubectl_ok(&["cordon", n]);
+        }
+        Cordoned(nodes.to_vec())
+    }
+}
+
+impl Drop for Cordoned {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = kubectl(&["uncordon", n]);
+        }
+    }
+}
+
 /// What one install showed.
 struct Figures {
     ready: std::time::Duration,
@@ -543,7 +583,12 @@ struct Figures {
 /// An installed release in `ns` (installed at `start`): every pod Ready on the real node, the
 /// runner's CapEff exactly the documented set, idle figures, and the example TraceJob on a
 /// workload pod Succeeded with its rows (`kubectl get results` shows it); the job deleted after.
-async fn exercise(ns: &str, start: std::time::Instant, work_ns: &str) -> Figures {
+async fn exercise(
+    ns: &str,
+    start: std::time::Instant,
+    work_ns: &str,
+    placement: Placement,
+) -> Figures {
     let node = env().real_node.as_str();
     for app in ["fathom-operator", "fathom-node-runner"] {
         kubectl_ok(&[
@@ -559,13 +604,28 @@ async fn exercise(ns: &str, start: std::time::Instant, work_ns: &str) -> Figures
     }
     let ready = start.elapsed();
     let pods = json_of(&["-n", ns, "get", "pods", "-o", "json"]);
+    let mut runner_nodes = Vec::new();
     for p in pods["items"].as_array().expect("pods") {
-        assert_eq!(
-            p["spec"]["nodeName"].as_str(),
-            Some(node),
-            "{}",
-            p["metadata"]["name"]
-        );
+        let on = p["spec"]["nodeName"].as_str().unwrap_or_default();
+        let app = p["metadata"]["labels"]["app.kubernetes.io/name"]
+            .as_str()
+            .unwrap_or_default();
+        if app == "fathom-node-runner" {
+            runner_nodes.push(on.to_string());
+        }
+        if placement == Placement::Pinned || app == "fathom-operator" {
+            assert_eq!(on, node, "{}", p["metadata"]["name"]);
+        }
+    }
+    let operators = operator_pods(ns);
+    assert_eq!(operators.len(), 2, "two operator replicas: {operators:?}");
+    if placement == Placement::Everywhere {
+        // The DaemonSet tolerates every taint: a runner on every node, cordoned ones too.
+        let mut all = env().sim_nodes.clone();
+        all.push(node.to_string());
+        all.sort();
+        runner_nodes.sort();
+        assert_eq!(runner_nodes, all, "the runner pods' nodes");
     }
 
     // The runner's effective capabilities are exactly the documented set. (With hostPID the
@@ -621,15 +681,18 @@ async fn exercise(ns: &str, start: std::time::Instant, work_ns: &str) -> Figures
     ]);
     run_example_job(ns, work_ns).await;
     // Logs as `kubectl logs` shows them: plain text, no terminal colour codes.
-    for app in ["fathom-operator", "fathom-node-runner"] {
-        let logs = kubectl_ok(&[
-            "-n",
-            ns,
-            "logs",
-            "-l",
-            &format!("app.kubernetes.io/name={app}"),
-            "--tail=200",
-        ]);
+    let runner_pod = real_runner_pod(ns)["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    for (app, pods) in [
+        ("fathom-operator", operator_pods(ns)),
+        ("fathom-node-runner", vec![runner_pod]),
+    ] {
+        let logs = pods
+            .iter()
+            .map(|p| kubectl_ok(&["-n", ns, "logs", "--tail=200", p]))
+            .collect::<String>();
         assert!(!logs.trim().is_empty(), "{app} logged nothing");
         assert!(
             !logs.contains('\x1b'),
@@ -668,15 +731,21 @@ async fn run_example_job(ns: &str, work_ns: &str) {
         }
         if phase == "Failed" || job_start.elapsed().as_secs() > 120 {
             let logs = |app: &str| {
-                kubectl(&[
-                    "-n",
-                    ns,
-                    "logs",
-                    "-l",
-                    &format!("app.kubernetes.io/name={app}"),
-                    "--tail=40",
-                ])
-                .unwrap_or_default()
+                let pods = match app {
+                    "fathom-operator" => operator_pods(ns),
+                    _ => vec![
+                        real_runner_pod(ns)["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ],
+                };
+                pods.iter()
+                    .map(|p| {
+                        kubectl(&["-n", ns, "logs", "--tail=40", p])
+                            .unwrap_or_else(|e| e.to_string())
+                    })
+                    .collect::<String>()
             };
             panic!(
                 "job pod-opens: {phase:?}: {:#}\n--- runner:\n{}\n--- operator:\n{}",
@@ -887,7 +956,7 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     args.extend(["--wait".into(), "--timeout".into(), "180s".into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let release = Release::install("fathom-it", "fathom-install", &args);
-    let figures = exercise(&release.namespace, start, work.as_str()).await;
+    let figures = exercise(&release.namespace, start, work.as_str(), Placement::Pinned).await;
     // Leader election as pods: the leader goes, the standby leads, and the product path works
     // through it (the runner reconnects to the new leader's collector).
     let took_over = fail_over(&release.namespace).await;
@@ -927,67 +996,31 @@ async fn the_chart_installs_on_the_real_node_runs_a_tracejob_and_uninstalls_leav
     );
 }
 
-/// The GitOps way: `deploy/` as the server takes it (server-side dry run of `kubectl apply -k
-/// deploy/`: every object accepted, CEL of the policy and CRDs compiled, RBAC grantable), and a
-/// real `kubectl apply` of the same pipeline — `helm template` of the chart with
-/// `deploy/values.yaml`, the collector's TLS Secret made beforehand by
-/// `scripts/collector-tls.sh` as docs/install.md says — then the same checks as the Helm install
-/// and a `kubectl delete` that leaves nothing. The literal `deploy/` targets `fathom-system`,
-/// whose ServiceAccounts the shared local cluster's own identities are (scripts/cluster.sh), so
-/// the real apply renders it for a namespace of its own (and this cluster's particulars).
+/// The GitOps way, exactly as docs/install.md tells it: `kubectl create namespace fathom-system`,
+/// `scripts/collector-tls.sh`, `kubectl apply --server-side -k deploy/` — the checked-in
+/// manifests, defaults and all. The simulated nodes run no containers, so they are cordoned
+/// for the test: the operator's two replicas land on the real node, the runner DaemonSet (which
+/// tolerates every taint) on every node. Then the same checks as the Helm install, and the
+/// documented uninstall — `kubectl delete -k deploy/ -l app.kubernetes.io/instance=fathom`,
+/// which keeps the CRDs (and so every TraceJob), then the namespace — leaves nothing.
 #[tokio::test]
 async fn deploy_applies_with_kubectl_runs_a_tracejob_and_deletes_leaving_nothing() {
     let _ = admin().await;
-    let root = fathom_e2e::workspace_root();
-    kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--dry-run=server",
-        // The shared cluster's e2e suite owns Roles of the same names in fathom-system (its
-        // own RBAC files); a dry run takes nothing from it.
-        "--force-conflicts",
-        "--field-manager",
-        "fathom-e2e-gitops",
-        "-k",
-        root.join("deploy").to_str().expect("utf-8"),
-    ]);
-
     install_preconditions();
-    let node = env().real_node.clone();
-    let (release, ns, pin_root) = (
-        "fathom-gitops",
-        "fathom-gitops",
-        "/sys/fs/bpf/fathom-gitops",
+    let root = fathom_e2e::workspace_root();
+    let (ns, pin_root) = ("fathom-system", "/sys/fs/bpf/fathom");
+    assert!(
+        kubectl(&["get", "namespace", ns]).is_err(),
+        "{ns} exists already: this test installs deploy/ there as it ships"
     );
     let programs_before = fathom_e2e::runner::fathom_programs();
     let work = ScratchNamespace::create("fathom-gitops-work");
-    let target = ScratchNamespace::create(ns);
-    let mut args: Vec<String> = [
-        "template",
-        release,
-        "charts/fathom",
-        "--namespace",
-        ns,
-        "--values",
-        "deploy/values.yaml",
-        "--set-string",
-        "collector.tls.existingSecret=fathom-gitops-collector-tls",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(local_cluster_values(&node, pin_root));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let rendered = fathom_e2e::chart::helm_ok(&args);
-    let file = fathom_e2e::e2e_file("gitops.yaml");
-    std::fs::create_dir_all(file.parent().expect("dir")).expect("dir");
-    std::fs::write(&file, &rendered).expect("rendered file");
-    let file = file.to_str().expect("utf-8");
+    let cordoned = Cordoned::nodes(&env().sim_nodes);
 
     let start = std::time::Instant::now();
+    kubectl_ok(&["create", "namespace", ns]);
     let tls = Command::new("bash")
         .arg(root.join("scripts/collector-tls.sh"))
-        .args([ns, "fathom-gitops-collector", "fathom-gitops-collector-tls"])
         .env("KUBECONFIG", &env().kubeconfig)
         .output()
         .expect("scripts/collector-tls.sh");
@@ -996,22 +1029,30 @@ async fn deploy_applies_with_kubectl_runs_a_tracejob_and_deletes_leaving_nothing
         "scripts/collector-tls.sh: {}",
         String::from_utf8_lossy(&tls.stderr)
     );
+    let deploy = root.join("deploy");
+    let deploy = deploy.to_str().expect("utf-8");
+    kubectl_ok(&["apply", "--server-side", "-k", deploy]);
+    let figures = exercise(ns, start, work.as_str(), Placement::Everywhere).await;
+    let took_over = fail_over(ns).await;
+    run_example_job(ns, work.as_str()).await;
+
     kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--field-manager",
-        "fathom-gitops",
-        "-f",
-        file,
+        "delete",
+        "-k",
+        deploy,
+        "-l",
+        "app.kubernetes.io/instance=fathom",
+        "--wait=true",
+        "--timeout=120s",
     ]);
-    let figures = exercise(ns, start, work.as_str()).await;
-    kubectl_ok(&["delete", "-f", file, "--wait=true", "--timeout=120s"]);
-    assert_nothing_left(ns, release, &figures, pin_root, &programs_before).await;
+    assert_nothing_left(ns, "fathom", &figures, pin_root, &programs_before).await;
+    kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=120s"]);
+    drop(cordoned);
     eprintln!(
-        "install figures (kubectl apply): apply to every pod Ready {:.1} s; runner idle: VmRSS {}, CPU {:.2} % of a core over 10 s",
+        "install figures (kubectl apply -k deploy/): apply to every pod Ready {:.1} s; runner idle: VmRSS {}, CPU {:.2} % of a core over 10 s; fail-over {:.1} s",
         figures.ready.as_secs_f64(),
         figures.rss,
-        figures.idle_cpu
+        figures.idle_cpu,
+        took_over.as_secs_f64()
     );
-    drop(target);
 }
