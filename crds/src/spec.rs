@@ -199,7 +199,10 @@ pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_entries: Option<u32>,
     /// CPU time the probes may use, in percent of one CPU, measured by the kernel's BPF
-    /// run-time statistics (1–100). A job over it for 3 seconds in a row is stopped.
+    /// run-time statistics (1–100). A job over it for 3 seconds in a row is stopped. Absent:
+    /// the node runner's default (10 unless the runner's --default-cpu-percent says
+    /// otherwise); `fathom run` then sets none. A node runs the jobs whose budgets fit its
+    /// --node-cpu-budget together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_percent: Option<u32>,
 }

@@ -192,3 +192,80 @@ fn the_runner_attaches_an_assignment_to_its_pods_cgroup_only() {
     assert!(runner.attached().is_empty());
     let _ = fs::remove_dir(&pin_root);
 }
+
+/// The runner holds a job to its CPU budget — here the runner's default for a job that sets
+/// none, 1 % of a CPU — as `fathom run` does: probes over it for 3 s in a row are detached,
+/// the assignment fails with the figure, and the final report's result says why it stopped.
+#[test]
+fn a_job_over_the_runners_default_cpu_budget_is_stopped_and_detached() {
+    let _k = KernelTest::begin();
+    let c = FakeContainer::new("cpu");
+    let comm = comm("cpu");
+    let pin_root = Path::new(BPFFS).join(format!("fathom-test-cpu-{}", std::process::id()));
+    let engine = Engine::new(
+        Kernel::running(),
+        EngineOptions {
+            default_cpu_percent: Some(1),
+            ..EngineOptions::default()
+        },
+    );
+    let mut runner = Runner::new(
+        RunnerOptions {
+            node: "node".into(),
+            status_interval: Duration::from_secs(30),
+        },
+        engine,
+        Some(CgroupRoot::host().unwrap()),
+        Some(Pins::at(&pin_root)),
+    );
+    let desired = assignment(c.container_id(), &comm);
+    let uid = desired.uid.clone();
+    runner.sync([desired]);
+    let out = runner.reconcile(SystemTime::now(), false);
+    assert_eq!(
+        out.statuses.last().and_then(|(_, s)| s.phase),
+        Some(AssignmentPhase::Attached)
+    );
+    let busy = workload_waiting(&comm, "getppid", 4_000_000_000, None);
+    fs::write(c.dir.join("cgroup.procs"), busy.pid.to_string()).expect("into the container");
+    let busy = busy.go_background();
+    let start = std::time::Instant::now();
+    let (status, last) = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let out = runner.reconcile(SystemTime::now(), true);
+        if let Some((_, s)) = out
+            .statuses
+            .iter()
+            .find(|(_, s)| s.phase == Some(AssignmentPhase::Failed))
+        {
+            break (
+                s.clone(),
+                out.reports.last().cloned().expect("a final report"),
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not stopped within 60 s: {:?}",
+            out.statuses
+        );
+    };
+    drop(busy);
+    let error = status.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("CPU budget exceeded") && error.contains("spec.limits.cpuPercent=1"),
+        "{error}"
+    );
+    assert!(last.r#final);
+    let reason = last
+        .result
+        .as_ref()
+        .and_then(|r| r.stopped_reason.clone())
+        .unwrap_or_default();
+    assert_eq!(reason, error, "the result says why it stopped");
+    assert!(runner.attached().is_empty(), "detached");
+    assert!(!pin_root.join(&uid).exists(), "pins removed");
+    // Failed for this run: the next reconcile does not attach it again.
+    let out = runner.reconcile(SystemTime::now(), true);
+    assert!(out.reports.is_empty() && runner.attached().is_empty());
+    let _ = fs::remove_dir(&pin_root);
+}

@@ -2,7 +2,7 @@
 //! reads are bounded by the hook's real argument count for every job, and a TraceJob
 //! (`Reach::Namespace`) may not key by anything that holds a kernel address. What the spec
 //! alone shows (probe kinds, payloads) is refused before planning: crds' `tenancy` tests. And
-//! the node's memory budget holds across all jobs.
+//! the node's memory and CPU budgets hold across all jobs.
 //! Needs root and scripts/setup.sh.
 
 mod common;
@@ -199,4 +199,54 @@ fn a_job_that_does_not_fit_the_nodes_memory_budget_is_refused_and_attaches_nothi
         .expect("fits alone");
     engine.detach("huge").expect("detaches");
     assert_no_residue("after both jobs");
+}
+
+/// The node's CPU budget holds across jobs: each running job reserves its CPU budget
+/// (`limits.cpuPercent`, else the engine's default); a job that does not fit beside the others
+/// is refused with the figures and the knobs and attaches nothing; once one ends, it fits.
+#[test]
+fn a_job_that_does_not_fit_the_nodes_cpu_budget_is_refused_and_attaches_nothing() {
+    let _k = KernelTest::begin();
+    let plain = "probe: { tracepoint: syscalls/sys_enter_getppid }";
+    let light = "probe: { tracepoint: syscalls/sys_enter_getppid }\nlimits: { cpuPercent: 5 }";
+    let mut engine = Engine::new(
+        Kernel::running(),
+        EngineOptions {
+            default_cpu_percent: Some(10),
+            node_cpu_percent: 15,
+            ..EngineOptions::default()
+        },
+    );
+    engine.apply("a", &spec(plain), Scope::Node).expect("fits");
+    assert_eq!(engine.cpu_limit("a"), Some(10), "the default applies");
+    let before = residue();
+    let e = engine
+        .apply("b", &spec(plain), Scope::Node)
+        .expect_err("10 % beside 10 % does not fit 15 %");
+    let EngineError::NotFeasible(v) = &e else {
+        panic!("{e}")
+    };
+    let p = v.first_problem().expect("a problem");
+    assert_eq!(p.reason, Some(Reason::NodeBudget), "{}", p.message);
+    for words in [
+        "10% of a CPU",
+        "budget for all jobs is 15%",
+        "10% of it reserved by 1 running job",
+        "limits.cpuPercent",
+        "--node-cpu-budget",
+    ] {
+        assert!(p.message.contains(words), "{words:?} in: {}", p.message);
+    }
+    assert_eq!(residue(), before, "the refused job loaded nothing");
+    engine
+        .apply("c", &spec(light), Scope::Node)
+        .expect("5 % fits beside 10 %");
+    assert_eq!(engine.cpu_limit("c"), Some(5), "the job's own budget wins");
+    engine.detach("a").expect("detaches");
+    engine
+        .apply("b", &spec(plain), Scope::Node)
+        .expect("fits now");
+    engine.detach("b").expect("detaches");
+    engine.detach("c").expect("detaches");
+    assert_no_residue("after the jobs");
 }

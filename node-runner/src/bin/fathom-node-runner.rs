@@ -26,7 +26,10 @@ use fathom_node::{
     },
     engine::{
         kernel::Kernel,
-        session::{DEFAULT_NODE_MEMORY_BUDGET, Engine, EngineOptions},
+        session::{
+            DEFAULT_JOB_CPU_PERCENT, DEFAULT_NODE_CPU_PERCENT, DEFAULT_NODE_MEMORY_BUDGET, Engine,
+            EngineOptions,
+        },
     },
 };
 use fathom_proto::v1::{NodeReport, RejectionCode, ReportAck};
@@ -88,6 +91,16 @@ struct Args {
     /// job's maps may take: a job that does not fit fails with reason NodeBudget.
     #[arg(long, env = "FATHOM_NODE_MEMORY_BUDGET", default_value_t = DEFAULT_NODE_MEMORY_BUDGET)]
     node_memory_budget: u64,
+    /// The CPU budget, in percent of one CPU, of a job that sets no limits.cpuPercent: over
+    /// it for 3 s in a row, the job is stopped (Failed, with the figure). 0: no budget.
+    #[arg(long, env = "FATHOM_DEFAULT_CPU_PERCENT", default_value_t = DEFAULT_JOB_CPU_PERCENT,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    default_cpu_percent: u32,
+    /// Probe CPU, in percent of one CPU, all jobs on this node may reserve together, each by
+    /// its CPU budget: a job that does not fit fails with reason NodeBudget.
+    #[arg(long, env = "FATHOM_NODE_CPU_BUDGET", default_value_t = DEFAULT_NODE_CPU_PERCENT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    node_cpu_budget: u32,
 }
 
 /// Reports between the engine thread and the transport.
@@ -129,11 +142,14 @@ async fn main() -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
 
     let engine_thread = {
-        let identity = (
-            args.node_name.clone(),
-            args.pin_root.clone(),
-            args.node_memory_budget,
-        );
+        let engine_opts = EngineOptions {
+            node: args.node_name.clone(),
+            node_memory_budget: args.node_memory_budget,
+            default_cpu_percent: (args.default_cpu_percent > 0).then_some(args.default_cpu_percent),
+            node_cpu_percent: args.node_cpu_budget,
+            ..Default::default()
+        };
+        let pin_root = args.pin_root.clone();
         let intervals = (
             Duration::from_secs(args.report_interval.max(1)),
             Duration::from_secs(args.status_interval),
@@ -141,7 +157,16 @@ async fn main() -> anyhow::Result<()> {
         let stats = runner_stats.clone();
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || engine_loop(identity, intervals, cmd_rx, report_tx, write_tx, stats))
+            .spawn(move || {
+                engine_loop(
+                    (engine_opts, pin_root),
+                    intervals,
+                    cmd_rx,
+                    report_tx,
+                    write_tx,
+                    stats,
+                )
+            })
             .context("starting the engine thread")?
     };
 
@@ -354,7 +379,7 @@ async fn watch_assignments(
 /// The engine thread: owns the engine and the runner; reconciles on every change and reports
 /// every interval.
 fn engine_loop(
-    (node, pin_root, node_memory_budget): (String, PathBuf, u64),
+    (engine_opts, pin_root): (EngineOptions, PathBuf),
     (report_interval, status_interval): (Duration, Duration),
     commands: std_mpsc::Receiver<Command>,
     reports: mpsc::Sender<NodeReport>,
@@ -363,15 +388,8 @@ fn engine_loop(
 ) {
     // Sessions are pinned under the assignments' directories: they outlive this process, and
     // the next one resumes the wanted ones (T2) after sweeping the others (T1).
-    let engine = Engine::new(
-        Kernel::running(),
-        EngineOptions {
-            node: node.clone(),
-            node_memory_budget,
-            ..Default::default()
-        },
-    )
-    .with_pin_root(&pin_root);
+    let node = engine_opts.node.clone();
+    let engine = Engine::new(Kernel::running(), engine_opts).with_pin_root(&pin_root);
     let cgroups = match CgroupRoot::host() {
         Ok(root) => Some(root),
         Err(e) => {

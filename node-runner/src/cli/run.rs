@@ -126,8 +126,7 @@ pub fn run_file(
     Ok(result)
 }
 
-/// Consecutive seconds over `limits.cpuPercent` before a job is stopped.
-pub const CPU_STRIKES: u32 = 3;
+pub use crate::engine::session::CPU_STRIKES;
 
 /// What the progress callback sees about once a second.
 #[derive(Clone, Debug, PartialEq)]

@@ -45,7 +45,7 @@ use crate::{
         error::EngineError,
         plan::{NOTHING_ATTACHED, Scope},
         render::CgroupLabels,
-        session::{Applied, Engine},
+        session::{Applied, CPU_STRIKES, Engine},
     },
 };
 
@@ -69,6 +69,11 @@ pub trait Probes {
     /// its live queue dropped so far; `None` when it is not running or has no events.
     fn take_events(&mut self, id: &str, max: usize) -> Option<(Vec<EventRecord>, u64)> {
         let _ = (id, max);
+        None
+    }
+    /// The CPU budget (percent of one CPU) a running `id` is held to; `None`: none.
+    fn cpu_limit(&self, id: &str) -> Option<u32> {
+        let _ = id;
         None
     }
 }
@@ -102,6 +107,10 @@ impl Probes for Engine {
 
     fn take_events(&mut self, id: &str, max: usize) -> Option<(Vec<EventRecord>, u64)> {
         Engine::take_events(self, id, max)
+    }
+
+    fn cpu_limit(&self, id: &str) -> Option<u32> {
+        Engine::cpu_limit(self, id)
     }
 }
 
@@ -179,6 +188,12 @@ struct Tracked {
     /// A user-space probe's binary inside the target containers: the process it was found
     /// through, and the path through that process' root.
     binary_root: Option<(u32, PathBuf)>,
+    /// The probes' cumulative CPU time (ns) at the last report tick, and when.
+    cpu_seen: Option<(SystemTime, u64)>,
+    /// Since when the probes have been over their CPU budget without a break.
+    cpu_over_since: Option<SystemTime>,
+    /// Why the runner ended the run early (the CPU budget), for the result.
+    stopped_reason: Option<String>,
 }
 
 impl Tracked {
@@ -200,7 +215,34 @@ impl Tracked {
             released: false,
             last_status: None,
             binary_root: None,
+            cpu_seen: None,
+            cpu_over_since: None,
+            stopped_reason: None,
         }
+    }
+
+    /// Takes the probes' cumulative CPU time at `now` and says why the run must stop when
+    /// they have used more than `limit` percent of one CPU for [`CPU_STRIKES`] seconds in a
+    /// row (measured between report ticks, as `fathom run` does each second).
+    fn over_cpu_budget(&mut self, limit: u32, cpu_ns: u64, now: SystemTime) -> Option<String> {
+        let (then, before) = self.cpu_seen.replace((now, cpu_ns))?;
+        let window = now.duration_since(then).ok()?.as_secs_f64();
+        if window <= 0.0 {
+            return None;
+        }
+        let pct = cpu_ns.saturating_sub(before) as f64 / 1e9 / window * 100.0;
+        if pct <= f64::from(limit) {
+            self.cpu_over_since = None;
+            return None;
+        }
+        let since = *self.cpu_over_since.get_or_insert(then);
+        let over = now.duration_since(since).unwrap_or_default();
+        (over >= Duration::from_secs(u64::from(CPU_STRIKES))).then(|| {
+            format!(
+                "CPU budget exceeded: the probes used {pct:.1}% of a CPU for {} s, over spec.limits.cpuPercent={limit} (or the runner's default when the job sets none); raise limits.cpuPercent or trace less",
+                over.as_secs()
+            )
+        })
     }
 
     /// Forgets the previous run's state; the sequence number keeps growing.
@@ -258,6 +300,9 @@ impl Tracked {
         let result = self.result.clone().map(|mut r| {
             r.events.clear();
             r.totals.events_dropped += live_dropped;
+            if r.stopped_reason.is_none() {
+                r.stopped_reason.clone_from(&self.stopped_reason);
+            }
             v1::ResultData::from(r)
         });
         let counters = self.result.as_ref().map(|r| v1::Counters {
@@ -451,6 +496,22 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         } else if t.attached && (report || t.phase != before) {
             if let Some(Ok(r)) = self.probes.snapshot(&t.desired.uid) {
                 t.result = Some(r);
+            }
+            let cpu_ns = t
+                .result
+                .as_ref()
+                .and_then(|r| r.budget.as_ref())
+                .map(|b| b.cpu_ns);
+            let over = match (self.probes.cpu_limit(&t.desired.uid), cpu_ns) {
+                (Some(limit), Some(ns)) => t.over_cpu_budget(limit, ns, now),
+                _ => None,
+            };
+            if let Some(reason) = over {
+                tracing::warn!(uid = %t.desired.uid, %reason, "stopping the job");
+                t.error = Some(reason.clone());
+                t.stopped_reason = Some(reason);
+                self.finish(t, AssignmentPhase::Failed, now, out);
+                return self.write_status(t, now, out);
             }
             out.reports.push(t.report(&self.opts.node, now, false));
         } else if t.phase != before {
@@ -738,6 +799,10 @@ mod tests {
         /// Live events waiting in the engine, and how many it dropped.
         events: u64,
         events_dropped: u64,
+        /// The CPU budget of every job, and the probes' CPU time (ns) each snapshot adds.
+        cpu_limit: Option<u32>,
+        cpu_ns_per_snapshot: u64,
+        cpu_ns: u64,
     }
 
     #[derive(Clone, Default)]
@@ -778,7 +843,18 @@ mod tests {
             let mut c = self.0.borrow_mut();
             let (_, _, hits) = c.running.get_mut(id)?;
             *hits += 10;
-            Some(Ok(result(*hits)))
+            let mut r = result(*hits);
+            c.cpu_ns += c.cpu_ns_per_snapshot;
+            r.budget = Some(fathom_crds::result::Budget {
+                cpu_ns: c.cpu_ns,
+                ..Default::default()
+            });
+            Some(Ok(r))
+        }
+
+        fn cpu_limit(&self, id: &str) -> Option<u32> {
+            let c = self.0.borrow();
+            c.running.get(id).and(c.cpu_limit)
         }
 
         fn detach(&mut self, id: &str) -> Result<Option<ResultData>, EngineError> {
@@ -1142,6 +1218,64 @@ mod tests {
         assert_eq!(phases["u2"], Some(AssignmentPhase::Succeeded));
         assert_eq!(out.reports.iter().filter(|r| r.r#final).count(), 2);
         assert!(r.attached().is_empty());
+    }
+
+    #[test]
+    fn probes_over_their_cpu_budget_for_three_seconds_are_stopped_with_the_figure() {
+        let tree = Tree::new("cpu");
+        let (mut r, engine) = runner(&tree);
+        {
+            let mut c = engine.0.borrow_mut();
+            c.cpu_limit = Some(10);
+            // 0.5 s of probe CPU per 1 s tick: 50 % of a CPU.
+            c.cpu_ns_per_snapshot = 500_000_000;
+        }
+        r.sync([desired("u1", TRACE_JOB, Some("shop"), &["shop"])]);
+        r.reconcile(at(0), false);
+        // Measured from the attach (0 s): over at 1 s and 2 s; a tick under the budget (3 s)
+        // resets; over again at 4 s and 5 s; stopped at 6 s, 3 s over in a row.
+        for t in 1..=2 {
+            let out = r.reconcile(at(t), true);
+            assert_eq!(phase(&out), None, "still attached at {t} s");
+        }
+        engine.0.borrow_mut().cpu_ns_per_snapshot = 10_000_000; // 1 %
+        r.reconcile(at(3), true);
+        engine.0.borrow_mut().cpu_ns_per_snapshot = 500_000_000;
+        for t in 4..=5 {
+            let out = r.reconcile(at(t), true);
+            assert_eq!(phase(&out), None, "over for {} s only at {t} s", t - 3);
+        }
+        let out = r.reconcile(at(6), true);
+        assert_eq!(phase(&out), Some(AssignmentPhase::Failed));
+        let (_, status) = out.statuses.last().unwrap();
+        let error = status.error.clone().unwrap();
+        assert!(
+            error.starts_with("CPU budget exceeded: the probes used 50.0% of a CPU for 3 s")
+                && error.contains("spec.limits.cpuPercent=10"),
+            "{error}"
+        );
+        let last = out.reports.last().unwrap();
+        assert!(last.r#final);
+        assert_eq!(
+            last.result
+                .as_ref()
+                .and_then(|r| r.stopped_reason.as_deref()),
+            Some(error.as_str())
+        );
+        assert_eq!(engine.0.borrow().detaches, vec!["u1".to_string()]);
+        assert!(r.attached().is_empty());
+        // A job without a budget is never stopped, whatever it uses.
+        engine.0.borrow_mut().cpu_limit = None;
+        r.sync([desired("u2", TRACE_JOB, Some("shop"), &["shop"])]);
+        for t in 10..=20 {
+            let out = r.reconcile(at(t), true);
+            assert!(
+                out.statuses
+                    .iter()
+                    .all(|(_, s)| s.phase != Some(AssignmentPhase::Failed))
+            );
+        }
+        assert_eq!(r.attached(), vec!["u2".to_string()]);
     }
 
     #[test]

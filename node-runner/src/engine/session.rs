@@ -63,10 +63,22 @@ pub struct EngineOptions {
     /// Locked kernel memory all jobs of an [`Engine`] may use together, by their
     /// [`memlock_budget`]: a job that does not fit is refused with the reason, never started.
     pub node_memory_budget: u64,
+    /// The CPU budget (percent of one CPU) of a job of an [`Engine`] that sets no
+    /// `limits.cpuPercent`; `None`: such a job has none.
+    pub default_cpu_percent: Option<u32>,
+    /// Probe CPU (percent of one CPU) the jobs of an [`Engine`] may reserve together, each
+    /// by its CPU budget: a job that does not fit is refused with the reason, never started.
+    pub node_cpu_percent: u32,
 }
 
 /// [`EngineOptions::node_memory_budget`] by default: 512 MiB.
 pub const DEFAULT_NODE_MEMORY_BUDGET: u64 = 512 << 20;
+/// The node runner's CPU budget of a job without `limits.cpuPercent`: 10 % of one CPU.
+pub const DEFAULT_JOB_CPU_PERCENT: u32 = 10;
+/// Consecutive seconds over its CPU budget (`limits.cpuPercent`) before a job is stopped.
+pub const CPU_STRIKES: u32 = 3;
+/// [`EngineOptions::node_cpu_percent`] by default: one CPU's worth for all jobs together.
+pub const DEFAULT_NODE_CPU_PERCENT: u32 = 100;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -78,6 +90,8 @@ impl Default for EngineOptions {
             node: hostname(),
             stats_duty: 0.1,
             node_memory_budget: DEFAULT_NODE_MEMORY_BUDGET,
+            default_cpu_percent: None,
+            node_cpu_percent: DEFAULT_NODE_CPU_PERCENT,
         }
     }
 }
@@ -351,7 +365,10 @@ impl Engine {
             }
             None => false,
         };
-        let plan = crate::engine::plan::plan(spec, &self.kernel, scope.clone())?;
+        let mut plan = crate::engine::plan::plan(spec, &self.kernel, scope.clone())?;
+        if plan.cpu_percent.is_none() {
+            plan.cpu_percent = self.opts.default_cpu_percent;
+        }
         self.check_node_budget(id, &plan)?;
         let (session, resumed) = match &self.pin_root {
             Some(root) => {
@@ -375,9 +392,53 @@ impl Engine {
         })
     }
 
-    /// Refuses `plan` (for job `id`) when it does not fit the node's memory budget beside the
-    /// other running jobs.
+    /// The CPU budget (percent of one CPU) job `id` runs with: its `limits.cpuPercent`, else
+    /// [`EngineOptions::default_cpu_percent`]; `None` when it has none or is not running.
+    pub fn cpu_limit(&self, id: &str) -> Option<u32> {
+        self.jobs.get(id).and_then(|(_, _, s)| s.plan().cpu_percent)
+    }
+
+    /// Refuses `plan` (for job `id`) when it does not fit the node's memory budget or CPU
+    /// budget beside the other running jobs.
     fn check_node_budget(&self, id: &str, plan: &JobPlan) -> Result<(), EngineError> {
+        self.check_node_memory(id, plan)?;
+        self.check_node_cpu(id, plan)
+    }
+
+    /// Refuses `plan` when its CPU budget and those of the other running jobs add up to more
+    /// than [`EngineOptions::node_cpu_percent`]. A job without a budget reserves nothing.
+    fn check_node_cpu(&self, id: &str, plan: &JobPlan) -> Result<(), EngineError> {
+        let Some(need) = plan.cpu_percent else {
+            return Ok(());
+        };
+        let others: Vec<u32> = self
+            .jobs
+            .iter()
+            .filter(|(other, _)| other.as_str() != id)
+            .filter_map(|(_, (_, _, s))| s.plan().cpu_percent)
+            .collect();
+        let taken: u32 = others.iter().sum();
+        let budget = self.opts.node_cpu_percent;
+        if taken.saturating_add(need) <= budget {
+            return Ok(());
+        }
+        Err(EngineError::NotFeasible(Verdict {
+            feasible: false,
+            probes: vec![ProbeVerdict {
+                probe: plan.label.clone(),
+                feasible: false,
+                reason: Some(Reason::NodeBudget),
+                message: format!(
+                    "this job's probes may use {need}% of a CPU (limits.cpuPercent, or the runner's default) and the node's CPU budget for all jobs is {budget}%, {taken}% of it reserved by {} running job(s); lower limits.cpuPercent, or wait for other jobs to end (the runner's --node-cpu-budget sets the budget)",
+                    others.len(),
+                ),
+            }],
+        }))
+    }
+
+    /// Refuses `plan` when it does not fit the node's memory budget beside the other running
+    /// jobs.
+    fn check_node_memory(&self, id: &str, plan: &JobPlan) -> Result<(), EngineError> {
         let need = memlock_budget(plan, &self.opts);
         let others: Vec<u64> = self
             .jobs

@@ -208,6 +208,27 @@ impl Waiting {
         let status = self.child.wait().expect("workload ends");
         assert!(status.success());
     }
+
+    /// Lets it work in the background; it is killed when the returned guard drops.
+    pub fn go_background(mut self) -> Running {
+        self.child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(b"g")
+            .expect("go");
+        Running(self.child)
+    }
+}
+
+/// A workload working in the background, killed on drop.
+pub struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// bpftrace, attached and waiting: the oracle for counts.
