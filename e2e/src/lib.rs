@@ -1255,6 +1255,9 @@ pub struct OperatorOptions {
     pub log_name: String,
     /// Serve the collector (TLS with the cluster's collector certificate) on a free port.
     pub collector: bool,
+    /// The collector's port instead of a free one (an operator restarted where its runners
+    /// expect it).
+    pub collector_port: Option<u16>,
 }
 
 impl OperatorOptions {
@@ -1271,6 +1274,7 @@ impl OperatorOptions {
             runner_tolerations: None,
             log_name: test.to_string(),
             collector: false,
+            collector_port: None,
         }
     }
 
@@ -1311,7 +1315,9 @@ impl OperatorOptions {
         if let Some(retry) = self.retry_period_seconds {
             args.extend(["--retry-period-seconds".into(), retry.to_string()]);
         }
-        let collector_port = self.collector.then(free_port);
+        let collector_port = self
+            .collector
+            .then(|| self.collector_port.unwrap_or_else(free_port));
         if let Some(cport) = collector_port {
             let pki = runner::collector_pki();
             args.extend([
