@@ -1,15 +1,16 @@
 //! RELIABILITY S4, the chaos soak, on the real cluster: an operator and a node runner as
 //! processes on the real node, a control job counting a workload's opens for the whole soak,
-//! and around it `FATHOM_SOAK_CYCLES` TraceJobs created and deleted (60 in the test command;
-//! `scripts/soak.sh` runs 1,000, about an hour on this VM) while, at regular points, the
-//! runner or the operator is killed with `kill -9` and restarted, or the collector's
-//! connections are reset for a few seconds, with a burst of the workload's opens each time.
+//! and around it TraceJobs created and deleted — at least `FATHOM_SOAK_CYCLES` of them (60 in
+//! the test command) and for at least `FATHOM_SOAK_SECONDS` (0; `scripts/soak.sh` runs 1,000
+//! cycles and an hour) — while every 10 cycles the runner or the operator is killed with
+//! `kill -9` and restarted, or the collector's connections are reset for a few seconds, in
+//! turn, with a burst of the workload's opens each time.
 //!
 //! At the end: no job is left behind a stuck finalizer, no assignment of the namespace is
 //! left, the kernel's programs and the runner's pins are back at their baseline, and the
 //! control job counted exactly what the workload did, less what it reported lost.
 
-use std::{path::Path, process::Command, time::Instant};
+use std::{collections::BTreeMap, path::Path, process::Command, time::Instant};
 
 use anyhow::{anyhow, ensure};
 use fathom_crds::{TraceAssignment, TraceJob, TraceResult, assignment::JOB_NAMESPACE_LABEL};
@@ -184,7 +185,11 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
         .ok()
         .map(|v| v.parse().expect("FATHOM_SOAK_CYCLES: a number"))
         .unwrap_or(60);
-    assert!(cycles >= 6, "FATHOM_SOAK_CYCLES: at least 6");
+    let min_seconds: u64 = std::env::var("FATHOM_SOAK_SECONDS")
+        .ok()
+        .map(|v| v.parse().expect("FATHOM_SOAK_SECONDS: a number"))
+        .unwrap_or(0);
+    assert!(cycles >= 30, "FATHOM_SOAK_CYCLES: at least 30");
     let client = admin().await;
     install_crds(&client).await;
     let ns = TestNamespace::create(&client, "soak").await;
@@ -222,9 +227,9 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
     let mut bursts = Bursts { dir: &dir, done: 0 };
     bursts.one().await;
 
-    let every = cycles / 6;
-    let mut faults = Vec::new();
-    for i in 0..cycles {
+    let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut i: u32 = 0;
+    while i < cycles || started.elapsed() < secs(min_seconds) {
         let name = format!("churn-{i}");
         jobs.create(&PostParams::default(), &job(&ns, &name, spec.clone()))
             .await
@@ -252,15 +257,14 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
         jobs.delete(&name, &DeleteParams::default())
             .await
             .unwrap_or_else(|e| panic!("deleting {name}: {e}"));
-        if every > 0 && i % every == every - 1 {
-            let fault = (i / every) % 3;
-            match fault {
+        if i % 10 == 9 {
+            let fault = match (i / 10) % 3 {
                 0 => {
                     // kill -9 of the runner: the pinned probes keep counting without it.
                     runner.kill();
                     bursts.one().await;
                     runner = RunnerOptions::new(&node, cport).start(&client).await;
-                    faults.push("runner kill -9");
+                    "runner kill -9"
                 }
                 1 => {
                     // kill -9 of the operator: the runner spools until its collector is back.
@@ -268,17 +272,19 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
                     bursts.one().await;
                     restarts += 1;
                     operator = start_operator(&client, Some(cport), restarts).await;
-                    faults.push("operator kill -9");
+                    "operator kill -9"
                 }
                 _ => {
                     let reset = ConnectionReset::new(cport);
                     bursts.one().await;
                     tokio::time::sleep(secs(3)).await;
                     drop(reset);
-                    faults.push("collector connections reset");
+                    "collector connections reset"
                 }
-            }
+            };
+            *faults.entry(fault).or_default() += 1;
         }
+        i += 1;
     }
     bursts.one().await;
 
@@ -355,7 +361,7 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
         .items;
     assert!(left.is_empty(), "assignments left: {left:?}");
     eprintln!(
-        "S4 soak: {cycles} create/delete cycles, {} bursts ({truth} opens, counted exactly), faults {faults:?}, {:.0} s",
+        "S4 soak: {i} create/delete cycles, {} bursts ({truth} opens, counted exactly), faults {faults:?}, {:.0} s",
         bursts.done,
         started.elapsed().as_secs_f64()
     );

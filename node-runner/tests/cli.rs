@@ -372,6 +372,40 @@ fn a_job_over_its_cpu_budget_is_stopped_with_the_reason() {
     busy.join().expect("workload");
 }
 
+/// A node runner runs many jobs at once: their sessions share the process's one switch of the
+/// kernel's statistics. Sessions that each flipped it on their own clock saw each other's
+/// windows as "someone else", stopped scaling, and read a fraction of the real use.
+#[test]
+fn cpu_use_is_honest_beside_another_job_of_the_same_process() {
+    let _k = KernelTest::begin();
+    let c = comm("sibl");
+    let (alone, _) = flood_cpu(&c, None);
+    assert!(alone > 0.0, "the probe's CPU use is measured");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sibling = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = start(
+                "probe: { tracepoint: syscalls/sys_enter_getppid }\nfilter: { comm: fathom-nobody }",
+            );
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                s.poll_events(Duration::from_millis(20));
+            }
+            s.stop().expect("the sibling stops");
+        })
+    };
+    // The sibling's session runs (and ticks its sampler) for the whole flood.
+    std::thread::sleep(Duration::from_millis(300));
+    let (beside, _) = flood_cpu(&c, None);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sibling.join().expect("the sibling's thread");
+    let ratio = beside / alone;
+    assert!(
+        (0.5..=2.0).contains(&ratio),
+        "CPU {beside:.3} % beside another job vs {alone:.3} % alone (×{ratio:.2})"
+    );
+}
+
 /// Sets `kernel.bpf_stats_enabled` for the guard's life, as another tool would hold it.
 struct StatsSysctl(String);
 

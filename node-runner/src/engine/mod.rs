@@ -7,6 +7,8 @@
 //! - [`session`]: load/attach/read/detach a plan ([`session::Session`]), and the jobs of a
 //!   machine by id ([`session::Engine`]).
 //! - [`render`]: decode what the kernel programs wrote into the results model.
+//! - [`stats`]: the kernel's BPF run-time statistics, one switch per process, for the CPU
+//!   budgets.
 //! - [`error`]: the engine's errors ([`EngineError`](error::EngineError)).
 //! - What the engine reads of the machine: [`kernel`] (features, privileges), [`tracefs`]
 //!   (tracepoint formats), [`btf`], [`elf`] (uprobe symbols, USDT notes), [`symbols`]
@@ -21,6 +23,7 @@ pub mod kernel;
 pub mod plan;
 pub mod render;
 pub mod session;
+pub mod stats;
 pub mod symbols;
 mod syscall_table;
 pub mod tracefs;

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     fs,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use aya::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
-    sys::{Stats, SyscallError, enable_stats},
+    sys::SyscallError,
     util::online_cpus,
 };
 use fathom_common::{AggKey, AggValue, Event, compact, counter, names};
@@ -40,6 +40,7 @@ use crate::engine::{
     kernel::Kernel,
     plan::{AttachPoint, JobPlan, Scope, UprobeTarget},
     render::{CgroupLabels, Cgroups, Renderer, StackFrames},
+    stats::RunTimeSampler,
     symbols::Symbols,
 };
 
@@ -101,162 +102,6 @@ pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
-}
-
-/// The kernel's BPF run-time statistics cost every program run two clock reads (about
-/// 75 ns per hit here, more than the probe itself), so they are switched on for a window of
-/// each second only — the first window at start — and the readings are scaled up by the
-/// share of time they were on. `duty` 1.0 keeps them on.
-///
-/// The statistics are one switch for the whole kernel: anyone else may hold them on
-/// (`sysctl kernel.bpf_stats_enabled=1`, another tool's `BPF_ENABLE_STATS`). Then the
-/// programs' run time grows in our "off" windows too, and scaling it up would inflate it (up
-/// to 1/duty, 10×) and stop jobs for budgets they kept. So the sampler looks: when the
-/// sysctl is set at start, or the run time grew while its own switch was off, the kernel's
-/// figure is the whole run's and is taken as it is, unscaled ([`RunTimeSampler::estimate`]).
-pub struct RunTimeSampler {
-    fd: Option<OwnedFd>,
-    duty: f64,
-    started: Instant,
-    on_since: Option<Instant>,
-    sampled: Duration,
-    last_off: Instant,
-    /// The programs' run time (ns) a moment after the switch last went off (runs in flight
-    /// when it went off still count theirs: the baseline waits [`OFF_SETTLE`]).
-    off_at_ns: Option<u64>,
-    /// The switch went off and the baseline is still to be read.
-    baseline_due: bool,
-    /// Someone else keeps the statistics on: readings are not scaled.
-    others: bool,
-}
-
-/// The sampling period of the run-time statistics.
-const STATS_PERIOD: Duration = Duration::from_secs(1);
-
-/// How long after switching the statistics off the baseline of the off window is read.
-const OFF_SETTLE: Duration = Duration::from_millis(50);
-
-/// The sysctl that keeps the kernel's BPF statistics on for everyone.
-const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl RunTimeSampler {
-    pub fn start(duty: f64) -> RunTimeSampler {
-        let now = Instant::now();
-        let fd = enable_stats(Stats::RunTime).ok();
-        let others = fs::read_to_string(STATS_SYSCTL).is_ok_and(|v| v.trim() != "0");
-        RunTimeSampler {
-            on_since: fd.as_ref().map(|_| now),
-            fd,
-            duty: duty.clamp(0.01, 1.0),
-            started: now,
-            sampled: Duration::ZERO,
-            last_off: now,
-            off_at_ns: None,
-            baseline_due: false,
-            others,
-        }
-    }
-
-    /// A sampler that never switches the statistics on (a session with nothing attached has
-    /// no programs to measure).
-    pub fn off() -> RunTimeSampler {
-        let now = Instant::now();
-        RunTimeSampler {
-            fd: None,
-            duty: 1.0,
-            started: now,
-            on_since: None,
-            sampled: Duration::ZERO,
-            last_off: now,
-            off_at_ns: None,
-            baseline_due: false,
-            others: false,
-        }
-    }
-
-    /// Whether [`RunTimeSampler::observe`] wants a reading now: to switch the statistics on
-    /// or off, or to take the baseline of an off window.
-    pub fn wants_reading(&self) -> bool {
-        self.switch_due() || (self.baseline_due && self.last_off.elapsed() >= OFF_SETTLE)
-    }
-
-    /// Takes the programs' run time as the kernel counts it now: the off window's baseline,
-    /// or a switch when one is due.
-    pub fn observe(&mut self, run_time_ns: u64) {
-        if self.switch_due() {
-            self.switch(run_time_ns);
-        } else if self.baseline_due && self.last_off.elapsed() >= OFF_SETTLE {
-            self.off_at_ns = Some(run_time_ns);
-            self.baseline_due = false;
-        }
-    }
-
-    /// Whether the statistics are to be switched on or off now.
-    fn switch_due(&self) -> bool {
-        if self.duty >= 1.0 {
-            return false;
-        }
-        let now = Instant::now();
-        let window = STATS_PERIOD.mul_f64(self.duty);
-        match self.on_since {
-            Some(since) => now.duration_since(since) >= window,
-            None => now.duration_since(self.last_off) >= STATS_PERIOD - window,
-        }
-    }
-
-    /// Switches the statistics on or off; `run_time_ns` is the programs' run time as the
-    /// kernel counts it now.
-    fn switch(&mut self, run_time_ns: u64) {
-        let now = Instant::now();
-        match self.on_since {
-            Some(since) => {
-                self.fd = None;
-                self.sampled += now.duration_since(since);
-                self.on_since = None;
-                self.last_off = now;
-                self.off_at_ns = None;
-                self.baseline_due = true;
-            }
-            None => {
-                if self.off_at_ns.is_some_and(|off| run_time_ns > off) {
-                    if !self.others {
-                        tracing::info!(
-                            "BPF run-time statistics are kept on by someone else: CPU use is read unscaled"
-                        );
-                    }
-                    self.others = true;
-                }
-                self.fd = enable_stats(Stats::RunTime).ok();
-                self.on_since = self.fd.as_ref().map(|_| now);
-            }
-        }
-    }
-
-    /// Someone else keeps the kernel's statistics on.
-    pub fn shared(&self) -> bool {
-        self.others
-    }
-
-    /// Whole run time over sampled time (1 when always on, when someone else keeps the
-    /// statistics on, or before any sample).
-    pub fn scale(&self) -> f64 {
-        let now = Instant::now();
-        let sampled = self.sampled
-            + self
-                .on_since
-                .map_or(Duration::ZERO, |s| now.duration_since(s));
-        let total = now.duration_since(self.started);
-        if sampled.is_zero() || self.duty >= 1.0 || self.others {
-            1.0
-        } else {
-            total.as_secs_f64() / sampled.as_secs_f64()
-        }
-    }
-
-    /// The whole run's figure from the kernel's reading (ns or runs).
-    pub fn estimate(&self, reading: u64) -> u64 {
-        (reading as f64 * self.scale()) as u64
-    }
 }
 
 /// Counters of the kernel programs, summed over CPUs.
