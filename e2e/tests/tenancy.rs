@@ -5,12 +5,13 @@
 //! The same specs as ClusterTraceJobs pass admission: the rules bind tenants only.
 
 use anyhow::ensure;
-use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob};
+use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult};
 use fathom_e2e::{
     OperatorOptions, TestNamespace, admin, busybox_deployment, env, eventually, install_crds,
     runner::{RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -222,6 +223,127 @@ async fn hostile_tracejobs_are_refused_with_their_rule_and_attach_nothing() {
     )
     .await;
 
+    runner.stop();
+    drop(operator);
+    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
+}
+
+/// RELIABILITY S2 on the real path: a workload whose environment, command line and opened
+/// file's path carry a sentinel secret, traced by two TraceJobs of its namespace (openat
+/// counts by pod and command, and `catalog: open` events, which a TraceJob gets without
+/// payloads). The jobs see the opens, and the sentinel appears nowhere a tenant or an
+/// operator's tooling reads: not in the TraceResults, the jobs' status, the operator's or
+/// the runner's log, nor their /metrics (labels included).
+#[tokio::test]
+async fn s2_a_sentinel_in_env_argv_and_paths_reaches_no_result_status_log_or_metric() {
+    const COMM: &str = "fathom-s2-wl";
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::create(&client, "s2").await;
+    let node = env().real_node.clone();
+    let sentinel = format!("fathoms2sentinel{}", std::process::id());
+    let script =
+        format!("while true; do /workload {COMM} open 20 /tmp/{sentinel}-path; sleep 0.5; done");
+    let d: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "secretive", "namespace": ns.as_str()},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "secretive"}},
+            "template": {
+                "metadata": {"labels": {"app": "secretive"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "work",
+                        "image": "fathom.local/workload:1",
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", script],
+                        "env": [{"name": "FATHOM_S2_SECRET", "value": sentinel}],
+                    }]
+                }
+            }
+        }
+    }))
+    .expect("deployment");
+    Api::<Deployment>::namespaced(client.clone(), ns.as_str())
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("creating the workload");
+    running_pods(&client, ns.as_str(), "secretive", 1).await;
+
+    let mut opts = OperatorOptions::new("s2");
+    opts.collector = true;
+    let operator = opts.start(&client).await;
+    let cport = operator.collector_port.expect("collector port");
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    let jobs: Api<TraceJob> = Api::namespaced(client.clone(), ns.as_str());
+    let selector = json!({"matchLabels": {"app": "secretive"}});
+    for (name, spec) in [
+        (
+            "counts",
+            json!({"probe": {"tracepoint": "syscalls/sys_enter_openat"},
+                   "aggregate": {"by": ["pod", "comm"]}, "podSelector": selector, "duration": "12s"}),
+        ),
+        (
+            "events",
+            json!({"probe": {"catalog": "open"}, "events": {"last": 50},
+                   "podSelector": selector, "duration": "12s"}),
+        ),
+    ] {
+        jobs.create(&PostParams::default(), &trace_job(ns.as_str(), name, &spec))
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    }
+    let results: Api<TraceResult> = Api::namespaced(client.clone(), ns.as_str());
+    let mut seen = Vec::new();
+    for name in ["counts", "events"] {
+        let text = eventually(secs(90), format!("TraceJob {name} Succeeded"), async || {
+            let job = jobs.get(name).await?;
+            let phase = job.status.as_ref().and_then(|s| s.phase);
+            ensure!(phase == Some(JobPhase::Succeeded), "{:?}", job.status);
+            let result = results.get(name).await?;
+            Ok(format!(
+                "{}\n{}",
+                serde_json::to_string(&job)?,
+                serde_json::to_string(&result)?
+            ))
+        })
+        .await;
+        seen.push((format!("TraceJob and TraceResult {name}"), text));
+    }
+    // The jobs saw the workload: its opens counted, its events listed (without file names).
+    assert!(
+        seen[0].1.contains(COMM),
+        "the counts have no row of {COMM}: {}",
+        seen[0].1
+    );
+    assert!(
+        seen[1].1.contains("\"result\""),
+        "the events job listed no event: {}",
+        seen[1].1
+    );
+    seen.push((
+        "the operator's /metrics".into(),
+        operator.get("/metrics").expect("operator metrics"),
+    ));
+    seen.push((
+        "the runner's /metrics".into(),
+        runner.get("/metrics").expect("runner metrics"),
+    ));
+    for (what, log) in [("operator", &operator.log), ("runner", &runner.log)] {
+        seen.push((
+            format!("the {what}'s log"),
+            std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display())),
+        ));
+    }
+    for (what, text) in &seen {
+        assert!(
+            !text.contains(&sentinel),
+            "the sentinel reached {what}:\n{text}"
+        );
+    }
     runner.stop();
     drop(operator);
     remove_identity_pods(&client, std::slice::from_ref(&node)).await;
