@@ -70,6 +70,9 @@ pub const SIM_LABEL: &str = "fathom.dev/simulated";
 pub const SIM_HEARTBEAT_LABEL: &str = "fathom.dev/sim-heartbeat";
 /// The local images (no registry is reachable: pods use `imagePullPolicy: Never`).
 pub const BUSYBOX: &str = "fathom.local/busybox:1";
+/// The workload image: busybox and `/workload` (node-runner/tests/workload/workload.c), built
+/// by scripts/cluster.sh.
+pub const WORKLOAD_IMAGE: &str = "fathom.local/workload:1";
 
 pub(crate) const HOWTO: &str = "the e2e suite runs against the local cluster of scripts/cluster.sh: \
 start it with `scripts/cluster.sh up` (as root), load its environment with \
@@ -729,37 +732,99 @@ pub async fn ensure_sim_node_ready(client: &Client, node: &str) {
 /// pinned to `node`. The pods tolerate every taint, so they stay on a node that goes
 /// NotReady.
 pub async fn busybox_deployment(client: &Client, ns: &str, name: &str, replicas: i32, node: &str) {
-    let d: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": node},
-                    "tolerations": [{"operator": "Exists"}],
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "main",
-                        "image": BUSYBOX,
-                        "imagePullPolicy": "Never",
-                        "command": ["/bin/sleep", "3600"],
-                    }]
+    ScriptDeployment {
+        image: BUSYBOX,
+        replicas,
+        tolerate_all: true,
+        ..ScriptDeployment::new(ns, name, node, "exec /bin/sleep 3600")
+    }
+    .apply(client)
+    .await;
+}
+
+/// A Deployment of pods, pinned to a node, whose one container (`work`) runs a shell script.
+pub struct ScriptDeployment<'a> {
+    pub ns: &'a str,
+    /// Its name and its pods' label `app`.
+    pub app: &'a str,
+    pub replicas: i32,
+    /// The node its pods are pinned to.
+    pub node: &'a str,
+    /// [`WORKLOAD_IMAGE`] unless said otherwise.
+    pub image: &'a str,
+    /// What `/bin/sh -c` runs.
+    pub script: &'a str,
+    /// A host folder mounted at `/trigger` (created if missing).
+    pub trigger: Option<&'a Path>,
+    /// The container's environment.
+    pub env: &'a [(&'a str, &'a str)],
+    /// The pods tolerate every taint (they stay on a node that goes NotReady).
+    pub tolerate_all: bool,
+}
+
+impl<'a> ScriptDeployment<'a> {
+    /// One pod of the workload image running `script` on `node`.
+    pub fn new(ns: &'a str, app: &'a str, node: &'a str, script: &'a str) -> Self {
+        ScriptDeployment {
+            ns,
+            app,
+            replicas: 1,
+            node,
+            image: WORKLOAD_IMAGE,
+            script,
+            trigger: None,
+            env: &[],
+            tolerate_all: false,
+        }
+    }
+
+    /// Applies it (server-side, as the test suite's field manager).
+    pub async fn apply(&self, client: &Client) {
+        let mut container = json!({
+            "name": "work",
+            "image": self.image,
+            "imagePullPolicy": "Never",
+            "command": ["/bin/sh", "-c", self.script],
+            "env": self.env.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+        });
+        let mut volumes = Vec::new();
+        if let Some(dir) = self.trigger {
+            volumes.push(json!({"name": "trigger", "hostPath": {
+                "path": dir.to_str().expect("utf-8"), "type": "DirectoryOrCreate"}}));
+            container["volumeMounts"] = json!([{"name": "trigger", "mountPath": "/trigger"}]);
+        }
+        let d: Deployment = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": self.app, "namespace": self.ns},
+            "spec": {
+                "replicas": self.replicas,
+                "selector": {"matchLabels": {"app": self.app}},
+                "template": {
+                    "metadata": {"labels": {"app": self.app}},
+                    "spec": {
+                        "nodeSelector": {"kubernetes.io/hostname": self.node},
+                        "tolerations": if self.tolerate_all {
+                            json!([{"operator": "Exists"}])
+                        } else {
+                            json!([])
+                        },
+                        "terminationGracePeriodSeconds": 1,
+                        "volumes": volumes,
+                        "containers": [container],
+                    }
                 }
             }
-        }
-    }))
-    .expect("deployment");
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .patch(
-            name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&d),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying Deployment {ns}/{name}: {e}"));
+        }))
+        .expect("deployment");
+        Api::<Deployment>::namespaced(client.clone(), self.ns)
+            .patch(
+                self.app,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&d),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying Deployment {}/{}: {e}", self.ns, self.app));
+    }
 }
 
 /// Scales a Deployment.

@@ -18,20 +18,14 @@ use std::{
 use anyhow::{anyhow, ensure};
 use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult, result::Row};
 use fathom_e2e::{
-    ClusterJobGuard, OPERATOR_NAMESPACE, Operator, OperatorOptions, TestNamespace, admin, env,
-    eventually, install_crds, kubectl_ok,
+    ClusterJobGuard, OPERATOR_NAMESPACE, Operator, OperatorOptions, ScriptDeployment,
+    TestNamespace, admin, env, eventually, install_crds, kubectl_ok,
     runner::{RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::{
-    Api, Client, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
-};
+use kube::{Api, Client, ResourceExt, api::PostParams};
 use serde_json::{Value, json};
 
-/// The workload image (busybox + /workload).
-const WORKLOAD_IMAGE: &str = "fathom.local/workload:1";
 /// openat calls per workload process.
 const N_OPENS: u64 = 250;
 /// fathom_target() calls per workload process.
@@ -57,39 +51,13 @@ async fn workload(client: &Client, ns: &str, app: &str, replicas: i32, node: &st
          /workload {COMM} open {N_OPENS} /tmp/fathom-e2e-marker && \
          /workload {COMM} call {M_CALLS} && touch /trigger/done-$HOSTNAME; exec sleep 3600"
     );
-    let d: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": app, "namespace": ns},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": app}},
-            "template": {
-                "metadata": {"labels": {"app": app}},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": node},
-                    "terminationGracePeriodSeconds": 1,
-                    "volumes": [{"name": "trigger", "hostPath": {
-                        "path": dir.to_str().expect("utf-8"), "type": "DirectoryOrCreate"}}],
-                    "containers": [{
-                        "name": "work",
-                        "image": WORKLOAD_IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["/bin/sh", "-c", script],
-                        "volumeMounts": [{"name": "trigger", "mountPath": "/trigger"}],
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("deployment");
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .patch(
-            app,
-            &PatchParams::apply("fathom-e2e").force(),
-            &Patch::Apply(&d),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying Deployment {ns}/{app}: {e}"));
+    ScriptDeployment {
+        replicas,
+        trigger: Some(dir),
+        ..ScriptDeployment::new(ns, app, node, &script)
+    }
+    .apply(client)
+    .await;
 }
 
 /// The operator as a process serving its collector (TLS); returns it and the collector's port.

@@ -15,19 +15,17 @@ use std::{collections::BTreeMap, path::Path, process::Command, time::Instant};
 use anyhow::{anyhow, ensure};
 use fathom_crds::{TraceAssignment, TraceJob, TraceResult, assignment::JOB_NAMESPACE_LABEL};
 use fathom_e2e::{
-    OPERATOR_NAMESPACE, Operator, OperatorOptions, TestNamespace, admin, env, eventually,
-    install_crds,
+    OPERATOR_NAMESPACE, Operator, OperatorOptions, ScriptDeployment, TestNamespace, admin, env,
+    eventually, install_crds,
     runner::{PIN_ROOT, RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
     Api, Client,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::{Value, json};
 
-const WORKLOAD_IMAGE: &str = "fathom.local/workload:1";
 /// The control workload's command name.
 const COMM: &str = "fathom-soak-wl";
 /// openat calls per burst.
@@ -41,39 +39,12 @@ async fn control_workload(client: &Client, ns: &str, node: &str, dir: &Path) {
          /workload {COMM} open {OPENS_PER_BURST} /tmp/fathom-soak-marker && \
          touch /trigger/done-$k; k=$((k+1)); done"
     );
-    let d: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "control", "namespace": ns},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "control"}},
-            "template": {
-                "metadata": {"labels": {"app": "control"}},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": node},
-                    "terminationGracePeriodSeconds": 1,
-                    "volumes": [{"name": "trigger", "hostPath": {
-                        "path": dir.to_str().expect("utf-8"), "type": "DirectoryOrCreate"}}],
-                    "containers": [{
-                        "name": "work",
-                        "image": WORKLOAD_IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["/bin/sh", "-c", script],
-                        "volumeMounts": [{"name": "trigger", "mountPath": "/trigger"}],
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("deployment");
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .patch(
-            "control",
-            &PatchParams::apply("fathom-e2e").force(),
-            &Patch::Apply(&d),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying Deployment {ns}/control: {e}"));
+    ScriptDeployment {
+        trigger: Some(dir),
+        ..ScriptDeployment::new(ns, "control", node, &script)
+    }
+    .apply(client)
+    .await;
 }
 
 /// The workload's bursts, counted.

@@ -7,11 +7,11 @@
 use anyhow::ensure;
 use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult};
 use fathom_e2e::{
-    OperatorOptions, TestNamespace, admin, busybox_deployment, env, eventually, install_crds,
+    OperatorOptions, ScriptDeployment, TestNamespace, admin, busybox_deployment, env, eventually,
+    install_crds,
     runner::{RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -244,33 +244,12 @@ async fn s2_a_sentinel_in_env_argv_and_paths_reaches_no_result_status_log_or_met
     let sentinel = format!("fathoms2sentinel{}", std::process::id());
     let script =
         format!("while true; do /workload {COMM} open 20 /tmp/{sentinel}-path; sleep 0.5; done");
-    let d: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "secretive", "namespace": ns.as_str()},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "secretive"}},
-            "template": {
-                "metadata": {"labels": {"app": "secretive"}},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": node},
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "work",
-                        "image": "fathom.local/workload:1",
-                        "imagePullPolicy": "Never",
-                        "command": ["/bin/sh", "-c", script],
-                        "env": [{"name": "FATHOM_S2_SECRET", "value": sentinel}],
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("deployment");
-    Api::<Deployment>::namespaced(client.clone(), ns.as_str())
-        .create(&PostParams::default(), &d)
-        .await
-        .expect("creating the workload");
+    ScriptDeployment {
+        env: &[("FATHOM_S2_SECRET", &sentinel)],
+        ..ScriptDeployment::new(ns.as_str(), "secretive", &node, &script)
+    }
+    .apply(&client)
+    .await;
     running_pods(&client, ns.as_str(), "secretive", 1).await;
 
     let mut opts = OperatorOptions::new("s2");

@@ -143,6 +143,20 @@ fn assignment(container_id: String, comm: &str) -> Desired {
     }
 }
 
+/// A runner of node "node" driving the real engine with `opts`, the host's cgroups and pins
+/// under `pin_root`.
+fn runner_with(opts: EngineOptions, pin_root: &Path) -> Runner<Engine, Option<CgroupRoot>> {
+    Runner::new(
+        RunnerOptions {
+            node: "node".into(),
+            status_interval: Duration::from_secs(30),
+        },
+        Engine::new(Kernel::running(), opts),
+        Some(CgroupRoot::host().unwrap()),
+        Some(Pins::at(pin_root)),
+    )
+}
+
 /// The runner with the real engine: a namespaced job counts only its pod's container, its
 /// pin directory lives while it runs, and deletion detaches with a final report.
 #[test]
@@ -151,16 +165,7 @@ fn the_runner_attaches_an_assignment_to_its_pods_cgroup_only() {
     let c = FakeContainer::new("runner");
     let comm = comm("run");
     let pin_root = Path::new(BPFFS).join(format!("fathom-test-runner-{}", std::process::id()));
-    let engine = Engine::new(Kernel::running(), EngineOptions::default());
-    let mut runner = Runner::new(
-        RunnerOptions {
-            node: "node".into(),
-            status_interval: Duration::from_secs(30),
-        },
-        engine,
-        Some(CgroupRoot::host().unwrap()),
-        Some(Pins::at(&pin_root)),
-    );
+    let mut runner = runner_with(EngineOptions::default(), &pin_root);
     let mut desired = assignment(c.container_id(), &comm);
     let uid = desired.uid.clone();
     runner.sync([desired.clone()]);
@@ -202,21 +207,12 @@ fn a_job_over_the_runners_default_cpu_budget_is_stopped_and_detached() {
     let c = FakeContainer::new("cpu");
     let comm = comm("cpu");
     let pin_root = Path::new(BPFFS).join(format!("fathom-test-cpu-{}", std::process::id()));
-    let engine = Engine::new(
-        Kernel::running(),
+    let mut runner = runner_with(
         EngineOptions {
             default_cpu_percent: Some(1),
             ..EngineOptions::default()
         },
-    );
-    let mut runner = Runner::new(
-        RunnerOptions {
-            node: "node".into(),
-            status_interval: Duration::from_secs(30),
-        },
-        engine,
-        Some(CgroupRoot::host().unwrap()),
-        Some(Pins::at(&pin_root)),
+        &pin_root,
     );
     let desired = assignment(c.container_id(), &comm);
     let uid = desired.uid.clone();

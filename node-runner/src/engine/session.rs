@@ -104,6 +104,19 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// `plan` refused for the node's budget (memory or CPU), with `message`.
+fn over_node_budget(plan: &JobPlan, message: String) -> EngineError {
+    EngineError::NotFeasible(Verdict {
+        feasible: false,
+        probes: vec![ProbeVerdict {
+            probe: plan.label.clone(),
+            feasible: false,
+            reason: Some(Reason::NodeBudget),
+            message,
+        }],
+    })
+}
+
 /// Counters of the kernel programs, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -243,6 +256,14 @@ impl Engine {
         self.jobs.get(id).and_then(|(_, _, s)| s.plan().cpu_percent)
     }
 
+    /// The plans of the running jobs but `id`.
+    fn other_plans<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a JobPlan> + 'a {
+        self.jobs
+            .iter()
+            .filter(move |(other, _)| other.as_str() != id)
+            .map(|(_, (_, _, s))| s.plan())
+    }
+
     /// Refuses `plan` (for job `id`) when it does not fit the node's memory budget or CPU
     /// budget beside the other running jobs.
     fn check_node_budget(&self, id: &str, plan: &JobPlan) -> Result<(), EngineError> {
@@ -256,29 +277,19 @@ impl Engine {
         let Some(need) = plan.cpu_percent else {
             return Ok(());
         };
-        let others: Vec<u32> = self
-            .jobs
-            .iter()
-            .filter(|(other, _)| other.as_str() != id)
-            .filter_map(|(_, (_, _, s))| s.plan().cpu_percent)
-            .collect();
+        let others: Vec<u32> = self.other_plans(id).filter_map(|p| p.cpu_percent).collect();
         let taken: u32 = others.iter().sum();
         let budget = self.opts.node_cpu_percent;
         if taken.saturating_add(need) <= budget {
             return Ok(());
         }
-        Err(EngineError::NotFeasible(Verdict {
-            feasible: false,
-            probes: vec![ProbeVerdict {
-                probe: plan.label.clone(),
-                feasible: false,
-                reason: Some(Reason::NodeBudget),
-                message: format!(
-                    "this job's probes may use {need}% of a CPU (limits.cpuPercent, or the runner's default) and the node's CPU budget for all jobs is {budget}%, {taken}% of it reserved by {} running job(s); lower limits.cpuPercent, or wait for other jobs to end (the runner's --node-cpu-budget sets the budget)",
-                    others.len(),
-                ),
-            }],
-        }))
+        Err(over_node_budget(
+            plan,
+            format!(
+                "this job's probes may use {need}% of a CPU (limits.cpuPercent, or the runner's default) and the node's CPU budget for all jobs is {budget}%, {taken}% of it reserved by {} running job(s); lower limits.cpuPercent, or wait for other jobs to end (the runner's --node-cpu-budget sets the budget)",
+                others.len(),
+            ),
+        ))
     }
 
     /// Refuses `plan` when it does not fit the node's memory budget beside the other running
@@ -286,10 +297,8 @@ impl Engine {
     fn check_node_memory(&self, id: &str, plan: &JobPlan) -> Result<(), EngineError> {
         let need = memlock_budget(plan, &self.opts);
         let others: Vec<u64> = self
-            .jobs
-            .iter()
-            .filter(|(other, _)| other.as_str() != id)
-            .map(|(_, (_, _, s))| memlock_budget(s.plan(), &self.opts))
+            .other_plans(id)
+            .map(|p| memlock_budget(p, &self.opts))
             .collect();
         let taken: u64 = others.iter().sum();
         let budget = self.opts.node_memory_budget;
@@ -297,23 +306,18 @@ impl Engine {
             return Ok(());
         }
         let mib = |b: u64| b.div_ceil(1 << 20);
-        Err(EngineError::NotFeasible(Verdict {
-            feasible: false,
-            probes: vec![ProbeVerdict {
-                probe: plan.label.clone(),
-                feasible: false,
-                reason: Some(Reason::NodeBudget),
-                message: format!(
-                    "this job may lock up to {} MiB of kernel memory (maps of {} entries, per-CPU values for {} possible CPUs) and the node's budget for all jobs is {} MiB, {} MiB of it taken by {} running job(s); lower limits.mapEntries, or wait for other jobs to end (the runner's --node-memory-budget sets the budget)",
-                    mib(need),
-                    plan.map_entries,
-                    aya::util::nr_cpus().unwrap_or(1),
-                    mib(budget),
-                    mib(taken),
-                    others.len(),
-                ),
-            }],
-        }))
+        Err(over_node_budget(
+            plan,
+            format!(
+                "this job may lock up to {} MiB of kernel memory (maps of {} entries, per-CPU values for {} possible CPUs) and the node's budget for all jobs is {} MiB, {} MiB of it taken by {} running job(s); lower limits.mapEntries, or wait for other jobs to end (the runner's --node-memory-budget sets the budget)",
+                mib(need),
+                plan.map_entries,
+                aya::util::nr_cpus().unwrap_or(1),
+                mib(budget),
+                mib(taken),
+                others.len(),
+            ),
+        ))
     }
 
     /// Detaches job `id` and returns its final result; `None` when it was not running.

@@ -198,26 +198,26 @@ pub fn workload_waiting(comm: &str, mode: &str, n: u64, arg: Option<&str>) -> Wa
 }
 
 impl Waiting {
-    pub fn go(mut self) {
-        self.child
-            .stdin
-            .as_mut()
-            .expect("stdin")
-            .write_all(b"g")
-            .expect("go");
-        let status = self.child.wait().expect("workload ends");
+    /// Lets it work, and waits until it is done.
+    pub fn go(self) {
+        let mut child = self.release();
+        let status = child.wait().expect("workload ends");
         assert!(status.success());
     }
 
     /// Lets it work in the background; it is killed when the returned guard drops.
-    pub fn go_background(mut self) -> Running {
+    pub fn go_background(self) -> Running {
+        Running(self.release())
+    }
+
+    fn release(mut self) -> Child {
         self.child
             .stdin
             .as_mut()
             .expect("stdin")
             .write_all(b"g")
             .expect("go");
-        Running(self.child)
+        self.child
     }
 }
 
