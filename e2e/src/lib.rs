@@ -1547,7 +1547,16 @@ pub fn free_port() -> u16 {
 
 /// The holder of a Lease in the operator's namespace, if any.
 pub async fn lease_holder(client: &Client, name: &str) -> anyhow::Result<Option<String>> {
-    Ok(Api::<Lease>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+    lease_holder_in(client, OPERATOR_NAMESPACE, name).await
+}
+
+/// The holder of Lease `ns/name`, if any.
+pub async fn lease_holder_in(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
+    Ok(Api::<Lease>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await?
         .and_then(|l| l.spec?.holder_identity))

@@ -319,6 +319,18 @@ impl Drop for NodeRunner {
     }
 }
 
+/// The pin directories of the runner of `node` under [`PIN_ROOT`] (one per assignment it
+/// runs or left pinned).
+pub fn pins_of(node: &str) -> Vec<String> {
+    std::fs::read_dir(std::path::Path::new(PIN_ROOT).join(node))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Programs of Fathom loaded in the kernel now (`bpftool prog show`, names `fathom_*`).
 pub fn fathom_programs() -> Vec<String> {
     let out = Command::new("bpftool")

@@ -811,20 +811,13 @@ fn operator_pods(ns: &str) -> Vec<String> {
     .collect()
 }
 
-/// The holder of the leader Lease of release namespace `ns`.
-fn lease_holder(ns: &str) -> String {
-    kubectl(&[
-        "-n",
-        ns,
-        "get",
-        "lease",
-        "fathom-operator-leader",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ])
-    .unwrap_or_default()
-    .trim()
-    .to_string()
+/// The holder of the leader Lease of release namespace `ns` ("" when none).
+async fn lease_holder(ns: &str) -> String {
+    fathom_e2e::lease_holder_in(&admin().await, ns, "fathom-operator-leader")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// The leader replica's pod is deleted, as a node drain or a crash would: the standby takes
@@ -833,7 +826,7 @@ fn lease_holder(ns: &str) -> String {
 async fn fail_over(ns: &str) -> std::time::Duration {
     let pods = operator_pods(ns);
     assert_eq!(pods.len(), 2, "two operator replicas: {pods:?}");
-    let leader = lease_holder(ns);
+    let leader = lease_holder(ns).await;
     assert!(
         pods.contains(&leader),
         "the Lease is held by {leader:?}, not one of the replicas {pods:?}"
@@ -841,7 +834,7 @@ async fn fail_over(ns: &str) -> std::time::Duration {
     let start = std::time::Instant::now();
     kubectl_ok(&["-n", ns, "delete", "pod", &leader, "--wait=false"]);
     let new_leader = loop {
-        let holder = lease_holder(ns);
+        let holder = lease_holder(ns).await;
         if !holder.is_empty() && holder != leader {
             break holder;
         }

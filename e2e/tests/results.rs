@@ -464,14 +464,7 @@ async fn a_cluster_tracejob_merges_each_nodes_report_exactly_once() {
 
 /// Fathom's programs and the pin directories of the e2e runner of `node`.
 fn kernel_state(node: &str) -> (Vec<String>, Vec<String>) {
-    let pins = std::fs::read_dir(Path::new(fathom_e2e::runner::PIN_ROOT).join(node))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    (fathom_programs(), pins)
+    (fathom_programs(), fathom_e2e::runner::pins_of(node))
 }
 
 #[tokio::test]

@@ -15,16 +15,16 @@ use std::{collections::BTreeMap, path::Path, process::Command, time::Instant};
 use anyhow::{anyhow, ensure};
 use fathom_crds::{TraceAssignment, TraceJob, TraceResult, assignment::JOB_NAMESPACE_LABEL};
 use fathom_e2e::{
-    OPERATOR_NAMESPACE, Operator, OperatorOptions, ScriptDeployment, TestNamespace, admin, env,
-    eventually, install_crds,
-    runner::{PIN_ROOT, RunnerOptions, fathom_programs, remove_identity_pods},
+    OPERATOR_NAMESPACE, Operator, OperatorOptions, ScriptDeployment, TestNamespace, admin,
+    create_job, env, eventually, install_crds,
+    runner::{RunnerOptions, fathom_programs, pins_of, remove_identity_pods},
     running_pods, secs,
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// The control workload's command name.
 const COMM: &str = "fathom-soak-wl";
@@ -123,25 +123,6 @@ impl Drop for ConnectionReset {
     }
 }
 
-fn job(ns: &str, name: &str, spec: Value) -> TraceJob {
-    serde_json::from_value(json!({
-        "apiVersion": "fathom.dev/v1alpha1", "kind": "TraceJob",
-        "metadata": {"name": name, "namespace": ns}, "spec": spec,
-    }))
-    .expect("job")
-}
-
-/// The pins of the runner of `node` (one directory per running assignment).
-fn pins(node: &str) -> Vec<String> {
-    std::fs::read_dir(Path::new(PIN_ROOT).join(node))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn start_operator(client: &Client, port: Option<u16>, n: u32) -> Operator {
     let mut opts = OperatorOptions::new("soak");
     opts.collector = true;
@@ -184,9 +165,7 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
         "aggregate": {"by": ["pod", "comm"]},
         "podSelector": {"matchLabels": {"app": "control"}},
     });
-    jobs.create(&PostParams::default(), &job(&ns, "control", spec.clone()))
-        .await
-        .expect("creating the control job");
+    create_job(&client, &ns, "control", spec.clone()).await;
     eventually(secs(60), "the control job attached", async || {
         ensure!(
             fathom_programs().len() > programs_before.len(),
@@ -202,9 +181,7 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
     let mut i: u32 = 0;
     while i < cycles || started.elapsed() < secs(min_seconds) {
         let name = format!("churn-{i}");
-        jobs.create(&PostParams::default(), &job(&ns, &name, spec.clone()))
-            .await
-            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        create_job(&client, &ns, &name, spec.clone()).await;
         // Deleted at once, or once its assignment exists: both races, in turn.
         if i % 2 == 1 {
             let assignments =
@@ -318,7 +295,7 @@ async fn s4_chaos_soak_ends_at_baseline_with_the_control_count_exact() {
                 programs == programs_before,
                 "programs {programs:?}, before {programs_before:?}"
             );
-            let p = pins(&node);
+            let p = pins_of(&node);
             ensure!(p.is_empty(), "pins {p:?}");
             Ok(())
         },

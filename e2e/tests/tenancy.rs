@@ -7,8 +7,8 @@
 use anyhow::ensure;
 use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult};
 use fathom_e2e::{
-    OperatorOptions, ScriptDeployment, TestNamespace, admin, busybox_deployment, env, eventually,
-    install_crds,
+    OperatorOptions, ScriptDeployment, TestNamespace, admin, busybox_deployment, create_job, env,
+    eventually, install_crds,
     runner::{RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
@@ -271,9 +271,7 @@ async fn s2_a_sentinel_in_env_argv_and_paths_reaches_no_result_status_log_or_met
                    "podSelector": selector, "duration": "12s"}),
         ),
     ] {
-        jobs.create(&PostParams::default(), &trace_job(ns.as_str(), name, &spec))
-            .await
-            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        create_job(&client, ns.as_str(), name, spec).await;
     }
     let results: Api<TraceResult> = Api::namespaced(client.clone(), ns.as_str());
     let mut seen = Vec::new();

@@ -23,6 +23,7 @@ use crate::{
         kernel::Kernel,
         plan,
         session::{EngineOptions, Session},
+        stats::CpuWatch,
     },
 };
 
@@ -126,7 +127,7 @@ pub fn run_file(
     Ok(result)
 }
 
-pub use crate::engine::session::CPU_STRIKES;
+pub use crate::engine::stats::CPU_STRIKES;
 
 /// What the progress callback sees about once a second.
 #[derive(Clone, Debug, PartialEq)]
@@ -146,11 +147,11 @@ pub fn run_session(
     stop: &AtomicBool,
     mut progress: impl FnMut(&Progress),
 ) -> Result<ResultData, EngineError> {
-    let cpu_limit = session.plan().cpu_percent;
     let start = Instant::now();
     let mut last_tick = start;
-    let mut last_cpu = session.run_time().0;
-    let mut strikes = 0;
+    let mut cpu = CpuWatch::new(session.plan().cpu_percent);
+    cpu.observe(Duration::ZERO, session.run_time().0);
+    let mut pct = 0.0;
     let mut reason = None;
     let mut delivered = 0u64;
     loop {
@@ -168,22 +169,11 @@ pub fn run_session(
         });
         delivered += session.poll_events(wait) as u64;
         if last_tick.elapsed() >= Duration::from_secs(1) {
-            let now = Instant::now();
-            let cpu = session.run_time().0;
-            let window = now.duration_since(last_tick).as_secs_f64();
-            let pct = (cpu.saturating_sub(last_cpu)) as f64 / 1e9 / window * 100.0;
-            last_cpu = cpu;
-            last_tick = now;
-            if let Some(limit) = cpu_limit {
-                if pct > f64::from(limit) {
-                    strikes += 1;
-                } else {
-                    strikes = 0;
-                }
-                if strikes >= CPU_STRIKES {
-                    reason = Some(format!(
-                        "CPU budget exceeded: the probes used {pct:.1}% of a CPU for {CPU_STRIKES} s, over spec.limits.cpuPercent={limit}"
-                    ));
+            last_tick = Instant::now();
+            if let Some(reading) = cpu.observe(start.elapsed(), session.run_time().0) {
+                pct = reading.percent;
+                if reading.over_budget.is_some() {
+                    reason = reading.over_budget;
                     break;
                 }
             }

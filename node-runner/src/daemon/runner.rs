@@ -45,7 +45,8 @@ use crate::{
         error::EngineError,
         plan::{NOTHING_ATTACHED, Scope},
         render::CgroupLabels,
-        session::{Applied, CPU_STRIKES, Engine},
+        session::{Applied, Engine},
+        stats::CpuWatch,
     },
 };
 
@@ -188,10 +189,8 @@ struct Tracked {
     /// A user-space probe's binary inside the target containers: the process it was found
     /// through, and the path through that process' root.
     binary_root: Option<(u32, PathBuf)>,
-    /// The probes' cumulative CPU time (ns) at the last report tick, and when.
-    cpu_seen: Option<(SystemTime, u64)>,
-    /// Since when the probes have been over their CPU budget without a break.
-    cpu_over_since: Option<SystemTime>,
+    /// The probes' CPU use between report ticks, held to the job's budget.
+    cpu: Option<CpuWatch>,
     /// Why the runner ended the run early (the CPU budget), for the result.
     stopped_reason: Option<String>,
 }
@@ -215,34 +214,9 @@ impl Tracked {
             released: false,
             last_status: None,
             binary_root: None,
-            cpu_seen: None,
-            cpu_over_since: None,
+            cpu: None,
             stopped_reason: None,
         }
-    }
-
-    /// Takes the probes' cumulative CPU time at `now` and says why the run must stop when
-    /// they have used more than `limit` percent of one CPU for [`CPU_STRIKES`] seconds in a
-    /// row (measured between report ticks, as `fathom run` does each second).
-    fn over_cpu_budget(&mut self, limit: u32, cpu_ns: u64, now: SystemTime) -> Option<String> {
-        let (then, before) = self.cpu_seen.replace((now, cpu_ns))?;
-        let window = now.duration_since(then).ok()?.as_secs_f64();
-        if window <= 0.0 {
-            return None;
-        }
-        let pct = cpu_ns.saturating_sub(before) as f64 / 1e9 / window * 100.0;
-        if pct <= f64::from(limit) {
-            self.cpu_over_since = None;
-            return None;
-        }
-        let since = *self.cpu_over_since.get_or_insert(then);
-        let over = now.duration_since(since).unwrap_or_default();
-        (over >= Duration::from_secs(u64::from(CPU_STRIKES))).then(|| {
-            format!(
-                "CPU budget exceeded: the probes used {pct:.1}% of a CPU for {} s, over spec.limits.cpuPercent={limit} (or the runner's default when the job sets none); raise limits.cpuPercent or trace less",
-                over.as_secs()
-            )
-        })
     }
 
     /// Forgets the previous run's state; the sequence number keeps growing.
@@ -503,7 +477,13 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
                 .and_then(|r| r.budget.as_ref())
                 .map(|b| b.cpu_ns);
             let over = match (self.probes.cpu_limit(&t.desired.uid), cpu_ns) {
-                (Some(limit), Some(ns)) => t.over_cpu_budget(limit, ns, now),
+                (Some(limit), Some(ns)) => {
+                    let at = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+                    t.cpu
+                        .get_or_insert_with(|| CpuWatch::new(Some(limit)))
+                        .observe(at, ns)
+                        .and_then(|r| r.over_budget)
+                }
                 _ => None,
             };
             if let Some(reason) = over {
@@ -589,6 +569,7 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
                 if applied != Applied::Unchanged || !t.attached {
                     t.start_time = Some(now);
                     t.result = None;
+                    t.cpu = None;
                     if let Some(pins) = &self.pins
                         && let Err(e) = pins.mark(&t.desired.uid)
                     {

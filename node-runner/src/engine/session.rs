@@ -76,8 +76,6 @@ pub struct EngineOptions {
 pub const DEFAULT_NODE_MEMORY_BUDGET: u64 = 512 << 20;
 /// The node runner's CPU budget of a job without `limits.cpuPercent`: 10 % of one CPU.
 pub const DEFAULT_JOB_CPU_PERCENT: u32 = 10;
-/// Consecutive seconds over its CPU budget (`limits.cpuPercent`) before a job is stopped.
-pub const CPU_STRIKES: u32 = 3;
 /// [`EngineOptions::node_cpu_percent`] by default: one CPU's worth for all jobs together.
 pub const DEFAULT_NODE_CPU_PERCENT: u32 = 100;
 

@@ -18,6 +18,9 @@
 //! is set at start, or its programs' run time grew while the shared switch was off, the
 //! kernel's figure is the whole run's and is taken as it is, unscaled
 //! ([`RunTimeSampler::estimate`]).
+//!
+//! [`CpuWatch`] turns successive readings into a job's CPU share and stops it after
+//! [`CPU_STRIKES`] seconds over its budget, for `fathom run` and the node runner alike.
 
 use std::{
     collections::BTreeMap,
@@ -28,6 +31,68 @@ use std::{
 };
 
 use aya::sys::{Stats, enable_stats};
+
+/// Consecutive seconds over its CPU budget (`limits.cpuPercent`) before a job is stopped.
+pub const CPU_STRIKES: u32 = 3;
+
+/// A job's CPU use between readings of its probes' cumulative run time, held to its budget
+/// (`fathom run` each second, the node runner at each report tick).
+#[derive(Debug, Default)]
+pub struct CpuWatch {
+    /// Percent of one CPU; `None`: measured, never stopped.
+    limit: Option<u32>,
+    /// The last reading: when (on the caller's clock) and the run time (ns) then.
+    seen: Option<(Duration, u64)>,
+    /// Since when the probes have been over the budget without a break.
+    over_since: Option<Duration>,
+}
+
+/// One reading of a [`CpuWatch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuReading {
+    /// Percent of one CPU the probes used since the reading before.
+    pub percent: f64,
+    /// Why the job must stop: over its budget for [`CPU_STRIKES`] seconds in a row.
+    pub over_budget: Option<String>,
+}
+
+impl CpuWatch {
+    pub fn new(limit: Option<u32>) -> CpuWatch {
+        CpuWatch {
+            limit,
+            ..CpuWatch::default()
+        }
+    }
+
+    /// Takes the probes' cumulative run time `cpu_ns` at `at` (any clock that only moves
+    /// forward, the same for every reading); `None` for the first reading, or when the clock
+    /// did not move forward.
+    pub fn observe(&mut self, at: Duration, cpu_ns: u64) -> Option<CpuReading> {
+        let (then, before) = self.seen.replace((at, cpu_ns))?;
+        let window = at.checked_sub(then).filter(|w| !w.is_zero())?;
+        let percent = cpu_ns.saturating_sub(before) as f64 / 1e9 / window.as_secs_f64() * 100.0;
+        let over_budget = match self.limit {
+            Some(limit) if percent > f64::from(limit) => {
+                let since = *self.over_since.get_or_insert(then);
+                let over = at.saturating_sub(since);
+                (over >= Duration::from_secs(u64::from(CPU_STRIKES))).then(|| {
+                    format!(
+                        "CPU budget exceeded: the probes used {percent:.1}% of a CPU for {} s, over spec.limits.cpuPercent={limit} (the node runner's default when the job sets none); raise limits.cpuPercent or trace less",
+                        over.as_secs()
+                    )
+                })
+            }
+            _ => {
+                self.over_since = None;
+                None
+            }
+        };
+        Some(CpuReading {
+            percent,
+            over_budget,
+        })
+    }
+}
 
 /// The sampling period of the run-time statistics.
 const STATS_PERIOD: Duration = Duration::from_secs(1);
