@@ -21,7 +21,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{result::Totals, spec::TraceJobSpec, verdict::Verdict};
+use crate::{policy::AssignedPolicy, result::Totals, spec::TraceJobSpec, verdict::Verdict};
 
 /// Label with the node an assignment is for (the node name, or `h-<hash>` for names longer
 /// than a label value may be; `spec.nodeName` always has the full name).
@@ -124,6 +124,10 @@ pub struct TraceAssignmentSpec {
     /// `true`: detach now and report phase Stopped (the job was suspended).
     #[serde(default)]
     pub suspend: bool,
+    /// The TracePolicy a TraceJob is held to (its namespace's label names it); absent for a
+    /// ClusterTraceJob and for a namespace under the default rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<AssignedPolicy>,
 }
 
 /// Where an assignment is, as its runner reports it.

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use crate::{
     assignment::TraceAssignment,
     job::{ClusterTraceJob, TraceJob},
+    policy::TracePolicy,
     spec::{
         BUILTIN_KEYS, CATALOG_NAMES, MAX_EVENTS_PER_SECOND, MAX_LAST_EVENTS, MAX_MAP_ENTRIES,
         MAX_PAYLOAD_BYTES, MAX_PROFILE_HZ, MAX_TOP,
@@ -278,52 +279,6 @@ pub fn spec_rules() -> Vec<SpecRule> {
     rules
 }
 
-/// The tenant rules a TraceJob's spec must keep at admission, as CEL on the TraceJob CRD
-/// only (a ClusterTraceJob is for cluster admins): the probe kinds and payload capture that
-/// [`TraceJobSpec::tenant_refusals`](crate::TraceJobSpec::tenant_refusals) refuses, with the
-/// same messages.
-pub fn tenant_rules() -> Vec<SpecRule> {
-    use crate::tenancy::{
-        KERNEL_CATALOG, KERNEL_FORMS, TENANT_RAW_TRACEPOINTS, kernel_catalog_message,
-        kernel_form_message, payload_message, raw_tracepoint_message,
-    };
-    const FIELDS: &[(&str, &str)] = &[
-        ("kprobe", ".probe.kprobe"),
-        ("kretprobe", ".probe.kretprobe"),
-        ("fentry", ".probe.fentry"),
-        ("fexit", ".probe.fexit"),
-        ("lsm", ".probe.lsm"),
-    ];
-    assert_eq!(
-        FIELDS.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
-        KERNEL_FORMS,
-        "one CEL rule per kernel form"
-    );
-    let mut rules: Vec<SpecRule> = FIELDS
-        .iter()
-        .map(|(form, field)| SpecRule {
-            path: "",
-            rule: format!("!has(self.probe.{form})"),
-            message: kernel_form_message(form),
-            field_path: Some(field),
-        })
-        .collect();
-    rules.extend([
-        rule(
-            "probe.rawTracepoint",
-            format!("self.trim() in {}", cel_list(TENANT_RAW_TRACEPOINTS)),
-            raw_tracepoint_message(),
-        ),
-        rule(
-            "probe.catalog",
-            format!("!(self.trim() in {})", cel_list(KERNEL_CATALOG)),
-            kernel_catalog_message(),
-        ),
-        rule("events.payload", "!self", payload_message()),
-    ]);
-    rules
-}
-
 /// Size bounds added to the schema (field path relative to `spec`, keyword, value): they cap
 /// the cost the API server estimates for the CEL rules. The rules themselves carry the
 /// tighter, user-facing limits.
@@ -405,11 +360,11 @@ fn add_spec_validation(
     crd
 }
 
-/// The TraceJob CRD, with the spec's CEL rules and the tenant rules.
+/// The TraceJob CRD, with the spec's CEL rules. The tenant rules are not here: a TracePolicy
+/// can relax them per namespace, which a CRD's rules (seeing the object alone) cannot. They
+/// are the chart's ValidatingAdmissionPolicies (`charts/fathom/templates/tenant-policy.yaml`).
 pub fn trace_job() -> CustomResourceDefinition {
-    let mut rules = spec_rules();
-    rules.extend(tenant_rules());
-    add_spec_validation(TraceJob::crd(), rules)
+    add_spec_validation(TraceJob::crd(), spec_rules())
 }
 
 /// The ClusterTraceJob CRD, with the spec's CEL rules.
@@ -424,6 +379,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         cluster_trace_job(),
         TraceAssignment::crd(),
         TraceResult::crd(),
+        TracePolicy::crd(),
     ]
 }
 
@@ -491,6 +447,7 @@ mod tests {
                 ("ClusterTraceJob".into(), "Cluster".into()),
                 ("TraceAssignment".into(), "Namespaced".into()),
                 ("TraceResult".into(), "Namespaced".into()),
+                ("TracePolicy".into(), "Cluster".into()),
             ]
         );
         let tres = &crds[3];
@@ -501,11 +458,14 @@ mod tests {
         for c in &crds {
             assert_eq!(c.spec.group, "fathom.dev");
             let v = &c.spec.versions[0];
-            assert!(
+            // A TracePolicy is configuration: nothing reports on it.
+            let reported = c.spec.names.kind != "TracePolicy";
+            assert_eq!(
                 v.subresources
                     .as_ref()
                     .and_then(|s| s.status.as_ref())
                     .is_some(),
+                reported,
                 "{} has a status subresource",
                 c.spec.names.kind
             );
@@ -587,12 +547,10 @@ mod tests {
             tj.pointer("/properties/spec").map(shape),
             ctj.pointer("/properties/spec").map(shape)
         );
-        // Only the TraceJob carries the tenant rules.
-        let (tj_text, ctj_text) = (tj.to_string(), ctj.to_string());
-        for r in tenant_rules() {
-            assert!(tj_text.contains(&r.message), "{r:?}");
-            assert!(!ctj_text.contains(&r.message), "{r:?}");
-        }
+        // Neither carries the tenant rules (a TracePolicy relaxes them, at admission by the
+        // chart's policies).
+        assert_eq!(tj.pointer("/properties/spec"), ctj.pointer("/properties/spec"));
+        assert!(!tj.to_string().contains("refused by rule"));
         assert!(
             tj.pointer("/properties/spec/properties/probe/properties/tracepoint")
                 .is_some()

@@ -1,20 +1,25 @@
 //! What a namespaced `TraceJob` may use: the tenant rules.
 //!
-//! A TraceJob is something a namespace admin may create, so it may observe only its own pods
-//! and may not read kernel memory. ClusterTraceJobs (cluster admins) and `fathom run` (root on
-//! the machine) are not bound by these rules.
+//! A TraceJob is something a namespace admin may create, so by default it may observe only its
+//! own pods and may not read kernel memory. A cluster admin lets a namespace do more with a
+//! [`TracePolicy`](crate::policy::TracePolicy). ClusterTraceJobs (cluster admins) and
+//! `fathom run` (root on the machine) are not bound by these rules.
 //!
 //! Each rule has a name that every refusal carries, in the same words wherever it is
 //! enforced:
-//! - at admission, by the TraceJob CRD's CEL rules ([`tenant_rules`](crate::crd::tenant_rules)),
-//!   for what the spec alone shows (probe kinds, payload capture);
-//! - by the operator ([`tenant_refusals`]), as the job's `Failed` condition, for an API server
-//!   that skipped the CRD's rules (an older CRD);
-//! - by the node runner, which plans a TraceJob's assignment with [`Reach::Namespace`] and so
-//!   refuses what only the node's kernel can tell (an argument or field that holds a kernel
-//!   address) and re-checks the rest.
+//! - at admission, by the chart's ValidatingAdmissionPolicies
+//!   (`charts/fathom/templates/tenant-policy.yaml`), for what the spec alone shows (probe
+//!   kinds, payload capture, limits);
+//! - by the operator ([`TraceJobSpec::tenant_refusals_under`]), as the job's `Failed`
+//!   condition, for a cluster without those admission policies;
+//! - by the node runner, which plans a TraceJob's assignment with [`Reach::Namespace`] (unless
+//!   its policy allows kernel addresses) and so refuses what only the node's kernel can tell
+//!   (an argument or field that holds a kernel address) and re-checks the rest.
 
-use crate::spec::{FieldError, Probe, TraceJobSpec};
+use crate::{
+    policy::{GrantedKind, TracePolicySpec},
+    spec::{DEFAULT_MAP_ENTRIES, FieldError, Probe, TraceJobSpec},
+};
 
 /// The rule that keeps TraceJobs to hooks that cannot read kernel memory at will.
 pub const RULE_PROBE_KIND: &str = "tenant-probe-kind";
@@ -23,6 +28,14 @@ pub const RULE_PROBE_KIND: &str = "tenant-probe-kind";
 pub const RULE_PAYLOAD: &str = "tenant-payload";
 /// The rule that keeps kernel addresses (which undo KASLR) out of TraceJobs' results.
 pub const RULE_KERNEL_ADDRESS: &str = "tenant-kernel-address";
+/// The rule that holds TraceJobs to their TracePolicy's limits.
+pub const RULE_LIMITS: &str = "tenant-limits";
+/// The rule that refuses every TraceJob of a namespace whose policy label names no TracePolicy.
+pub const RULE_POLICY: &str = "tenant-policy";
+
+/// The end of every refusal's fix: who can lift the rule.
+pub const ASK_AN_ADMIN: &str =
+    "or ask a cluster admin for a TracePolicy that allows it (docs/tenancy.md) or a ClusterTraceJob";
 
 /// Who a job is planned for, which decides what it may read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +74,7 @@ pub fn kernel_form_message(form: &str) -> String {
     refusal(
         RULE_PROBE_KIND,
         &format!("a TraceJob may not use {form} probes (they read kernel memory)"),
-        "use a tracepoint, a syscall raw tracepoint, profile, uprobe or usdt, or ask a cluster admin for a ClusterTraceJob",
+        &format!("use a tracepoint, a syscall raw tracepoint, profile, uprobe or usdt, {ASK_AN_ADMIN}"),
     )
 }
 
@@ -73,7 +86,7 @@ pub fn raw_tracepoint_message() -> String {
             "a TraceJob may use only the raw tracepoints {}",
             TENANT_RAW_TRACEPOINTS.join(" and ")
         ),
-        "use the tracepoint of the same name (its fields are checked), or a ClusterTraceJob",
+        &format!("use the tracepoint of the same name (its fields are checked), {ASK_AN_ADMIN}"),
     )
 }
 
@@ -85,7 +98,7 @@ pub fn kernel_catalog_message() -> String {
             "catalog entries {} are built on kernel-function probes",
             KERNEL_CATALOG.join(", ")
         ),
-        "use tcp-connect (a tracepoint), or a ClusterTraceJob",
+        &format!("use tcp-connect (a tracepoint), {ASK_AN_ADMIN}"),
     )
 }
 
@@ -94,7 +107,7 @@ pub fn payload_message() -> String {
     refusal(
         RULE_PAYLOAD,
         "a TraceJob may not capture string payloads (paths can carry secrets)",
-        "remove events.payload, or ask a cluster admin for a ClusterTraceJob",
+        &format!("remove events.payload, {ASK_AN_ADMIN}"),
     )
 }
 
@@ -103,15 +116,43 @@ pub fn kernel_address_message(what: &str) -> String {
     refusal(
         RULE_KERNEL_ADDRESS,
         &format!("{what} is a kernel address, which a TraceJob may not read (it would undo KASLR)"),
-        "key by another field, or ask a cluster admin for a ClusterTraceJob",
+        &format!("key by another field, {ASK_AN_ADMIN}"),
+    )
+}
+
+/// The [`RULE_LIMITS`] message for a limit over the policy's most.
+pub fn limit_message(field: &str, asked: u32, most: u32, policy: &str) -> String {
+    refusal(
+        RULE_LIMITS,
+        &format!("{field}={asked} is over the {most} that TracePolicy {policy} allows"),
+        &format!("ask for at most {most}, {ASK_AN_ADMIN}"),
+    )
+}
+
+/// The [`RULE_POLICY`] message for a namespace whose label names a policy that does not exist.
+pub fn missing_policy_message(namespace: &str, policy: &str) -> String {
+    refusal(
+        RULE_POLICY,
+        &format!(
+            "namespace {namespace} is labelled {}={policy}, and no TracePolicy {policy} exists",
+            crate::policy::POLICY_LABEL
+        ),
+        "ask a cluster admin to create it, or to remove the label for the default rules",
     )
 }
 
 impl TraceJobSpec {
-    /// What the tenant rules refuse in this spec, as far as the spec alone tells (the node
-    /// runner refuses kernel addresses, which only the node's kernel can tell). Empty for an
-    /// allowed spec; a spec whose probe does not parse is [`TraceJobSpec::validate`]'s to refuse.
+    /// What the default tenant rules refuse in this spec: [`Self::tenant_refusals_under`] the
+    /// default policy.
     pub fn tenant_refusals(&self) -> Vec<FieldError> {
+        self.tenant_refusals_under("(none)", &TracePolicySpec::default())
+    }
+
+    /// What the tenant rules refuse in this spec under `policy` (named `name`), as far as the
+    /// spec alone tells (the node runner refuses kernel addresses, which only the node's
+    /// kernel can tell). Empty for an allowed spec; a spec whose probe does not parse is
+    /// [`TraceJobSpec::validate`]'s to refuse.
+    pub fn tenant_refusals_under(&self, name: &str, policy: &TracePolicySpec) -> Vec<FieldError> {
         let mut out = Vec::new();
         let mut refuse = |field: &str, message: String| {
             out.push(FieldError {
@@ -119,26 +160,76 @@ impl TraceJobSpec {
                 message,
             })
         };
-        match self.probe.parse() {
-            Ok(Probe::Kprobe(_)) => refuse("spec.probe.kprobe", kernel_form_message("kprobe")),
-            Ok(Probe::Kretprobe(_)) => {
-                refuse("spec.probe.kretprobe", kernel_form_message("kretprobe"))
+        let kernel_form = |kind: GrantedKind| {
+            (!policy.allows(kind)).then(|| {
+                (
+                    format!("spec.probe.{}", kind.name()),
+                    kernel_form_message(kind.name()),
+                )
+            })
+        };
+        let refused = match self.probe.parse() {
+            Ok(Probe::Kprobe(_)) => kernel_form(GrantedKind::Kprobe),
+            Ok(Probe::Kretprobe(_)) => kernel_form(GrantedKind::Kretprobe),
+            Ok(Probe::Fentry(_)) => kernel_form(GrantedKind::Fentry),
+            Ok(Probe::Fexit(_)) => kernel_form(GrantedKind::Fexit),
+            Ok(Probe::Lsm(_)) => kernel_form(GrantedKind::Lsm),
+            Ok(Probe::RawTracepoint(name))
+                if !TENANT_RAW_TRACEPOINTS.contains(&name.as_str())
+                    && !policy.allows(GrantedKind::RawTracepoint) =>
+            {
+                Some(("spec.probe.rawTracepoint".into(), raw_tracepoint_message()))
             }
-            Ok(Probe::Fentry(_)) => refuse("spec.probe.fentry", kernel_form_message("fentry")),
-            Ok(Probe::Fexit(_)) => refuse("spec.probe.fexit", kernel_form_message("fexit")),
-            Ok(Probe::Lsm(_)) => refuse("spec.probe.lsm", kernel_form_message("lsm")),
-            Ok(Probe::RawTracepoint(name)) if !TENANT_RAW_TRACEPOINTS.contains(&name.as_str()) => {
-                refuse("spec.probe.rawTracepoint", raw_tracepoint_message())
+            Ok(Probe::Catalog(c))
+                if KERNEL_CATALOG.contains(&c.as_str()) && !policy.allows(GrantedKind::Kprobe) =>
+            {
+                Some(("spec.probe.catalog".into(), kernel_catalog_message()))
             }
-            Ok(Probe::Catalog(c)) if KERNEL_CATALOG.contains(&c.as_str()) => {
-                refuse("spec.probe.catalog", kernel_catalog_message())
-            }
-            _ => {}
+            _ => None,
+        };
+        if let Some((field, message)) = refused {
+            refuse(&field, message);
         }
-        if self.events.as_ref().and_then(|e| e.payload) == Some(true) {
+        if self.events.as_ref().and_then(|e| e.payload) == Some(true) && !policy.allow.payload {
             refuse("spec.events.payload", payload_message());
         }
+        let limits = self.limits.as_ref();
+        if let Some(most) = policy.limits.max_cpu_percent
+            && let Some(asked) = limits.and_then(|l| l.cpu_percent)
+            && asked > most
+        {
+            let field = "spec.limits.cpuPercent";
+            refuse(field, limit_message(field, asked, most, name));
+        }
+        if let Some(most) = policy.limits.max_map_entries {
+            let asked = limits
+                .and_then(|l| l.map_entries)
+                .unwrap_or(DEFAULT_MAP_ENTRIES);
+            if asked > most {
+                let field = "spec.limits.mapEntries";
+                refuse(field, limit_message(field, asked, most, name));
+            }
+        }
         out
+    }
+
+    /// The CPU budget of this job under `policy` on a node whose default is `node_default`:
+    /// its own `limits.cpuPercent`, else the policy's default, else the node's; never over
+    /// the policy's most. `None`: no budget.
+    pub fn cpu_percent_under(
+        &self,
+        policy: &TracePolicySpec,
+        node_default: Option<u32>,
+    ) -> Option<u32> {
+        let own = self.limits.as_ref().and_then(|l| l.cpu_percent);
+        let budget = own
+            .or(policy.limits.default_cpu_percent)
+            .or(node_default);
+        match (budget, policy.limits.max_cpu_percent) {
+            (Some(b), Some(most)) => Some(b.min(most)),
+            (None, most) => most,
+            (b, None) => b,
+        }
     }
 }
 

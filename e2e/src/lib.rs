@@ -360,11 +360,32 @@ pub async fn apply_crds(client: &Client) -> Vec<CustomResourceDefinition> {
     stored
 }
 
-/// Installs the CRDs once per test process.
+/// Installs the CRDs and the chart's tenant admission policies (`tenant-policy.yaml`) once per
+/// test process, and waits until the API server enforces the policies.
 pub async fn install_crds(client: &Client) {
     static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     DONE.get_or_init(async || {
         apply_crds(client).await;
+        apply_chart_rbac("tenant-policy.yaml");
+        let jobs: Api<fathom_crds::TraceJob> = Api::namespaced(client.clone(), "default");
+        let probe: fathom_crds::TraceJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fathom.dev/v1alpha1", "kind": "TraceJob",
+            "metadata": {"name": "admission-probe", "namespace": "default"},
+            "spec": {"probe": {"kprobe": "tcp_v4_connect"},
+                     "podSelector": {"matchLabels": {"app": "none"}}},
+        }))
+        .expect("probe job");
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        eventually(secs(60), "the tenant admission policies enforced", async || {
+            match jobs.create(&dry, &probe).await {
+                Err(kube::Error::Api(e)) if e.message.contains("refused by rule") => Ok(()),
+                other => anyhow::bail!("a kprobe TraceJob passed admission: {other:?}"),
+            }
+        })
+        .await;
     })
     .await;
 }

@@ -257,6 +257,7 @@ async fn kubectl_shows_the_crds_printer_columns_and_resolves_their_short_names()
             target_pods: Vec::new(),
             deadline: None,
             suspend: false,
+            policy: None,
         },
     );
     a.metadata.namespace = Some(ns.name.clone());

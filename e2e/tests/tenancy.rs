@@ -8,7 +8,7 @@ use anyhow::ensure;
 use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult};
 use fathom_e2e::{
     OperatorOptions, ScriptDeployment, TestNamespace, admin, busybox_deployment, create_job, env,
-    eventually, install_crds,
+    eventually, install_crds, kubectl, kubectl_ok,
     runner::{RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
@@ -321,6 +321,135 @@ async fn s2_a_sentinel_in_env_argv_and_paths_reaches_no_result_status_log_or_met
             "the sentinel reached {what}:\n{text}"
         );
     }
+    runner.stop();
+    drop(operator);
+    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
+}
+
+/// Deletes the named TracePolicies when the test ends, however it ends.
+struct Policies(Vec<String>);
+
+impl Drop for Policies {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = kubectl(&["delete", "tracepolicy", p, "--ignore-not-found"]);
+        }
+    }
+}
+
+/// A dry-run create of TraceJob `name` with `spec` in `ns`: what admission says, storing nothing.
+async fn admission_of(jobs: &Api<TraceJob>, ns: &str, name: &str, spec: &Value) -> Result<(), kube::Error> {
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    jobs.create(&dry, &trace_job(ns, name, spec)).await.map(|_| ())
+}
+
+/// A namespace labelled `fathom.dev/trace-policy=<name>` is held to that TracePolicy, on the
+/// real API server, operator and runner: while no such policy exists its jobs fail with rule
+/// `tenant-policy`; once it exists, the payload capture it allows is admitted and runs (the
+/// workload's opened path shows in the result), its CPU ceiling refuses a bigger budget at
+/// admission with the numbers, and what it does not allow (a kprobe) is still refused.
+#[tokio::test]
+async fn a_trace_policy_relaxes_and_tightens_the_rules_of_the_namespace_naming_it() {
+    const COMM: &str = "fathom-pol-wl";
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::create(&client, "policy").await;
+    let policy = format!("e2e-{}", ns.as_str());
+    let other = format!("{policy}-other");
+    let _cleanup = Policies(vec![policy.clone(), other.clone()]);
+    // Another TracePolicy exists, which this namespace does not name: admission judges
+    // nothing by it, and the operator finds no policy of the label's name.
+    let apply_policy = |name: &str, spec: Value| {
+        let path = fathom_e2e::e2e_file(&format!("policy-{name}.json"));
+        let p = json!({"apiVersion": "fathom.dev/v1alpha1", "kind": "TracePolicy",
+                       "metadata": {"name": name}, "spec": spec});
+        std::fs::write(&path, p.to_string()).expect("policy file");
+        kubectl_ok(&["apply", "-f", path.to_str().expect("utf-8")]);
+    };
+    apply_policy(&other, json!({}));
+    kubectl_ok(&[
+        "label",
+        "namespace",
+        ns.as_str(),
+        &format!("fathom.dev/trace-policy={policy}"),
+    ]);
+
+    let node = env().real_node.clone();
+    let path = format!("/tmp/fathom-policy-{}-path", std::process::id());
+    let script = format!("while true; do /workload {COMM} open 5 {path}; sleep 0.5; done");
+    ScriptDeployment::new(ns.as_str(), "web", &node, &script)
+        .apply(&client)
+        .await;
+    running_pods(&client, ns.as_str(), "web", 1).await;
+    let mut opts = OperatorOptions::new("policy");
+    opts.collector = true;
+    let operator = opts.start(&client).await;
+    let cport = operator.collector_port.expect("collector port");
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    let jobs: Api<TraceJob> = Api::namespaced(client.clone(), ns.as_str());
+
+    // 1. The label names no TracePolicy: the operator refuses every job of the namespace.
+    let plain = at_web(json!({"probe": {"tracepoint": "syscalls/sys_enter_openat"}, "duration": "10s"}));
+    jobs.create(&PostParams::default(), &trace_job(ns.as_str(), "unnamed", &plain))
+        .await
+        .expect("admitted: no policy of this name judges it");
+    let status = failed_status(&jobs, "unnamed").await;
+    assert!(
+        status.contains("PolicyDenied")
+            && status.contains(&format!(
+                "refused by rule tenant-policy: namespace {} is labelled fathom.dev/trace-policy={policy}, and no TracePolicy {policy} exists",
+                ns.as_str()
+            )),
+        "{status}"
+    );
+
+    // 2. The policy: payloads allowed, at most 20 % of a CPU.
+    apply_policy(
+        &policy,
+        json!({"allow": {"payload": true}, "limits": {"maxCpuPercent": 20, "defaultCpuPercent": 5}}),
+    );
+    let greedy = at_web(json!({"probe": {"tracepoint": "syscalls/sys_enter_openat"}, "limits": {"cpuPercent": 50}}));
+    let want = format!(
+        "refused by rule tenant-limits: spec.limits.cpuPercent=50 is over the 20 that TracePolicy {policy} allows"
+    );
+    eventually(secs(30), "admission holds the policy's CPU ceiling", async || {
+        match admission_of(&jobs, ns.as_str(), "greedy", &greedy).await {
+            Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains(&want) => Ok(()),
+            other => anyhow::bail!("{other:?}"),
+        }
+    })
+    .await;
+    match admission_of(&jobs, ns.as_str(), "kprobe", &at_web(json!({"probe": {"kprobe": "tcp_v4_connect"}}))).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.code == 422 && e.message.contains("refused by rule tenant-probe-kind"),
+            "{e:?}"
+        ),
+        other => panic!("a kprobe the policy does not allow was admitted: {other:?}"),
+    }
+    let payloads = at_web(json!({"probe": {"catalog": "open"}, "events": {"last": 50, "payload": true}, "duration": "10s"}));
+    eventually(secs(30), "admission allows the payloads the policy allows", async || {
+        admission_of(&jobs, ns.as_str(), "payloads", &payloads)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .await;
+    jobs.create(&PostParams::default(), &trace_job(ns.as_str(), "payloads", &payloads))
+        .await
+        .expect("creating the payload job");
+    let results: Api<TraceResult> = Api::namespaced(client.clone(), ns.as_str());
+    eventually(secs(90), "the payload job Succeeded with the workload's path", async || {
+        let job = jobs.get("payloads").await?;
+        let phase = job.status.as_ref().and_then(|s| s.phase);
+        ensure!(phase == Some(JobPhase::Succeeded), "{:?}", job.status);
+        let result = serde_json::to_string(&results.get("payloads").await?)?;
+        ensure!(result.contains(&path), "no event carries {path}: {result}");
+        Ok(())
+    })
+    .await;
+
     runner.stop();
     drop(operator);
     remove_identity_pods(&client, std::slice::from_ref(&node)).await;

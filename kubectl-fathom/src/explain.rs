@@ -17,7 +17,7 @@ use fathom_node::{
 use fathom_operator::{
     lifecycle::Intent,
     plan::{ClusterView, daemonset_default_tolerations},
-    reconcile::{Workload, admit, resolve_workload},
+    reconcile::{Tenancy, Workload, admit, resolve_workload, tenancy_in},
 };
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use kube::{Api, Client, api::ListParams};
@@ -73,6 +73,8 @@ pub struct ClusterState {
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub workload: Workload,
+    /// The tenant rules the job is held to (its namespace's TracePolicy).
+    pub tenancy: Tenancy,
 }
 
 /// Lists nodes, and the pods of the job's namespace (every namespace for a ClusterTraceJob)
@@ -108,10 +110,17 @@ pub async fn read_cluster(client: &Client, input: &ExplainInput) -> Result<Clust
             what: "reading the workload of spec.targetRef".into(),
             message: one_line(&e),
         })?;
+    let tenancy = tenancy_in(input.job.namespace.as_deref(), client)
+        .await
+        .map_err(|e| Error::Api {
+            what: "reading the namespace's TracePolicy (label fathom.dev/trace-policy)".into(),
+            message: one_line(&e),
+        })?;
     Ok(ClusterState {
         nodes,
         pods,
         workload,
+        tenancy,
     })
 }
 
@@ -125,7 +134,7 @@ pub fn describe_plan(
     let intent = admit(
         &input.file.spec,
         input.job.namespace.as_deref(),
-        input.job.namespace.is_none(),
+        &cluster.tenancy,
         cluster.workload,
         &view,
     );

@@ -139,6 +139,7 @@ fn assignment(container_id: String, comm: &str) -> Desired {
             }],
             deadline: None,
             suspend: false,
+            policy: None,
         },
     }
 }

@@ -61,6 +61,7 @@ fn assignment(uid: &str, comm: &str) -> Desired {
             target_pods: Vec::new(),
             deadline: None,
             suspend: false,
+            policy: None,
         },
     }
 }

@@ -27,14 +27,16 @@ use std::{
 };
 
 use fathom_crds::{
-    ClusterTraceJob, TraceAssignment, TraceAssignmentSpec, TraceJob, TraceJobSpec, TraceJobStatus,
-    TraceResult, TraceResultStatus,
+    AssignedPolicy, ClusterTraceJob, TraceAssignment, TraceAssignmentSpec, TraceJob, TraceJobSpec,
+    TraceJobStatus, TracePolicy, TraceResult, TraceResultStatus,
     assignment::{
         AssignmentPhase, DETACH_FINALIZER, JOB_KIND_LABEL, JOB_NAME_LABEL, JOB_NAMESPACE_LABEL,
         JOB_UID_LABEL, JobRef, NODE_LABEL, assignment_name, label_value, node_label_value,
         result_name,
     },
     job::{JobPhase, ResultRef},
+    policy::POLICY_LABEL,
+    tenancy,
     result::{ResultData, Totals},
     trace_result::{Coverage, Loss},
 };
@@ -43,7 +45,7 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
         batch::v1::Job,
-        core::v1::{Node, ObjectReference, Pod, Toleration},
+        core::v1::{Namespace, Node, ObjectReference, Pod, Toleration},
     },
     apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, OwnerReference, Time},
 };
@@ -362,7 +364,8 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
         &ctx.config.runner_tolerations,
     );
     let workload = resolve_workload(spec, id.namespace.as_deref(), &ctx.client).await?;
-    let intent = intent::<K>(spec, id.namespace.as_deref(), workload, &view);
+    let tenancy = tenancy_of::<K>(id.namespace.as_deref(), &ctx.client).await?;
+    let intent = intent(spec, id.namespace.as_deref(), &tenancy, workload, &view);
     let decision = lifecycle::decide(&snapshot, intent, &existing, now, &ctx.config.lifecycle);
     debug!(phase = ?decision.status.phase, run = ?decision.status.run, "decided");
     if let (Some(c), Some(info)) = (&ctx.collector, job_info(spec, &id, &decision, &existing)) {
@@ -380,7 +383,10 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
     {
         let wanted: Vec<TraceAssignment> = desired
             .iter()
-            .map(|d| build_assignment::<K>(&id, spec, run, d, *suspend, deadline.clone()))
+            .map(|d| {
+                let policy = tenancy.policy();
+                build_assignment::<K>(&id, spec, policy, run, d, *suspend, deadline.clone())
+            })
             .collect();
         let r = sync_assignments(&assignments_api, &existing, &wanted, &mut conflicts, ctx).await?;
         requeue = min_duration(requeue, r);
@@ -498,22 +504,76 @@ pub async fn resolve_workload(
     }
 }
 
+/// Which tenant rules hold for a job (docs/tenancy.md).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tenancy {
+    /// A ClusterTraceJob: none.
+    Cluster,
+    /// A TraceJob: the defaults, or the TracePolicy its namespace names.
+    Namespace(Option<AssignedPolicy>),
+    /// A TraceJob whose namespace names a TracePolicy that does not exist (the refusal).
+    MissingPolicy(String),
+}
+
+impl Tenancy {
+    /// The TracePolicy the job's assignments carry to the runners.
+    pub fn policy(&self) -> Option<&AssignedPolicy> {
+        match self {
+            Tenancy::Namespace(p) => p.as_ref(),
+            Tenancy::Cluster | Tenancy::MissingPolicy(_) => None,
+        }
+    }
+}
+
+/// The tenancy of a job of kind `K` in `namespace`: [`tenancy_in`].
+async fn tenancy_of<K: JobObject>(namespace: Option<&str>, client: &Client) -> Result<Tenancy> {
+    tenancy_in(namespace.filter(|_| !K::is_cluster()), client).await
+}
+
+/// The tenancy of a TraceJob in `namespace` (`None`: a ClusterTraceJob): the namespace's
+/// label [`POLICY_LABEL`] names its TracePolicy. A Namespace that cannot be found (it is
+/// being deleted) has the defaults.
+pub async fn tenancy_in(namespace: Option<&str>, client: &Client) -> Result<Tenancy> {
+    let Some(ns) = namespace else {
+        return Ok(Tenancy::Cluster);
+    };
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let named = namespaces
+        .get_opt(ns)
+        .await
+        .map_err(|e| Error::api("reading the job's Namespace", e))?
+        .and_then(|n| n.labels().get(POLICY_LABEL).cloned());
+    let Some(name) = named else {
+        return Ok(Tenancy::Namespace(None));
+    };
+    let policies: Api<TracePolicy> = Api::all(client.clone());
+    let policy = policies
+        .get_opt(&name)
+        .await
+        .map_err(|e| Error::api("reading the namespace's TracePolicy", e))?;
+    Ok(match policy {
+        Some(p) => Tenancy::Namespace(Some(AssignedPolicy { name, spec: p.spec })),
+        None => Tenancy::MissingPolicy(tenancy::missing_policy_message(ns, &name)),
+    })
+}
+
 /// Turns a spec into what the lifecycle works with: errors, a rejection, or a plan.
-pub fn intent<'a, K: JobObject>(
+pub fn intent<'a>(
     spec: &TraceJobSpec,
     namespace: Option<&str>,
+    tenancy: &Tenancy,
     workload: Workload,
     view: &'a ClusterView<'a>,
 ) -> Intent<'a> {
-    admit(spec, namespace, K::is_cluster(), workload, view)
+    admit(spec, namespace, tenancy, workload, view)
 }
 
-/// The operator's admission of a spec: the shared validation, then what only a cluster can
-/// check (scope of the kind, selectors, the workload), then the plan.
+/// The operator's admission of a spec: the shared validation, the tenant rules, then what
+/// only a cluster can check (scope of the kind, selectors, the workload), then the plan.
 pub fn admit<'a>(
     spec: &TraceJobSpec,
     namespace: Option<&str>,
-    cluster: bool,
+    tenancy: &Tenancy,
     workload: Workload,
     view: &'a ClusterView<'a>,
 ) -> Intent<'a> {
@@ -521,13 +581,17 @@ pub fn admit<'a>(
         Ok(c) => c,
         Err(errors) => return Intent::Invalid(errors),
     };
-    if !cluster {
-        // The CRD refuses these at admission; this holds where the CRD's rules did not run.
-        let refused = spec.tenant_refusals();
-        if !refused.is_empty() {
-            let all: Vec<String> = refused.iter().map(ToString::to_string).collect();
-            return Intent::Rejected("PolicyDenied", all.join("; "));
-        }
+    let cluster = *tenancy == Tenancy::Cluster;
+    let refused = match tenancy {
+        Tenancy::Cluster => Vec::new(),
+        Tenancy::MissingPolicy(why) => return Intent::Rejected("PolicyDenied", why.clone()),
+        // The chart's admission policies refuse these; this holds where they did not run.
+        Tenancy::Namespace(None) => spec.tenant_refusals(),
+        Tenancy::Namespace(Some(p)) => spec.tenant_refusals_under(&p.name, &p.spec),
+    };
+    if !refused.is_empty() {
+        let all: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        return Intent::Rejected("PolicyDenied", all.join("; "));
     }
     let targets = match (&spec.pod_selector, &spec.target_ref) {
         (Some(_), Some(_)) => {
@@ -627,6 +691,7 @@ fn labels(id: &JobIds, node: Option<&str>) -> BTreeMap<String, String> {
 fn build_assignment<K: JobObject>(
     id: &JobIds,
     spec: &TraceJobSpec,
+    policy: Option<&AssignedPolicy>,
     run: i64,
     d: &lifecycle::Desired,
     suspend: bool,
@@ -644,6 +709,7 @@ fn build_assignment<K: JobObject>(
             target_pods: d.target_pods.clone(),
             deadline,
             suspend,
+            policy: policy.cloned(),
         },
     );
     a.metadata.namespace = Some(id.assignment_ns.clone());

@@ -10,7 +10,7 @@ use fathom_operator::{
     plan::ClusterView,
     reconcile::{
         self, APPLY_CONFLICT, CONFLICT_BACKOFF_START, JOB_FINALIZER, MANAGER, ReconcileConfig,
-        admit,
+        Tenancy, admit,
     },
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -720,7 +720,7 @@ fn o4_invalid_specs_are_rejected_by_the_cel_rules_and_by_the_operator() {
         // The operator's admission.
         let spec: TraceJobSpec =
             serde_json::from_value(obj["spec"].clone()).expect("spec deserializes");
-        match admit(&spec, Some("shop"), false, None, &view) {
+        match admit(&spec, Some("shop"), &Tenancy::Namespace(None), None, &view) {
             Intent::Invalid(errors) => {
                 if !errors
                     .iter()
@@ -741,7 +741,7 @@ fn o4_invalid_specs_are_rejected_by_the_cel_rules_and_by_the_operator() {
 fn o4_a_node_wide_tracejob_is_refused_by_the_operator() {
     let view = ClusterView::default();
     let spec: TraceJobSpec = serde_yaml::from_str("probe: { catalog: syscalls }").expect("spec");
-    match admit(&spec, Some("shop"), false, None, &view) {
+    match admit(&spec, Some("shop"), &Tenancy::Namespace(None), None, &view) {
         Intent::Rejected(reason, message) => {
             assert_eq!(reason, "NodeWideNeedsClusterTraceJob");
             assert!(message.contains("ClusterTraceJob"));
@@ -749,7 +749,7 @@ fn o4_a_node_wide_tracejob_is_refused_by_the_operator() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        admit(&spec, None, true, None, &view),
+        admit(&spec, None, &Tenancy::Cluster, None, &view),
         Intent::Planned { .. }
     ));
 }
@@ -793,7 +793,11 @@ fn o4_golden_examples_pass_the_cel_rules_and_the_operator() {
             match admit(
                 &spec,
                 if cluster { None } else { ns },
-                cluster,
+                &if cluster {
+                    Tenancy::Cluster
+                } else {
+                    Tenancy::Namespace(None)
+                },
                 workload,
                 &view,
             ) {
@@ -803,7 +807,7 @@ fn o4_golden_examples_pass_the_cel_rules_and_the_operator() {
                 Intent::Rejected("NodeWideNeedsClusterTraceJob", _) => {
                     assert!(
                         matches!(
-                            admit(&spec, None, true, None, &view),
+                            admit(&spec, None, &Tenancy::Cluster, None, &view),
                             Intent::Planned { .. }
                         ),
                         "{p}"

@@ -374,3 +374,128 @@ fn assignment_changes_map_to_their_job_of_the_right_kind() {
         None
     );
 }
+
+// ------------------------------------------------------------------ TracePolicy
+
+/// Labels namespace `ns` with TracePolicy `policy` (the Namespace object, as a cluster admin
+/// writes it) and, when `spec` is given, creates that TracePolicy.
+async fn govern(w: &World, ns: &str, policy: &str, spec: Option<serde_json::Value>) {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(w.client.clone());
+    let n = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": ns, "labels": {"fathom.dev/trace-policy": policy}},
+    }))
+    .expect("namespace");
+    namespaces
+        .create(&Default::default(), &n)
+        .await
+        .expect("create namespace");
+    if let Some(spec) = spec {
+        let policies: Api<fathom_crds::TracePolicy> = Api::all(w.client.clone());
+        let p = serde_json::from_value(json!({
+            "apiVersion": "fathom.dev/v1alpha1", "kind": "TracePolicy",
+            "metadata": {"name": policy}, "spec": spec,
+        }))
+        .expect("policy");
+        policies
+            .create(&Default::default(), &p)
+            .await
+            .expect("create policy");
+    }
+}
+
+fn kprobe_job(namespace: &str, limits: &str) -> String {
+    format!(
+        r#"
+apiVersion: fathom.dev/v1alpha1
+kind: TraceJob
+metadata: {{ name: connects, namespace: {namespace} }}
+spec:
+  probe: {{ kprobe: tcp_v4_connect }}
+  podSelector: {{ matchLabels: {{ app: web }} }}
+  limits: {{ {limits} }}
+"#
+    )
+}
+
+async fn failure(w: &World, ns: &str, name: &str) -> (Option<String>, String) {
+    let job = w.job(ns, name).await.expect("job");
+    let c = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Failed"))
+        .cloned();
+    (
+        c.as_ref().map(|c| c.reason.clone()),
+        c.map(|c| c.message).unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn a_namespaces_trace_policy_lets_its_jobs_use_more_and_rides_in_their_assignments() {
+    let w = world(World::new());
+    // shop names a policy allowing kprobes; bank keeps the defaults.
+    govern(
+        &w,
+        "shop",
+        "net-debug",
+        Some(json!({"allow": {"probeKinds": ["kprobe"]}, "limits": {"defaultCpuPercent": 5, "maxCpuPercent": 20}})),
+    )
+    .await;
+    w.create_job(&kprobe_job("shop", "cpuPercent: 20")).await;
+    w.create_job(&kprobe_job("bank", "cpuPercent: 20")).await;
+    w.settle("shop", "connects").await;
+    w.settle("bank", "connects").await;
+
+    assert_eq!(w.assignment_nodes("shop"), ["n1", "n2"]);
+    for a in w
+        .assignments_in(OPERATOR_NS)
+        .iter()
+        .filter(|a| a.spec.job.namespace.as_deref() == Some("shop"))
+    {
+        let p = a.spec.policy.as_ref().expect("the policy rides along");
+        assert_eq!(p.name, "net-debug");
+        assert_eq!(p.spec.limits.default_cpu_percent, Some(5));
+    }
+    assert!(w.assignment_nodes("bank").is_empty());
+    let (reason, message) = failure(&w, "bank", "connects").await;
+    assert_eq!(reason.as_deref(), Some("PolicyDenied"), "{message}");
+    assert!(
+        message.contains("refused by rule tenant-probe-kind"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_policys_limits_and_a_missing_policy_refuse_with_their_rule() {
+    let w = world(World::new());
+    govern(
+        &w,
+        "shop",
+        "small",
+        Some(json!({"allow": {"probeKinds": ["kprobe"]}, "limits": {"maxCpuPercent": 20, "maxMapEntries": 4096}})),
+    )
+    .await;
+    govern(&w, "bank", "nowhere", None).await;
+    w.create_job(&kprobe_job("shop", "cpuPercent: 50, mapEntries: 4096"))
+        .await;
+    w.create_job(&kprobe_job("bank", "cpuPercent: 5")).await;
+    w.settle("shop", "connects").await;
+    w.settle("bank", "connects").await;
+    assert!(w.assignments_in(OPERATOR_NS).is_empty());
+
+    let (reason, message) = failure(&w, "shop", "connects").await;
+    assert_eq!(reason.as_deref(), Some("PolicyDenied"));
+    assert!(
+        message.contains(
+            "refused by rule tenant-limits: spec.limits.cpuPercent=50 is over the 20 that TracePolicy small allows"
+        ),
+        "{message}"
+    );
+    let (reason, message) = failure(&w, "bank", "connects").await;
+    assert_eq!(reason.as_deref(), Some("PolicyDenied"));
+    assert!(
+        message.contains("refused by rule tenant-policy: namespace bank is labelled fathom.dev/trace-policy=nowhere, and no TracePolicy nowhere exists"),
+        "{message}"
+    );
+}

@@ -26,7 +26,7 @@ use std::{
 };
 
 use fathom_crds::{
-    CheckedSpec, FieldError,
+    CheckedSpec, FieldError, TracePolicySpec,
     assignment::{AssignmentPhase, TraceAssignmentSpec, TraceAssignmentStatus},
     result::{EventRecord, ResultData},
     tenancy::Reach,
@@ -77,6 +77,10 @@ pub trait Probes {
         let _ = id;
         None
     }
+    /// The budget of a job that sets none (the runner's `--default-cpu-percent`).
+    fn default_cpu_percent(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl Probes for Engine {
@@ -112,6 +116,10 @@ impl Probes for Engine {
 
     fn cpu_limit(&self, id: &str) -> Option<u32> {
         Engine::cpu_limit(self, id)
+    }
+
+    fn default_cpu_percent(&self) -> Option<u32> {
+        self.options().default_cpu_percent
     }
 }
 
@@ -513,14 +521,25 @@ impl<P: Probes, C: CgroupSource> Runner<P, C> {
         };
         let nothing = !resolved.scope.attaches();
         let mut checked = checked;
-        // Anything but a ClusterTraceJob is held to the tenant rules (the operator and the
-        // CRD refuse the same; the node checks again, and checks what only it can tell).
+        // Anything but a ClusterTraceJob is held to the tenant rules, under the TracePolicy
+        // the operator copied into the assignment (admission and the operator refuse the
+        // same; the node checks again, and checks what only it can tell).
         if spec.job.kind != CLUSTER_TRACE_JOB {
-            checked.reach = Reach::Namespace;
-            let refused = spec.trace.tenant_refusals();
+            let default_policy = TracePolicySpec::default();
+            let (name, policy) = spec
+                .policy
+                .as_ref()
+                .map_or(("(none)", &default_policy), |p| (p.name.as_str(), &p.spec));
+            if !policy.allow.kernel_addresses {
+                checked.reach = Reach::Namespace;
+            }
+            let refused = spec.trace.tenant_refusals_under(name, policy);
             if !refused.is_empty() {
                 return fail(t, AssignmentPhase::Failed, in_assignment(&refused));
             }
+            checked.cpu_percent = spec
+                .trace
+                .cpu_percent_under(policy, self.probes.default_cpu_percent());
         }
         let in_containers = !matches!(resolved.scope, Scope::Node);
         if in_containers && let Some(binary) = targets::user_binary(&mut checked.probe) {
@@ -941,6 +960,7 @@ mod tests {
                     .collect(),
                 deadline: None,
                 suspend: false,
+                policy: None,
             },
         }
     }
@@ -1041,6 +1061,54 @@ mod tests {
         r.sync([cluster]);
         r.reconcile(at(2), false);
         assert_eq!(reach("u3"), Some(Reach::Node));
+    }
+
+    /// The TracePolicy the operator copied into a TraceJob's assignment relaxes the node's
+    /// checks as it says (a kprobe; kernel addresses: the job is planned for the node) and
+    /// sets the job's CPU budget; without it the same job is refused.
+    #[test]
+    fn the_assignments_trace_policy_relaxes_the_tenant_rules_and_sets_the_cpu_budget() {
+        let tree = Tree::new("policy");
+        let (mut r, engine) = runner(&tree);
+        let policy = |allow: serde_json::Value| {
+            Some(fathom_crds::AssignedPolicy {
+                name: "net-debug".into(),
+                spec: serde_json::from_value(serde_json::json!({
+                    "allow": allow,
+                    "limits": {"defaultCpuPercent": 5, "maxCpuPercent": 20},
+                }))
+                .unwrap(),
+            })
+        };
+        let mut kprobe = desired("u1", TRACE_JOB, Some("shop"), &["shop"]);
+        kprobe.spec.trace = serde_yaml::from_str("probe: {kprobe: tcp_v4_connect}").unwrap();
+        kprobe.spec.policy = policy(serde_json::json!({"probeKinds": ["kprobe"]}));
+        let mut addresses = desired("u2", TRACE_JOB, Some("shop"), &["shop"]);
+        addresses.spec.trace =
+            serde_yaml::from_str("probe: {rawTracepoint: sys_enter}\nlimits: {cpuPercent: 15}")
+                .unwrap();
+        addresses.spec.policy = policy(serde_json::json!({"kernelAddresses": true}));
+        r.sync([kprobe, addresses]);
+        r.reconcile(at(0), false);
+        let running = |uid: &str| {
+            engine
+                .0
+                .borrow()
+                .running
+                .get(uid)
+                .map(|(s, _, _)| (s.reach, s.cpu_percent))
+        };
+        assert_eq!(running("u1"), Some((Reach::Namespace, Some(5))));
+        assert_eq!(running("u2"), Some((Reach::Node, Some(15))));
+
+        // The same kprobe job under a policy that does not allow it is refused.
+        let mut denied = desired("u3", TRACE_JOB, Some("shop"), &["shop"]);
+        denied.spec.trace = serde_yaml::from_str("probe: {kprobe: tcp_v4_connect}").unwrap();
+        denied.spec.policy = policy(serde_json::json!({"payload": true}));
+        r.sync([denied]);
+        let out = r.reconcile(at(1), false);
+        assert_eq!(phase(&out), Some(AssignmentPhase::Failed));
+        assert!(!engine.0.borrow().applies.iter().any(|(id, _)| id == "u3"));
     }
 
     #[test]

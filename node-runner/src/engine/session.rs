@@ -182,6 +182,11 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The options the engine was made with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
+
     pub fn new(kernel: Kernel, opts: EngineOptions) -> Engine {
         Engine {
             kernel,
