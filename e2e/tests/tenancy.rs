@@ -359,7 +359,7 @@ async fn a_trace_policy_relaxes_and_tightens_the_rules_of_the_namespace_naming_i
     let ns = TestNamespace::create(&client, "policy").await;
     let policy = format!("e2e-{}", ns.as_str());
     let other = format!("{policy}-other");
-    let _cleanup = Policies(vec![policy.clone(), other.clone()]);
+    let cleanup = Policies(vec![policy.clone(), other.clone()]);
     // Another TracePolicy exists, which this namespace does not name: admission judges
     // nothing by it, and the operator finds no policy of the label's name.
     let apply_policy = |name: &str, spec: Value| {
@@ -446,6 +446,21 @@ async fn a_trace_policy_relaxes_and_tightens_the_rules_of_the_namespace_naming_i
         ensure!(phase == Some(JobPhase::Succeeded), "{:?}", job.status);
         let result = serde_json::to_string(&results.get("payloads").await?)?;
         ensure!(result.contains(&path), "no event carries {path}: {result}");
+        Ok(())
+    })
+    .await;
+
+    // 3. With every TracePolicy gone the namespace's jobs can still go: admission judges only
+    // written specs, and a missing policy blocks no finalizer update.
+    drop(cleanup);
+    for name in ["payloads", "unnamed"] {
+        jobs.delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("deleting {name}: {e}"));
+    }
+    eventually(secs(60), "the jobs gone through their finalizers", async || {
+        let left = jobs.list(&Default::default()).await?.items.len();
+        ensure!(left == 0, "{left} job(s) left");
         Ok(())
     })
     .await;
