@@ -1,8 +1,9 @@
 //! Issue 10's table of hostile namespaced TraceJobs, on the real cluster. Each one is refused
-//! with the rule that refused it: at admission (the TraceJob CRD's CEL), by the operator
-//! (scope), or by the node runner (what only the node's kernel can tell). None of them
-//! leaves anything attached, while an allowed job of the same namespace attaches as usual.
-//! The same specs as ClusterTraceJobs pass admission: the rules bind tenants only.
+//! with the rule that refused it: at admission (the chart's tenant ValidatingAdmissionPolicies),
+//! by the operator (scope), or by the node runner (what only the node's kernel can tell). None
+//! of them leaves anything attached, while an allowed job of the same namespace attaches as
+//! usual. The same specs as ClusterTraceJobs pass admission: the rules bind tenants only. A
+//! TracePolicy named by a namespace's label relaxes and tightens the rules for that namespace.
 
 use anyhow::ensure;
 use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult};

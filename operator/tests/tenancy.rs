@@ -499,3 +499,41 @@ async fn a_policys_limits_and_a_missing_policy_refuse_with_their_rule() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn a_revoked_grant_fails_the_running_job_and_removes_its_assignments() {
+    let w = world(World::new());
+    govern(
+        &w,
+        "shop",
+        "net-debug",
+        Some(json!({"allow": {"probeKinds": ["kprobe"]}})),
+    )
+    .await;
+    w.create_job(&kprobe_job("shop", "mapEntries: 1024")).await;
+    w.settle("shop", "connects").await;
+    assert_eq!(w.assignment_nodes("shop"), ["n1", "n2"]);
+    w.runner_reports("shop", "n1", "Attached", 3).await;
+
+    let policies: Api<fathom_crds::TracePolicy> = Api::all(w.client.clone());
+    policies
+        .patch(
+            "net-debug",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"allow": {"probeKinds": []}}})),
+        )
+        .await
+        .expect("revoke");
+    w.settle("shop", "connects").await;
+    let (reason, message) = failure(&w, "shop", "connects").await;
+    assert_eq!(reason.as_deref(), Some("PolicyDenied"), "{message}");
+    assert!(message.contains("refused by rule tenant-probe-kind"), "{message}");
+    // The assignments are being deleted (their runners detach, then release the finalizer).
+    assert!(
+        w.assignments_in(OPERATOR_NS)
+            .iter()
+            .all(|a| a.metadata.deletion_timestamp.is_some()),
+        "{:?}",
+        w.assignments_in(OPERATOR_NS)
+    );
+}

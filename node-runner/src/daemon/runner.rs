@@ -1026,7 +1026,7 @@ mod tests {
     }
 
     /// A TraceJob's assignment is planned for a namespace (the engine checks kernel addresses
-    /// and argument counts); one that breaks a tenant rule (which the CRD and the operator
+    /// and argument counts); one that breaks a tenant rule (which admission and the operator
     /// refuse too) fails with the rule's name and reaches no engine. A ClusterTraceJob's is
     /// planned for the node.
     #[test]
