@@ -77,6 +77,11 @@ pub struct PolicyAllow {
     /// undo the node's KASLR.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kernel_addresses: bool,
+    /// `true`: jobs may use the catalog entries that time other tasks of the node (runqlat,
+    /// biolatency): their hooks run in other tasks' context, so the pod filter cannot keep
+    /// other tasks' timing out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_timing: bool,
 }
 
 /// Limits for a namespace's TraceJobs, within those every job has (the node runner's budgets

@@ -56,6 +56,12 @@ pub const TENANT_RAW_TRACEPOINTS: &[&str] = &["sys_enter", "sys_exit"];
 /// Catalog entries a TraceJob may not use (built on a kernel-function probe).
 pub const KERNEL_CATALOG: &[&str] = &["tcp-connect-kprobe"];
 
+/// Catalog entries whose hooks run in other tasks' context (a wakeup by another task, an I/O
+/// completion in an interrupt): the cgroup filter sees whichever task is current there, so a
+/// job of one namespace would time other tasks of the node. A TraceJob may use them only
+/// when its TracePolicy allows `nodeTiming`.
+pub const NODE_TIMING_CATALOG: &[&str] = &["runqlat", "biolatency"];
+
 /// How every refusal's message begins, before the rule's name.
 const REFUSED_BY: &str = "refused by rule ";
 
@@ -99,6 +105,18 @@ pub fn kernel_catalog_message() -> String {
             KERNEL_CATALOG.join(", ")
         ),
         &format!("use tcp-connect (a tracepoint), {ASK_AN_ADMIN}"),
+    )
+}
+
+/// The [`RULE_PROBE_KIND`] message for a catalog entry that times other tasks.
+pub fn node_timing_message() -> String {
+    refusal(
+        RULE_PROBE_KIND,
+        &format!(
+            "catalog entries {} time other tasks of the node (their hooks run in other tasks' context, where the pod filter cannot tell whose work it is)",
+            NODE_TIMING_CATALOG.join(", ")
+        ),
+        &format!("use syscalls with value latency for the pods' own waits, {ASK_AN_ADMIN}"),
     )
 }
 
@@ -184,6 +202,11 @@ impl TraceJobSpec {
                 if KERNEL_CATALOG.contains(&c.as_str()) && !policy.allows(GrantedKind::Kprobe) =>
             {
                 Some(("spec.probe.catalog".into(), kernel_catalog_message()))
+            }
+            Ok(Probe::Catalog(c))
+                if NODE_TIMING_CATALOG.contains(&c.as_str()) && !policy.allow.node_timing =>
+            {
+                Some(("spec.probe.catalog".into(), node_timing_message()))
             }
             _ => None,
         };

@@ -147,6 +147,8 @@ fn specs() -> Vec<Value> {
         json!({"rawTracepoint": " sys_enter "}),
         json!({"catalog": "tcp-connect-kprobe"}),
         json!({"catalog": "tcp-connect"}),
+        json!({"catalog": "runqlat"}),
+        json!({"catalog": "biolatency"}),
         json!({"tracepoint": "skb/kfree_skb"}),
     ]
     .into_iter()
@@ -188,7 +190,7 @@ fn the_defaults_refuse_at_admission_what_the_operator_refuses_in_its_words() {
         assert_eq!(got, want, "{spec}");
         refused += usize::from(!want.is_empty());
     }
-    assert_eq!(refused, 8, "the table has 8 specs the defaults refuse");
+    assert_eq!(refused, 10, "the table has 10 specs the defaults refuse");
 }
 
 #[test]
@@ -197,7 +199,7 @@ fn a_trace_policy_relaxes_and_tightens_the_rules_only_for_the_namespaces_naming_
     let policies = [
         json!({}),
         json!({"allow": {"probeKinds": ["kprobe"], "payload": true}}),
-        json!({"allow": {"probeKinds": ["kprobe", "kretprobe", "fentry", "fexit", "lsm", "rawTracepoint"], "kernelAddresses": true},
+        json!({"allow": {"probeKinds": ["kprobe", "kretprobe", "fentry", "fexit", "lsm", "rawTracepoint"], "kernelAddresses": true, "nodeTiming": true},
                "limits": {"maxCpuPercent": 20, "maxMapEntries": 8192, "defaultCpuPercent": 5}}),
         json!({"limits": {"maxMapEntries": 20000}}),
     ];
