@@ -23,18 +23,23 @@ set -euo pipefail
 # The matrix: one kernel per line.
 #   name | kernel | extra kernel command line ("-": none) | FATHOM_KERNEL_EXPECT [| test args]
 # kernel:  host                 this machine's running kernel, no VM
-#          deb:PACKAGE[@PREFIX] a Debian kernel package (a meta package such as linux-image-amd64
+#          deb:PACKAGE[@PREFIX][/SUITE]
+#                               a Debian kernel package (a meta package such as linux-image-amd64
 #                               resolves to the image it depends on, which must start with
-#                               linux-image-PREFIX); fetched with apt-get by --fetch
+#                               linux-image-PREFIX), from this machine's apt sources or from
+#                               Debian's suite SUITE (an apt state of its own under the cache);
+#                               fetched with apt-get by --fetch
 #          file:/path/vmlinuz   a kernel image you provide (no modules: no block device)
 # FATHOM_KERNEL_EXPECT tells node-runner/tests/kernel_functions.rs what this kernel offers:
 # `full`, or kprobes=available|absent, fentry=available|refused, lsm=available|refused|disabled
-# (see docs/kernel-matrix.md). Test args, when given, are libtest arguments for that row only
-# (a filter there limits the row to the matching tests).
+# (see docs/kernel-matrix.md); `probe` (host only): found by probing the running kernel
+# (probe_host_expect). Test args, when given, are libtest arguments for that row only (a filter
+# there limits the row to the matching tests).
 KERNELS=(
-  "host              | host                       | -                                                  | kprobes=absent,fentry=refused,lsm=refused"
-  "debian-6.1        | deb:linux-image-amd64@6.1. | lsm=lockdown,capability,landlock,yama,apparmor,bpf | full"
-  "debian-6.1-no-lsm | deb:linux-image-amd64@6.1. | lsm=lockdown,capability,landlock,yama,apparmor     | kprobes=available,fentry=available,lsm=disabled | lsm_"
+  "host              | host                               | -                                                  | probe"
+  "debian-6.1        | deb:linux-image-amd64@6.1.         | lsm=lockdown,capability,landlock,yama,apparmor,bpf | full"
+  "debian-6.1-no-lsm | deb:linux-image-amd64@6.1.         | lsm=lockdown,capability,landlock,yama,apparmor     | kprobes=available,fentry=available,lsm=disabled | lsm_"
+  "debian-6.12       | deb:linux-image-amd64@6.12./trixie | lsm=lockdown,capability,landlock,yama,apparmor,bpf | full"
 )
 
 # Host tools the tests run, copied into the initramfs with their libraries.
@@ -47,6 +52,11 @@ VM_MODULES=(drivers/block/loop crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd
 # they still run on the host.
 #   binary::test | reason
 VM_SKIP=()
+
+# The written skip list: a test that reports itself skipped (a `fathom-skip: <test>: <why>`
+# line) or ignored in a row fails that row unless it is here, with its reason.
+#   row (a shell glob) | binary::test | reason
+MAY_SKIP=()
 
 # Under TCG emulation (no KVM here) 1000 load/attach/detach cycles of E2 take over 9 minutes;
 # the VMs run 100 of them (the test prints how many it ran). The host runs all 1000.
@@ -83,16 +93,34 @@ row_field() {
 
 # --- kernels -------------------------------------------------------------------------------
 
+# apt_opts SUITE: apt options for Debian's suite SUITE, in an apt state of its own under the
+# cache (the machine's sources and state are left alone); nothing for the machine's suites.
+apt_opts() {
+  local suite=$1 dir
+  [ -n "$suite" ] || return 0
+  dir=$CACHE/apt-$suite
+  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+  [ -f "$dir/$suite.sources" ] || printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$suite" >"$dir/$suite.sources"
+  printf '%s\n' -o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$dir" \
+    -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o Dir::State::status=/dev/null
+}
+
+# deb_suite SPEC / deb_spec SPEC: the suite and the package@prefix of a deb: spec.
+deb_suite() { [[ $1 == */* ]] && printf '%s' "${1#*/}"; return 0; }
+deb_spec() { printf '%s' "${1%%/*}"; }
+
 # resolve_deb SPEC: the concrete package a deb: spec names.
 resolve_deb() {
-  local spec=$1 pkg prefix dep
+  local spec pkg prefix dep opts=()
+  mapfile -t opts < <(apt_opts "$(deb_suite "$1")")
+  spec=$(deb_spec "$1")
   pkg=${spec%@*}
   prefix=
   [[ $spec == *@* ]] && prefix=${spec#*@}
-  dep=$(apt-cache depends --important "$pkg" 2>/dev/null |
+  dep=$(apt-cache "${opts[@]}" depends --important "$pkg" 2>/dev/null |
     awk '/^ *Depends: linux-image-/ { print $2; exit }')
   [ -n "$dep" ] || dep=$pkg
-  if ! apt-cache show "$dep" >/dev/null 2>&1; then
+  if ! apt-cache "${opts[@]}" show "$dep" >/dev/null 2>&1; then
     return 1
   fi
   if [ -n "$prefix" ] && [[ $dep != linux-image-$prefix* ]]; then
@@ -120,9 +148,11 @@ fetch_row() {
     deb:*) spec=${kernel#deb:} ;;
     *) die "row $name: unknown kernel kind $kernel" ;;
   esac
+  local opts=()
+  mapfile -t opts < <(apt_opts "$(deb_suite "$spec")")
   if ! pkg=$(resolve_deb "$spec"); then
     log "apt-get update (to find $spec)"
-    apt-get update -qq >&2
+    apt-get "${opts[@]}" update -qq >&2
     pkg=$(resolve_deb "$spec") || die "row $name: no package $spec in the apt sources"
   fi
   dir=$CACHE/$pkg
@@ -130,19 +160,30 @@ fetch_row() {
     log "fetching $pkg for $name into $dir"
     mkdir -p "$CACHE"
     tmp=$(mktemp -d "$CACHE/.fetch.XXXXXX")
-    (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
+    (cd "$tmp" && apt-get "${opts[@]}" download -q "$pkg" >/dev/null 2>&1) ||
       { rm -rf "$tmp"; die "apt-get download $pkg failed"; }
     dpkg-deb -x "$tmp"/*.deb "$tmp/x"
     mkdir -p "$tmp/k"
     cp "$tmp"/x/boot/vmlinuz-* "$tmp/k/vmlinuz"
     cp "$tmp"/x/boot/config-* "$tmp/k/config"
-    local rel
-    rel=$(basename "$(echo "$tmp"/x/lib/modules/*)")
+    local rel mods
+    # /lib/modules (Debian 12), /usr/lib/modules (13, merged /usr).
+    mods=$(echo "$tmp"/x/lib/modules "$tmp"/x/usr/lib/modules | tr ' ' '\n' | while read -r d; do [ -d "$d" ] && echo "$d"; done | head -1)
+    [ -n "$mods" ] || { rm -rf "$tmp"; die "$pkg has no lib/modules"; }
+    rel=$(basename "$(echo "$mods"/*)")
     echo "$rel" >"$tmp/k/release"
-    # Only the modules the VM loads are kept (the package has ~400 MB of them).
+    # Only the modules the VM loads are kept (the package has ~400 MB of them), uncompressed
+    # (Debian 13 ships them as .ko.xz; busybox insmod loads plain ELF).
     for m in "${VM_MODULES[@]}"; do
       mkdir -p "$tmp/k/modules/$(dirname "$m")"
-      cp "$tmp/x/lib/modules/$rel/kernel/$m.ko" "$tmp/k/modules/$m.ko"
+      if [ -f "$mods/$rel/kernel/$m.ko" ]; then
+        cp "$mods/$rel/kernel/$m.ko" "$tmp/k/modules/$m.ko"
+      elif [ -f "$mods/$rel/kernel/$m.ko.xz" ]; then
+        xz -dc "$mods/$rel/kernel/$m.ko.xz" >"$tmp/k/modules/$m.ko"
+      else
+        rm -rf "$tmp"
+        die "$pkg has no module $m"
+      fi
     done
     rm -rf "$dir"
     mv "$tmp/k" "$dir"
@@ -360,6 +401,26 @@ row_initramfs() {
 
 # --- runs ----------------------------------------------------------------------------------
 
+# probe_host_expect: FATHOM_KERNEL_EXPECT for the running kernel, found without Fathom's engine
+# (whose verdicts the tests check): kprobes are there when tracefs offers kprobe_events;
+# trampolines (fentry/fexit, and so BPF LSM) work when bpftrace can run a kfunc probe; BPF LSM
+# is available when trampolines work and `bpf` is in the active LSM list, else disabled.
+probe_host_expect() {
+  local kprobes=absent fentry=refused lsm=refused tracefs
+  for tracefs in /sys/kernel/tracing /sys/kernel/debug/tracing; do
+    [ -e "$tracefs/kprobe_events" ] && kprobes=available
+  done
+  (sleep 2; cat /proc/version >/dev/null) &
+  if timeout 30 bpftrace -e 'kfunc:vfs_read { exit(); }' >"$OUT/host-kfunc-probe.log" 2>&1; then
+    fentry=available
+  fi
+  wait
+  if [ "$fentry" = available ]; then
+    if grep -qw bpf /sys/kernel/security/lsm 2>/dev/null; then lsm=available; else lsm=disabled; fi
+  fi
+  printf 'kprobes=%s,fentry=%s,lsm=%s' "$kprobes" "$fentry" "$lsm"
+}
+
 # run_host LINE: the tests on the running kernel, output in the same shape as a VM's console.
 run_host() {
   local line=$1 name expect logf t path rc start args=()
@@ -367,6 +428,10 @@ run_host() {
   mapfile -t args < <(row_args "$line")
   expect=${FATHOM_HOST_EXPECT:-$(row_field "$line" 3)}
   mkdir -p "$OUT/$name"
+  if [ "$expect" = probe ]; then
+    expect=$(probe_host_expect)
+    log "== $name: probed the running kernel: $expect (bpftrace's kfunc probe: $OUT/host-kfunc-probe.log)"
+  fi
   logf=$OUT/$name/console.log
   log "== $name: kernel $(uname -r), FATHOM_KERNEL_EXPECT=$expect"
   {
@@ -415,139 +480,7 @@ run_vm() {
 # --- report --------------------------------------------------------------------------------
 
 report() {
-  FATHOM_VM_TIMEOUT=$VM_TIMEOUT python3 - "$OUT" "$@" <<'EOF'
-import os, re, sys
-
-out = sys.argv[1]
-rows = [a.split("=")[0] for a in sys.argv[2:]]
-is_vm = {a.split("=")[0]: a.endswith("=vm") for a in sys.argv[2:]}
-vm_skip = {}
-for line in open(os.path.join(out, "vm-skip.tsv")):
-    if "\t" in line:
-        k, why = line.rstrip("\n").split("\t", 1)
-        vm_skip[k] = why
-RESULT = re.compile(r"^test (\S+) \.\.\. (?:.*?)(ok|FAILED|ignored)\s*$")
-START = re.compile(r"^test (\S+) \.\.\. ")
-SKIP = re.compile(r"^fathom-skip: (\S+): (.*)$")
-BANNER = re.compile(r"=== fathom-matrix (begin|end|done|kernel)\b ?(.*)$")
-
-def parse(name):
-    d = os.path.join(out, name)
-    text = open(os.path.join(d, "console.log"), errors="replace").read().replace("\r", "")
-    lines = text.split("\n")
-    rc = int(open(os.path.join(d, "qemu.rc")).read().strip() or 1)
-    res = {"kernel": "?", "tests": {}, "problems": [], "skips": {}, "order": [], "binaries": set()}
-    binary, pending, done, ended = None, [], False, set()
-    for line in lines:
-        m = BANNER.search(line)
-        if m:
-            kind, rest = m.groups()
-            if kind == "kernel":
-                res["kernel"] = rest.strip()
-            elif kind == "begin":
-                binary, pending = rest.strip(), []
-                res["binaries"].add(binary)
-            elif kind == "end":
-                b, _, tail = rest.partition(" ")
-                code = int(re.search(r"rc=(\d+)", tail).group(1))
-                ended.add(b)
-                for t in pending:
-                    res["tests"][t] = "unfinished"
-                if code != 0 and not any(
-                    k.startswith(b + "::") and v == "FAIL" for k, v in res["tests"].items()
-                ):
-                    res["problems"].append(f"{b} exited with {code} without a failing test")
-                binary = None
-            elif kind == "done":
-                done = True
-            continue
-        if binary is None:
-            continue
-        s = SKIP.match(line.strip())
-        if s:
-            res["skips"][f"{binary}::{s.group(1)}"] = s.group(2)
-            continue
-        m = RESULT.match(line)
-        if m:
-            t, r = m.groups()
-            key = f"{binary}::{t}"
-            res["tests"][key] = {"ok": "pass", "FAILED": "FAIL", "ignored": "ignored"}[r]
-            res["order"].append(key)
-            pending = [p for p in pending if p != key]
-            continue
-        m = START.match(line)
-        if m:
-            key = f"{binary}::{m.group(1)}"
-            res["order"].append(key)
-            pending.append(key)
-            continue
-        # A result on a line of its own, after output the test wrote straight to stderr.
-        if pending and line.strip() in ("ok", "FAILED", "ignored"):
-            key = pending.pop(0)
-            res["tests"][key] = {"ok": "pass", "FAILED": "FAIL", "ignored": "ignored"}[line.strip()]
-    if binary is not None:
-        res["problems"].append(f"{binary} never finished (crash or hang)")
-        for t in pending:
-            res["tests"][t] = "unfinished"
-    for k, why in res["skips"].items():
-        if res["tests"].get(k) == "pass":
-            res["tests"][k] = "skip"
-    for b in sorted(os.listdir(os.path.join(d, "lists"))):
-        for t in open(os.path.join(d, "lists", b)).read().split():
-            k = f"{b}::{t}"
-            if k in res["tests"]:
-                continue
-            if is_vm[name] and k in vm_skip:
-                res["tests"][k] = "skip"
-                res["skips"][k] = f"not run in VMs (VM_SKIP): {vm_skip[k]}"
-            else:
-                res["tests"][k] = "NOT RUN"
-            res["order"].append(k)
-    if rc == 124 or rc == 137:
-        res["problems"].append(f"hung: killed after FATHOM_VM_TIMEOUT={os.environ.get('FATHOM_VM_TIMEOUT', '1500')} s")
-    elif rc != 0:
-        res["problems"].append(f"QEMU exited with {rc}")
-    if re.search(r"Kernel panic|BUG: |Oops: ", text):
-        res["problems"].append("kernel panic/BUG/Oops in the console log")
-    if not done:
-        res["problems"].append("the run did not reach its end")
-    res["log"] = os.path.join(d, "console.log")
-    sec = os.path.join(d, "seconds")
-    res["seconds"] = int(open(sec).read()) if os.path.exists(sec) else None
-    return res
-
-results = {r: parse(r) for r in rows}
-order = []
-for r in rows:
-    for k in results[r]["order"]:
-        if k not in order:
-            order.append(k)
-width = max([len(k) for k in order] + [10])
-heads = [f"{r} ({results[r]['kernel']})" for r in rows]
-colw = max(len(h) for h in heads) + 2
-print()
-print("kernel matrix".ljust(width + 2) + "".join(h.ljust(colw) for h in heads))
-for k in order:
-    cells = [results[r]["tests"].get(k, "-") for r in rows]
-    print(k.ljust(width + 2) + "".join(c.ljust(colw) for c in cells))
-print()
-failed = False
-for r in rows:
-    res = results[r]
-    counts = {}
-    for v in res["tests"].values():
-        counts[v] = counts.get(v, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    secs = f", VM {res['seconds']} s" if res["seconds"] is not None else ""
-    bad = sum(counts.get(s, 0) for s in ("FAIL", "NOT RUN", "unfinished")) > 0 or res["problems"]
-    failed |= bool(bad)
-    print(f"{r}: {'FAILED' if bad else 'ok'} — {summary}{secs}; log: {res['log']}")
-    for p in res["problems"]:
-        print(f"  problem: {p}")
-    for k, why in sorted(res["skips"].items()):
-        print(f"  skipped {k}: {why}")
-sys.exit(1 if failed else 0)
-EOF
+  FATHOM_VM_TIMEOUT=$VM_TIMEOUT python3 "$ROOT/scripts/kernel_matrix_report.py" "$OUT" "$@"
 }
 
 # --- main ----------------------------------------------------------------------------------
@@ -594,6 +527,9 @@ if [ "$vms" = 1 ]; then build_base_initramfs; fi
 for entry in "${VM_SKIP[@]}"; do
   printf '%s\t%s\n' "$(row_field "$entry" 0)" "$(row_field "$entry" 1)"
 done >"$OUT/vm-skip.tsv"
+for entry in "${MAY_SKIP[@]}"; do
+  printf '%s\t%s\t%s\n' "$(row_field "$entry" 0)" "$(row_field "$entry" 1)" "$(row_field "$entry" 2)"
+done >"$OUT/may-skip.tsv"
 names=()
 for line in "${selected[@]}"; do
   name=$(row_field "$line" 0)

@@ -29,6 +29,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== unit and API tests"
 cargo test --workspace --exclude fathom-node --exclude fathom-e2e
 cargo test -p fathom-node --lib --bins
+# The kernel matrix's report (its skip list), on made-up console logs.
+python3 -m unittest discover -s scripts/tests
 # The runner's transport (T3–T5: gRPC on loopback, iptables): kernel-independent, host only.
 cargo test -p fathom-node --test transport -- --test-threads=1
 stamp "unit tests done"

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::io::Write;
 
 use common::*;
 use fathom_crds::{
@@ -57,27 +56,17 @@ impl Kind {
     }
 }
 
-/// Prints that the test was skipped and why, straight to stderr (libtest does not capture
-/// it), in the line format the matrix's report collects.
-fn skip(why: &str) {
-    let name = std::thread::current()
-        .name()
-        .unwrap_or("unknown-test")
-        .to_string();
-    let _ = writeln!(std::io::stderr(), "\nfathom-skip: {name}: {why}");
-}
-
-/// The declared state of `kind`, or None (after printing the skip) when nothing is declared.
-fn offered(kind: Kind) -> Option<Offer> {
+/// The declared state of `kind`. A test without a declaration fails: it cannot tell a
+/// refusal it should check from a bug, and a test that cannot run must not pass.
+fn offered(kind: Kind) -> Offer {
     let Ok(expect) = std::env::var("FATHOM_KERNEL_EXPECT") else {
-        skip(
-            "FATHOM_KERNEL_EXPECT is unset, so what this kernel offers is unknown; scripts/kernel-matrix.sh sets it per kernel",
+        panic!(
+            "FATHOM_KERNEL_EXPECT is unset, so what this kernel offers is unknown: run the kernel tests through scripts/kernel-matrix.sh (it sets it per kernel, and probes the host's), or set it (docs/kernel-matrix.md)"
         );
-        return None;
     };
     let expect = expect.trim();
     if expect == "full" {
-        return Some(Offer::Available);
+        return Offer::Available;
     }
     let value = expect
         .split(',')
@@ -90,7 +79,7 @@ fn offered(kind: Kind) -> Option<Offer> {
                 kind.key()
             )
         });
-    Some(match value {
+    match value {
         "available" => Offer::Available,
         "absent" => Offer::Absent,
         "refused" => Offer::Refused,
@@ -99,7 +88,7 @@ fn offered(kind: Kind) -> Option<Offer> {
             "FATHOM_KERNEL_EXPECT: {}={other} is not one of available, absent, refused, disabled",
             kind.key()
         ),
-    })
+    }
 }
 
 /// The verdict the feasibility check must give for `probe` when `kind` is not available.
@@ -140,7 +129,7 @@ fn start_or_refused(
     yaml: &str,
     probes: &[&str],
 ) -> Option<fathom_node::engine::session::Session> {
-    let offer = offered(kind)?;
+    let offer = offered(kind);
     let planned = plan::plan(&spec(yaml), &Kernel::running(), plan::Scope::Node);
     if offer == Offer::Available {
         let plan = match planned {
