@@ -549,7 +549,10 @@ mod tests {
         );
         // Neither carries the tenant rules (a TracePolicy relaxes them, at admission by the
         // chart's policies).
-        assert_eq!(tj.pointer("/properties/spec"), ctj.pointer("/properties/spec"));
+        assert_eq!(
+            tj.pointer("/properties/spec"),
+            ctj.pointer("/properties/spec")
+        );
         assert!(!tj.to_string().contains("refused by rule"));
         assert!(
             tj.pointer("/properties/spec/properties/probe/properties/tracepoint")

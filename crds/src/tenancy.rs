@@ -34,8 +34,7 @@ pub const RULE_LIMITS: &str = "tenant-limits";
 pub const RULE_POLICY: &str = "tenant-policy";
 
 /// The end of every refusal's fix: who can lift the rule.
-pub const ASK_AN_ADMIN: &str =
-    "or ask a cluster admin for a TracePolicy that allows it (docs/tenancy.md) or a ClusterTraceJob";
+pub const ASK_AN_ADMIN: &str = "or ask a cluster admin for a TracePolicy that allows it (docs/tenancy.md) or a ClusterTraceJob";
 
 /// Who a job is planned for, which decides what it may read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +79,9 @@ pub fn kernel_form_message(form: &str) -> String {
     refusal(
         RULE_PROBE_KIND,
         &format!("a TraceJob may not use {form} probes (they read kernel memory)"),
-        &format!("use a tracepoint, a syscall raw tracepoint, profile, uprobe or usdt, {ASK_AN_ADMIN}"),
+        &format!(
+            "use a tracepoint, a syscall raw tracepoint, profile, uprobe or usdt, {ASK_AN_ADMIN}"
+        ),
     )
 }
 
@@ -245,9 +246,7 @@ impl TraceJobSpec {
         node_default: Option<u32>,
     ) -> Option<u32> {
         let own = self.limits.as_ref().and_then(|l| l.cpu_percent);
-        let budget = own
-            .or(policy.limits.default_cpu_percent)
-            .or(node_default);
+        let budget = own.or(policy.limits.default_cpu_percent).or(node_default);
         match (budget, policy.limits.max_cpu_percent) {
             (Some(b), Some(most)) => Some(b.min(most)),
             (None, most) => most,

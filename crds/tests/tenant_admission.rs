@@ -23,9 +23,7 @@ fn vap(name: &str) -> Vap {
     let text = std::fs::read_to_string(&path).expect("deploy/fathom.yaml");
     let doc = serde_yaml::Deserializer::from_str(&text)
         .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-        .find(|d: &Value| {
-            d["kind"] == "ValidatingAdmissionPolicy" && d["metadata"]["name"] == name
-        })
+        .find(|d: &Value| d["kind"] == "ValidatingAdmissionPolicy" && d["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no ValidatingAdmissionPolicy {name} in deploy/fathom.yaml"));
     let list = |key: &str| doc["spec"][key].as_array().cloned().unwrap_or_default();
     Vap {
@@ -154,7 +152,8 @@ fn specs() -> Vec<Value> {
     .into_iter()
     .map(|probe| json!({"probe": probe, "podSelector": {"matchLabels": {"app": "web"}}}))
     .collect();
-    let base = || json!({"probe": {"catalog": "exec"}, "podSelector": {"matchLabels": {"app": "web"}}});
+    let base =
+        || json!({"probe": {"catalog": "exec"}, "podSelector": {"matchLabels": {"app": "web"}}});
     for (key, value) in [
         ("events", json!({"last": 5, "payload": true})),
         ("events", json!({"last": 5, "payload": false})),
@@ -235,7 +234,10 @@ fn an_update_that_keeps_the_spec_is_not_judged_so_finalizers_can_go() {
     let old = job(&spec);
     let mut new = old.clone();
     new["metadata"]["finalizers"] = json!([]);
-    assert_eq!(defaults.refusals(&new, Some(&old), None, &namespace(None)), None);
+    assert_eq!(
+        defaults.refusals(&new, Some(&old), None, &namespace(None)),
+        None
+    );
     // A changed spec is judged again.
     let mut edited = old.clone();
     edited["spec"]["probe"] = json!({"fentry": "vfs_read"});

@@ -379,12 +379,14 @@ pub async fn install_crds(client: &Client) {
             dry_run: true,
             ..Default::default()
         };
-        eventually(secs(60), "the tenant admission policies enforced", async || {
-            match jobs.create(&dry, &probe).await {
+        eventually(
+            secs(60),
+            "the tenant admission policies enforced",
+            async || match jobs.create(&dry, &probe).await {
                 Err(kube::Error::Api(e)) if e.message.contains("refused by rule") => Ok(()),
                 other => anyhow::bail!("a kprobe TraceJob passed admission: {other:?}"),
-            }
-        })
+            },
+        )
         .await;
     })
     .await;

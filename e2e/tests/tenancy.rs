@@ -339,12 +339,19 @@ impl Drop for Policies {
 }
 
 /// A dry-run create of TraceJob `name` with `spec` in `ns`: what admission says, storing nothing.
-async fn admission_of(jobs: &Api<TraceJob>, ns: &str, name: &str, spec: &Value) -> Result<(), kube::Error> {
+async fn admission_of(
+    jobs: &Api<TraceJob>,
+    ns: &str,
+    name: &str,
+    spec: &Value,
+) -> Result<(), kube::Error> {
     let dry = PostParams {
         dry_run: true,
         ..Default::default()
     };
-    jobs.create(&dry, &trace_job(ns, name, spec)).await.map(|_| ())
+    jobs.create(&dry, &trace_job(ns, name, spec))
+        .await
+        .map(|_| ())
 }
 
 /// A namespace labelled `fathom.dev/trace-policy=<name>` is held to that TracePolicy, on the
@@ -393,10 +400,14 @@ async fn a_trace_policy_relaxes_and_tightens_the_rules_of_the_namespace_naming_i
     let jobs: Api<TraceJob> = Api::namespaced(client.clone(), ns.as_str());
 
     // 1. The label names no TracePolicy: the operator refuses every job of the namespace.
-    let plain = at_web(json!({"probe": {"tracepoint": "syscalls/sys_enter_openat"}, "duration": "10s"}));
-    jobs.create(&PostParams::default(), &trace_job(ns.as_str(), "unnamed", &plain))
-        .await
-        .expect("admitted: no policy of this name judges it");
+    let plain =
+        at_web(json!({"probe": {"tracepoint": "syscalls/sys_enter_openat"}, "duration": "10s"}));
+    jobs.create(
+        &PostParams::default(),
+        &trace_job(ns.as_str(), "unnamed", &plain),
+    )
+    .await
+    .expect("admitted: no policy of this name judges it");
     let status = failed_status(&jobs, "unnamed").await;
     assert!(
         status.contains("PolicyDenied")
@@ -412,43 +423,67 @@ async fn a_trace_policy_relaxes_and_tightens_the_rules_of_the_namespace_naming_i
         &policy,
         json!({"allow": {"payload": true}, "limits": {"maxCpuPercent": 20, "defaultCpuPercent": 5}}),
     );
-    let greedy = at_web(json!({"probe": {"tracepoint": "syscalls/sys_enter_openat"}, "limits": {"cpuPercent": 50}}));
+    let greedy = at_web(
+        json!({"probe": {"tracepoint": "syscalls/sys_enter_openat"}, "limits": {"cpuPercent": 50}}),
+    );
     let want = format!(
         "refused by rule tenant-limits: spec.limits.cpuPercent=50 is over the 20 that TracePolicy {policy} allows"
     );
-    eventually(secs(30), "admission holds the policy's CPU ceiling", async || {
-        match admission_of(&jobs, ns.as_str(), "greedy", &greedy).await {
+    eventually(
+        secs(30),
+        "admission holds the policy's CPU ceiling",
+        async || match admission_of(&jobs, ns.as_str(), "greedy", &greedy).await {
             Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains(&want) => Ok(()),
             other => anyhow::bail!("{other:?}"),
-        }
-    })
+        },
+    )
     .await;
-    match admission_of(&jobs, ns.as_str(), "kprobe", &at_web(json!({"probe": {"kprobe": "tcp_v4_connect"}}))).await {
+    match admission_of(
+        &jobs,
+        ns.as_str(),
+        "kprobe",
+        &at_web(json!({"probe": {"kprobe": "tcp_v4_connect"}})),
+    )
+    .await
+    {
         Err(kube::Error::Api(e)) => assert!(
             e.code == 422 && e.message.contains("refused by rule tenant-probe-kind"),
             "{e:?}"
         ),
         other => panic!("a kprobe the policy does not allow was admitted: {other:?}"),
     }
-    let payloads = at_web(json!({"probe": {"catalog": "open"}, "events": {"last": 50, "payload": true}, "duration": "10s"}));
-    eventually(secs(30), "admission allows the payloads the policy allows", async || {
-        admission_of(&jobs, ns.as_str(), "payloads", &payloads)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-    })
+    let payloads = at_web(
+        json!({"probe": {"catalog": "open"}, "events": {"last": 50, "payload": true}, "duration": "10s"}),
+    );
+    eventually(
+        secs(30),
+        "admission allows the payloads the policy allows",
+        async || {
+            admission_of(&jobs, ns.as_str(), "payloads", &payloads)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        },
+    )
     .await;
-    jobs.create(&PostParams::default(), &trace_job(ns.as_str(), "payloads", &payloads))
-        .await
-        .expect("creating the payload job");
+    jobs.create(
+        &PostParams::default(),
+        &trace_job(ns.as_str(), "payloads", &payloads),
+    )
+    .await
+    .expect("creating the payload job");
     let results: Api<TraceResult> = Api::namespaced(client.clone(), ns.as_str());
-    eventually(secs(90), "the payload job Succeeded with the workload's path", async || {
-        let job = jobs.get("payloads").await?;
-        let phase = job.status.as_ref().and_then(|s| s.phase);
-        ensure!(phase == Some(JobPhase::Succeeded), "{:?}", job.status);
-        let result = serde_json::to_string(&results.get("payloads").await?)?;
-        ensure!(result.contains(&path), "no event carries {path}: {result}");
-        Ok(())
-    })
+    eventually(
+        secs(90),
+        "the payload job Succeeded with the workload's path",
+        async || {
+            let job = jobs.get("payloads").await?;
+            let phase = job.status.as_ref().and_then(|s| s.phase);
+            ensure!(phase == Some(JobPhase::Succeeded), "{:?}", job.status);
+            let result = serde_json::to_string(&results.get("payloads").await?)?;
+            ensure!(result.contains(&path), "no event carries {path}: {result}");
+            Ok(())
+        },
+    )
     .await;
 
     // 3. With every TracePolicy gone the namespace's jobs can still go: admission judges only
@@ -459,11 +494,15 @@ async fn a_trace_policy_relaxes_and_tightens_the_rules_of_the_namespace_naming_i
             .await
             .unwrap_or_else(|e| panic!("deleting {name}: {e}"));
     }
-    eventually(secs(60), "the jobs gone through their finalizers", async || {
-        let left = jobs.list(&Default::default()).await?.items.len();
-        ensure!(left == 0, "{left} job(s) left");
-        Ok(())
-    })
+    eventually(
+        secs(60),
+        "the jobs gone through their finalizers",
+        async || {
+            let left = jobs.list(&Default::default()).await?.items.len();
+            ensure!(left == 0, "{left} job(s) left");
+            Ok(())
+        },
+    )
     .await;
 
     runner.stop();

@@ -10,7 +10,6 @@
 
 mod common;
 
-
 use common::*;
 use fathom_crds::{
     result::ResultData,

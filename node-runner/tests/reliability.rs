@@ -152,19 +152,51 @@ fn e4_verifier_rejection_is_reported_not_fatal() {
     let err = session::verifier_canary(&Kernel::running(), 4096);
     assert_eq!(err.reason(), Some(Reason::VerifierRejected), "{err}");
     let msg = err.to_string();
+    let lines: Vec<&str> = msg.lines().map(str::trim).collect();
+    // The failing instruction: the canary dereferences a map lookup's result unchecked, and
+    // the verifier prints that load (`N: (61) r0 = *(u32 *)(r0 +0)`, a BPF_LDX of the
+    // unchecked register) right before its reason.
+    let reason = lines
+        .iter()
+        .position(|l| l.contains("invalid mem access") && l.contains("map_value_or_null"))
+        .unwrap_or_else(|| panic!("the verifier's reason: {msg}"));
+    let insn = lines[..reason]
+        .iter()
+        .rev()
+        .find(|l| is_insn_line(l))
+        .unwrap_or_else(|| panic!("no instruction line before the reason: {msg}"));
     assert!(
-        msg.contains("invalid mem access") || msg.contains("map_value_or_null"),
-        "the verifier's reason: {msg}"
+        insn.contains(") r") && insn.contains(" = *("),
+        "the failing instruction is the unchecked load: {insn}"
     );
-    assert!(
-        msg.contains("processed"),
-        "the verifier's summary line: {msg}"
-    );
+    // The summary line, as the kernel ends every log.
+    let summary = lines
+        .iter()
+        .find(|l| l.starts_with("processed ") && l.contains(" insns (limit "))
+        .unwrap_or_else(|| panic!("the verifier's summary line: {msg}"));
+    assert!(summary.contains("peak_states"), "{summary}");
     assert!(msg.len() < 4096 + 512, "bounded: {} bytes", msg.len());
+    // A smaller budget keeps the summary and the failing instruction, and drops the middle.
+    let small = session::verifier_canary(&Kernel::running(), 512).to_string();
+    assert!(small.len() < 512 + 512, "bounded: {} bytes", small.len());
+    assert!(small.contains(summary), "{small}");
+    assert!(small.contains(insn), "{small}");
     // The process goes on: a real job still runs.
     start("probe: { catalog: syscalls }")
         .stop()
         .expect("still works");
+}
+
+/// A verifier log line of one instruction: `N: (OP) …`, OP two hex digits.
+fn is_insn_line(line: &str) -> bool {
+    let Some((n, rest)) = line.split_once(": (") else {
+        return false;
+    };
+    n.chars().all(|c| c.is_ascii_digit())
+        && !n.is_empty()
+        && rest.len() > 3
+        && rest[..2].chars().all(|c| c.is_ascii_hexdigit())
+        && rest[2..].starts_with(") ")
 }
 
 #[test]
@@ -228,7 +260,72 @@ fn e5_unsupported_kernel_conditions_degrade_clearly() {
         stderr.contains("PermissionDenied") && stderr.contains("CAP_BPF"),
         "{stderr}"
     );
+    // A real EPERM from the kernel, past the capability check: every capability kept, and a
+    // seccomp filter on the run makes bpf(BPF_PROG_LOAD) fail with EPERM, as a kernel policy
+    // (an LSM, a container runtime's profile) would. The job fails with the reason, the
+    // message says it was the kernel, and nothing is left behind.
+    let before = residue();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_fathom"));
+    run.arg("run").arg(&job);
+    deny_prog_load_with_eperm(&mut run);
+    let out = run.output().expect("fathom runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("PermissionDenied")
+            && stderr.contains("the kernel refused it (EPERM)")
+            && !stderr.contains("lacks CAP_BPF"),
+        "{stderr}"
+    );
+    assert_eq!(residue(), before, "nothing left behind");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Makes `cmd`'s process fail `bpf(BPF_PROG_LOAD, …)` with EPERM (a seccomp filter installed
+/// between fork and exec); every other call, and every other bpf command, goes through.
+fn deny_prog_load_with_eperm(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const SYS_BPF: u32 = 321;
+    const BPF_PROG_LOAD: u32 = 5;
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    // seccomp_data: nr at 0, arch at 4, args[0] at 16.
+    let program = [
+        f(LD_W_ABS, 0, 0, 4),
+        f(JEQ_K, 0, 5, AUDIT_ARCH_X86_64),
+        f(LD_W_ABS, 0, 0, 0),
+        f(JEQ_K, 0, 3, SYS_BPF),
+        f(LD_W_ABS, 0, 0, 16),
+        f(JEQ_K, 0, 1, BPF_PROG_LOAD),
+        f(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+        f(RET_K, 0, 0, RET_ALLOW),
+    ];
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl) on memory the closure
+    // owns; the filter is a valid classic BPF program of `program.len()` instructions.
+    #[allow(unsafe_code, reason = "installing a seccomp filter in the child")]
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[test]
@@ -283,7 +380,40 @@ fn e6_map_caps_are_enforced_twice_and_a_full_map_degrades() {
         memlock > 0 && memlock <= budget,
         "memlock {memlock} within budget {budget}"
     );
+    // The kernel's own accounting, as bpftool lists it for exactly this job's maps and
+    // programs: the figure reported, and within the budget the node runner reserves.
+    let (map_ids, prog_ids) = s.kernel_ids();
+    assert!(!map_ids.is_empty() && !prog_ids.is_empty());
+    let kernel = bpftool_memlock("map", &map_ids) + bpftool_memlock("prog", &prog_ids);
+    assert_eq!(
+        kernel, memlock,
+        "bpftool's bytes_memlock against the reported figure"
+    );
+    assert!(
+        kernel <= budget,
+        "kernel memlock {kernel} within budget {budget}"
+    );
     s.stop().expect("stops");
+}
+
+/// The sum of `bytes_memlock` of the `kind` objects (`map`, `prog`) with these ids, as
+/// `bpftool -j <kind> show` lists them; each id must be listed.
+fn bpftool_memlock(kind: &str, ids: &[u64]) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["-j", kind, "show"])
+        .output()
+        .expect("bpftool runs");
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    ids.iter()
+        .map(|id| {
+            all.iter()
+                .find(|o| o["id"].as_u64() == Some(*id))
+                .and_then(|o| o["bytes_memlock"].as_u64())
+                .unwrap_or_else(|| {
+                    panic!("bpftool {kind} show lists no {kind} {id} with bytes_memlock")
+                })
+        })
+        .sum()
 }
 
 fn residue_map_max_entries(name: &str) -> Option<u32> {
@@ -333,6 +463,40 @@ fn e7_loss_is_accounted_exactly() {
         t.events_delivered + t.events_dropped,
         "{t:?}"
     );
+    // Trimmed in user space: with a ring buffer big enough to lose nothing, every event
+    // reaches user space; the live queue the node runner streams from keeps the newest
+    // LIVE_EVENTS, and counts each one it let go, exactly.
+    let trim = comm("e7t");
+    let n = session::LIVE_EVENTS as u64 + 1500;
+    let mut s = start_with(
+        &format!("probe: {{ tracepoint: syscalls/sys_enter_getppid }}\nfilter: {{ comm: {trim} }}\nevents: {{ last: 10 }}"),
+        EngineOptions {
+            ringbuf_bytes: 16 << 20,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("starts");
+    let wc = trim.clone();
+    let t = std::thread::spawn(move || workload(&wc, "getppid", n, None));
+    while !t.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
+        s.poll_events(Duration::ZERO);
+    }
+    t.join().expect("workload");
+    s.poll_events(Duration::ZERO);
+    let (taken, trimmed) = s.take_events(usize::MAX);
+    let r = s.stop().expect("stops");
+    let t = &r.totals;
+    assert_eq!((t.hits, t.events_lost), (n, 0), "{t:?}");
+    assert_eq!(t.events_delivered, n, "{t:?}");
+    assert_eq!(taken.len(), session::LIVE_EVENTS);
+    assert_eq!(
+        trimmed,
+        n - session::LIVE_EVENTS as u64,
+        "trimmed in user space"
+    );
+    assert_eq!(r.events.len(), 10, "the result keeps `last`");
+
     // Zero load, zero loss.
     let quiet = comm("e7q");
     let s = start_with(

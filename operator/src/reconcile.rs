@@ -36,8 +36,8 @@ use fathom_crds::{
     },
     job::{JobPhase, ResultRef},
     policy::POLICY_LABEL,
-    tenancy,
     result::{ResultData, Totals},
+    tenancy,
     trace_result::{Coverage, Loss},
 };
 use jiff::Timestamp;

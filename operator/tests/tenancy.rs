@@ -527,7 +527,10 @@ async fn a_revoked_grant_fails_the_running_job_and_removes_its_assignments() {
     w.settle("shop", "connects").await;
     let (reason, message) = failure(&w, "shop", "connects").await;
     assert_eq!(reason.as_deref(), Some("PolicyDenied"), "{message}");
-    assert!(message.contains("refused by rule tenant-probe-kind"), "{message}");
+    assert!(
+        message.contains("refused by rule tenant-probe-kind"),
+        "{message}"
+    );
     // The assignments are being deleted (their runners detach, then release the finalizer).
     assert!(
         w.assignments_in(OPERATOR_NS)

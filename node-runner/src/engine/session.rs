@@ -1341,6 +1341,36 @@ impl Session {
         total
     }
 
+    /// The kernel's ids of the job's maps and programs, as `bpftool map show` and `prog show`
+    /// list them: the objects [`Self::memlock_bytes`] sums. Sorted, without duplicates.
+    pub fn kernel_ids(&self) -> (Vec<u64>, Vec<u64>) {
+        let mut maps = Vec::new();
+        let mut progs = Vec::new();
+        let pinned = self.pinned.as_ref().filter(|p| !p.program_ids.is_empty());
+        let map_fds = self
+            .ebpf
+            .iter()
+            .flat_map(Ebpf::maps)
+            .map(|(_, m)| m)
+            .chain(pinned.iter().flat_map(|p| p.maps.values()))
+            .filter_map(map_fd)
+            .chain(self.ring.as_ref().map(|r| r.as_fd().as_raw_fd()));
+        maps.extend(map_fds.filter_map(|fd| fdinfo_field(fd, "map_id")));
+        for (_, p) in self.ebpf.iter().flat_map(Ebpf::programs) {
+            if let Ok(fd) = p.fd() {
+                progs.extend(fdinfo_field(fd.as_fd().as_raw_fd(), "prog_id"));
+            }
+        }
+        if pinned.is_some() {
+            progs.extend(self.program_infos().iter().map(|i| u64::from(i.id())));
+        }
+        for ids in [&mut maps, &mut progs] {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        (maps, progs)
+    }
+
     fn aggregate_entries(&self) -> Result<Vec<(AggKey, AggValue)>, EngineError> {
         let sum = |per_cpu: &aya::maps::PerCpuValues<AggValue>| {
             let mut v = AggValue::default();
@@ -1616,14 +1646,19 @@ fn map_fd(m: &aya::maps::Map) -> Option<i32> {
 
 /// The `memlock:` line of /proc/self/fdinfo/<fd>.
 fn fdinfo_memlock(fd: i32) -> u64 {
-    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    fdinfo_field(fd, "memlock").unwrap_or(0)
+}
+
+/// A numeric field (`memlock`, `map_id`, `prog_id`) of a BPF object's fd, as the kernel shows it.
+fn fdinfo_field(fd: i32, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[cfg(test)]
