@@ -40,6 +40,7 @@ KERNELS=(
   "debian-6.1        | deb:linux-image-amd64@6.1.         | lsm=lockdown,capability,landlock,yama,apparmor,bpf | full"
   "debian-6.1-no-lsm | deb:linux-image-amd64@6.1.         | lsm=lockdown,capability,landlock,yama,apparmor     | kprobes=available,fentry=available,lsm=disabled | lsm_"
   "debian-6.12       | deb:linux-image-amd64@6.12./trixie | lsm=lockdown,capability,landlock,yama,apparmor,bpf | full"
+  "debian-6.12-lockdown | deb:linux-image-amd64@6.12./trixie | lsm=lockdown,capability,landlock,yama,apparmor,bpf lockdown=confidentiality | full | lockdown_"
 )
 
 # Host tools the tests run, copied into the initramfs with their libraries.

@@ -425,9 +425,25 @@ impl Drop for StatsSysctl {
     }
 }
 
+/// What [`flood_run`] measured.
+struct Flood {
+    cpu_percent: f64,
+    /// The probe's runs as the engine estimates them (scaled up from the sampled windows
+    /// unless the statistics were on all along).
+    runs: u64,
+    /// The runs that counted: every getppid of the workload, exactly.
+    hits: u64,
+    stopped: Option<String>,
+}
+
 /// CPU use of a steady getppid flood's probe over 4 s, and why the job stopped early if it
 /// did (with a CPU budget of `budget` percent).
 fn flood_cpu(c: &str, budget: Option<u32>) -> (f64, Option<String>) {
+    let f = flood_run(c, budget);
+    (f.cpu_percent, f.stopped)
+}
+
+fn flood_run(c: &str, budget: Option<u32>) -> Flood {
     let limits = budget.map_or(String::new(), |b| {
         format!("\nlimits: {{ cpuPercent: {b} }}")
     });
@@ -445,7 +461,12 @@ fn flood_cpu(c: &str, budget: Option<u32>) -> (f64, Option<String>) {
         "cpu {} runs {} ns {} hits {}",
         b.cpu_percent, b.runs, b.cpu_ns, r.totals.hits
     );
-    (b.cpu_percent, r.stopped_reason)
+    Flood {
+        cpu_percent: b.cpu_percent,
+        runs: b.runs,
+        hits: r.totals.hits,
+        stopped: r.stopped_reason,
+    }
 }
 
 #[test]
@@ -453,8 +474,18 @@ fn cpu_use_is_honest_when_someone_else_keeps_bpf_statistics_on() {
     let _k = KernelTest::begin();
     let c = comm("stats");
     // Alone, the statistics are sampled (on 10 % of each second) and scaled up.
-    let (alone, _) = flood_cpu(&c, None);
+    let sampled = flood_run(&c, None);
+    let alone = sampled.cpu_percent;
     assert!(alone > 0.0, "the probe's CPU use is measured");
+    // The scaling itself, apart from what each run costs: the runs estimated from the
+    // sampled windows against the runs that really happened (every hit is one).
+    let scaled = sampled.runs as f64 / sampled.hits as f64;
+    assert!(
+        (0.5..=2.0).contains(&scaled),
+        "sampled: {} runs estimated for {} hits (×{scaled:.2})",
+        sampled.runs,
+        sampled.hits
+    );
     // With kernel.bpf_stats_enabled=1 held by another tool they run all the time: scaling
     // them up too read ~10× the real use and stopped jobs under budget.
     let budget = ((alone * 3.0).ceil() as u32).clamp(1, 100);
@@ -464,20 +495,31 @@ fn cpu_use_is_honest_when_someone_else_keeps_bpf_statistics_on() {
         let sysctl = (how == "sysctl").then(StatsSysctl::hold_on);
         let fd = (how != "sysctl")
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS"));
-        let (shared, stopped) = flood_cpu(&c, Some(budget));
+        let held = flood_run(&c, Some(budget));
+        let (shared, stopped) = (held.cpu_percent, held.stopped.clone());
         drop((sysctl, fd));
+        // Read unscaled: the kernel counted every run (a few more than the hits: other
+        // processes' getppid runs the probe too, and the filter drops them).
+        let unscaled = held.runs as f64 / held.hits as f64;
+        assert!(
+            (1.0..=1.1).contains(&unscaled),
+            "held on by {how}: {} runs read for {} hits (×{unscaled:.2}): scaled when it must not be",
+            held.runs,
+            held.hits
+        );
         assert_eq!(
             stopped, None,
             "held on by {how}: stopped under a budget of {budget} % ({alone:.3} % alone, {shared:.3} % held on)"
         );
-        // The bug read ~10x; an honest figure is within a factor of 2. Not within 20 %: at
-        // ~1 % of a CPU, runs measured with the statistics on for the whole run cost up to
-        // ~30 % more each than those of the sampled windows (x1.30 on this host, x1.32 in
-        // the Debian 6.1 VM; x0.9–1.1 in other runs), which is the kernel's accounting, not
-        // the scaling this test is about.
+        // The bug read ~10x; an honest figure is within a factor of 3. Not within 20 %: the
+        // runs above are checked apart, and what each run costs differs between the two
+        // runs by the kernel's own accounting. At ~1 % of a CPU, runs measured with the
+        // statistics on for the whole run cost ~30 % more each than those of the sampled
+        // windows on this host and in the Debian 6.1 VM. In the Debian 6.12 VM under TCG
+        // they cost ×1.59, and the sampled windows caught ×0.69 of the runs: ×2.31 in all.
         let ratio = shared / alone;
         assert!(
-            (0.5..=2.0).contains(&ratio),
+            (0.33..=3.0).contains(&ratio),
             "held on by {how}: CPU {shared:.3} % vs {alone:.3} % alone (×{ratio:.2})"
         );
     }

@@ -281,6 +281,56 @@ fn e5_unsupported_kernel_conditions_degrade_clearly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Kernel lockdown (E5): in confidentiality mode tracefs cannot be mounted, and the verdict
+/// says lockdown is why (not "mount tracefs"), before anything loads. Always checked with the
+/// kernel's lockdown file and tracefs pointed at a lockdown state (as `Kernel`'s paths let a
+/// test do); on a kernel really booted with `lockdown=confidentiality` (the matrix's
+/// debian-6.12-lockdown row) checked on the running kernel too.
+#[test]
+fn e5_kernel_lockdown_refuses_with_its_reason() {
+    let _k = KernelTest::begin();
+    let check = |kernel: &Kernel| {
+        for yaml in [
+            "probe: { tracepoint: sched/sched_process_exec }",
+            "probe: { rawTracepoint: sys_enter }",
+        ] {
+            match plan::plan(&spec(yaml), kernel, Scope::Node) {
+                Err(EngineError::NotFeasible(v)) => {
+                    let p = v.first_problem().expect("a problem");
+                    assert_eq!(p.reason, Some(Reason::KernelLockdown), "{yaml}: {p:?}");
+                    assert!(
+                        p.message
+                            .contains("kernel lockdown (confidentiality) forbids tracefs"),
+                        "{}",
+                        p.message
+                    );
+                }
+                other => panic!("{yaml} under lockdown: {other:?}"),
+            }
+        }
+        assert_eq!(residue(), Residue::default(), "nothing loaded");
+    };
+    let dir = std::env::temp_dir().join(format!("fathom-lockdown-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let lockdown = dir.join("lockdown");
+    std::fs::write(&lockdown, "none integrity [confidentiality]\n").expect("lockdown file");
+    let mut locked = Kernel::running();
+    locked.lockdown_path = lockdown;
+    locked.tracefs = None;
+    locked.tracefs_error = Some("tracefs is not mounted and mounting it failed".into());
+    check(&locked);
+    let running = Kernel::running();
+    if running.lockdown().as_deref() == Some("confidentiality") {
+        check(&running);
+    } else {
+        // Without lockdown the same jobs plan.
+        for yaml in ["probe: { tracepoint: sched/sched_process_exec }"] {
+            plan::plan(&spec(yaml), &running, Scope::Node).expect("plans without lockdown");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Makes `cmd`'s process fail `bpf(BPF_PROG_LOAD, …)` with EPERM (a seccomp filter installed
 /// between fork and exec); every other call, and every other bpf command, goes through.
 fn deny_prog_load_with_eperm(cmd: &mut Command) {

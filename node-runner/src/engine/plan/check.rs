@@ -72,6 +72,17 @@ fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) -> P
             | AttachPoint::Kretprobe { .. }
     );
     if needs_tracefs && kernel.tracefs.is_none() {
+        // Lockdown's confidentiality mode forbids tracefs (and kprobes, and reading kernel
+        // memory from BPF): no mount will help, and the reason says so.
+        if let Some(mode) = kernel.lockdown().filter(|m| m != "none") {
+            return no(
+                Reason::KernelLockdown,
+                format!(
+                    "kernel lockdown ({mode}) forbids tracefs, which {} needs; this kernel must boot without lockdown=confidentiality to trace it",
+                    point.label()
+                ),
+            );
+        }
         return no(
             Reason::FilesystemUnavailable,
             kernel
