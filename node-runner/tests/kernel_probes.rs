@@ -464,3 +464,173 @@ fn wide_keys_beyond_the_packed_layout_use_the_full_key() {
     assert_eq!(row.keys["tid"], pid, "single-threaded: tid = pid");
     assert!(row.keys["cgroup"].starts_with('/'), "{:?}", row.keys);
 }
+
+/// A TCP counter of /proc/net/snmp (`Tcp:` lines) or /proc/net/netstat (`TcpExt:`).
+fn tcp_counter(file: &str, prefix: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let (names, values) = (lines.next().expect("header"), lines.next().expect("values"));
+    let i = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("{name} in {file}"));
+    values.split_whitespace().nth(i).expect("value").parse().expect("number")
+}
+
+/// A loopback listener with an accept queue of one (backlog 0), and its port.
+fn full_listener() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a new descriptor this function owns; the address
+    // structures are initialized before use and sized as the calls expect.
+    #[allow(unsafe_code, reason = "listen(2) with a backlog std does not offer")]
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind");
+        assert_eq!(libc::listen(fd, 0), 0, "listen");
+        let mut got: libc::sockaddr_in = std::mem::zeroed();
+        let mut got_len = len;
+        assert_eq!(
+            libc::getsockname(fd, (&raw mut got).cast(), &mut got_len),
+            0,
+            "getsockname"
+        );
+        (owned, u16::from_be(got.sin_port))
+    }
+}
+
+/// `tcp-retransmit` (tcp:tcp_retransmit_skb) on retransmissions the test makes happen: a
+/// listener whose accept queue is full drops new SYNs (the kernel counts a ListenOverflow),
+/// so a second connect retransmits its SYN after 1 s and again after 3 s. The entry counts
+/// them under the listener's address and port, and never more than the kernel's own
+/// RetransSegs counter grew meanwhile.
+#[test]
+fn tcp_retransmit_counts_syn_retransmits_to_a_full_listener() {
+    let _k = KernelTest::begin();
+    let s = start("probe: { catalog: tcp-retransmit }");
+    let (listener, port) = full_listener();
+    let first =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("the first connect is queued");
+    let retrans = || tcp_counter("/proc/net/snmp", "Tcp:", "RetransSegs");
+    let overflows = || tcp_counter("/proc/net/netstat", "TcpExt:", "ListenOverflows");
+    let (retrans_before, overflows_before) = (retrans(), overflows());
+    // The second connect: SYN dropped, retransmitted by the kernel's timer.
+    let second = std::thread::spawn(move || {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            std::time::Duration::from_millis(3500),
+        )
+    });
+    let outcome = second.join().expect("connect thread");
+    let r = s.stop().expect("stops");
+    let (retrans_after, overflows_after) = (retrans(), overflows());
+    drop((first, listener, outcome));
+    assert!(
+        overflows_after > overflows_before,
+        "the full queue dropped a SYN"
+    );
+    assert_eq!(r.keys, vec!["daddr", "dport"]);
+    let ours: u64 = r
+        .rows
+        .iter()
+        .filter(|row| row.keys["daddr"] == "127.0.0.1" && row.keys["dport"] == port.to_string())
+        .map(|row| row.value)
+        .sum();
+    assert!(ours >= 2, "SYN retransmits at 1 s and 3 s: {:?}", r.rows);
+    assert!(
+        ours <= retrans_after - retrans_before,
+        "{ours} counted, the kernel's RetransSegs grew by {}",
+        retrans_after - retrans_before
+    );
+}
+
+/// A memory cgroup limited to `limit` bytes for the test (cgroup v2 where the memory
+/// controller is there, else v1's memory hierarchy), removed on drop; `procs` is the file a
+/// process writes its pid to, to join it.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    procs: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(name: &str, limit: u64) -> MemoryCgroup {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+        let (dir, limit_file, procs) = if v1.join("memory.limit_in_bytes").exists() {
+            let dir = v1.join(name);
+            (dir.clone(), dir.join("memory.limit_in_bytes"), dir.join("cgroup.procs"))
+        } else {
+            let root = std::path::Path::new("/sys/fs/cgroup");
+            std::fs::write(root.join("cgroup.subtree_control"), "+memory")
+                .expect("enable the memory controller (cgroup v2)");
+            let dir = root.join(name);
+            (dir.clone(), dir.join("memory.max"), dir.join("cgroup.procs"))
+        };
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        std::fs::write(&limit_file, limit.to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", limit_file.display()));
+        let swap = dir.join("memory.swap.max");
+        if swap.exists() {
+            std::fs::write(&swap, "0").expect("no swap for the cgroup");
+        }
+        MemoryCgroup { dir, procs }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// `oom-kill` (oom:mark_victim) on an OOM kill the test causes: `dd` with a 64 MiB buffer in
+/// a memory cgroup of 16 MiB. The entry reports exactly one victim, with dd's pid, and the
+/// kernel's own `oom_kill` counter (/proc/vmstat) grew by at least as much.
+#[test]
+fn oom_kill_reports_the_victim_of_a_memory_cgroup_over_its_limit() {
+    use std::os::unix::process::ExitStatusExt;
+    let _k = KernelTest::begin();
+    let cg = MemoryCgroup::new(&format!("fathom-oom-{}", std::process::id()), 16 << 20);
+    let vmstat = || {
+        std::fs::read_to_string("/proc/vmstat")
+            .expect("vmstat")
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("oom_kill in /proc/vmstat")
+    };
+    let s = start("probe: { catalog: oom-kill }\nevents: { last: 100, payload: true }");
+    let before = vmstat();
+    let hog = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+            cg.procs.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the hog starts");
+    let pid = hog.id();
+    let status = hog.wait_with_output().expect("the hog ends").status;
+    let r = s.stop().expect("stops");
+    let after = vmstat();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the OOM killer killed dd: {status:?}");
+    let victims: Vec<_> = r
+        .events
+        .iter()
+        .filter(|e| e.fields.get("victim_pid") == Some(&pid.to_string()))
+        .collect();
+    assert_eq!(victims.len(), 1, "{:?}", r.events);
+    assert!(
+        r.events.len() as u64 <= after - before,
+        "{} victims reported, the kernel's oom_kill grew by {}",
+        r.events.len(),
+        after - before
+    );
+    drop(cg);
+}
