@@ -70,7 +70,7 @@ fetch_matrix_kernels() {
 }
 
 need_root
-apt_install bpftrace bpftool libbpf-tools qemu-system-x86 busybox-static cpio python3 linux-perf
+apt_install bpftrace bpftool libbpf-tools qemu-system-x86 busybox-static cpio python3 linux-perf xz-utils
 # The local cluster's node (scripts/cluster.sh): container runtime, CNI plugins, iptables.
 apt_install containerd runc containernetworking-plugins iptables conntrack ethtool socat openssl gcc libc6-dev
 install_nightly
