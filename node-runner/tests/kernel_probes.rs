@@ -474,7 +474,12 @@ fn tcp_counter(file: &str, prefix: &str, name: &str) -> u64 {
         .split_whitespace()
         .position(|n| n == name)
         .unwrap_or_else(|| panic!("{name} in {file}"));
-    values.split_whitespace().nth(i).expect("value").parse().expect("number")
+    values
+        .split_whitespace()
+        .nth(i)
+        .expect("value")
+        .parse()
+        .expect("number")
 }
 
 /// A loopback listener with an accept queue of one (backlog 0), and its port.
@@ -562,13 +567,21 @@ impl MemoryCgroup {
         let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
         let (dir, limit_file, procs) = if v1.join("memory.limit_in_bytes").exists() {
             let dir = v1.join(name);
-            (dir.clone(), dir.join("memory.limit_in_bytes"), dir.join("cgroup.procs"))
+            (
+                dir.clone(),
+                dir.join("memory.limit_in_bytes"),
+                dir.join("cgroup.procs"),
+            )
         } else {
             let root = std::path::Path::new("/sys/fs/cgroup");
             std::fs::write(root.join("cgroup.subtree_control"), "+memory")
                 .expect("enable the memory controller (cgroup v2)");
             let dir = root.join(name);
-            (dir.clone(), dir.join("memory.max"), dir.join("cgroup.procs"))
+            (
+                dir.clone(),
+                dir.join("memory.max"),
+                dir.join("cgroup.procs"),
+            )
         };
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -619,7 +632,11 @@ fn oom_kill_reports_the_victim_of_a_memory_cgroup_over_its_limit() {
     let status = hog.wait_with_output().expect("the hog ends").status;
     let r = s.stop().expect("stops");
     let after = vmstat();
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the OOM killer killed dd: {status:?}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the OOM killer killed dd: {status:?}"
+    );
     let victims: Vec<_> = r
         .events
         .iter()
