@@ -75,6 +75,9 @@ pub struct ClusterState {
     pub workload: Workload,
     /// The tenant rules the job is held to (its namespace's TracePolicy).
     pub tenancy: Tenancy,
+    /// Why the tenancy is a guess: the Namespace or its TracePolicy could not be read (a
+    /// tenant may not read either), so the default rules were assumed.
+    pub tenancy_note: Option<String>,
 }
 
 /// Lists nodes, and the pods of the job's namespace (every namespace for a ClusterTraceJob)
@@ -110,17 +113,24 @@ pub async fn read_cluster(client: &Client, input: &ExplainInput) -> Result<Clust
             what: "reading the workload of spec.targetRef".into(),
             message: one_line(&e),
         })?;
-    let tenancy = tenancy_in(input.job.namespace.as_deref(), client)
-        .await
-        .map_err(|e| Error::Api {
-            what: "reading the namespace's TracePolicy (label fathom.dev/trace-policy)".into(),
-            message: one_line(&e),
-        })?;
+    // A tenant may not read its Namespace or the cluster's TracePolicies: the plan then
+    // assumes the default rules, and says so.
+    let (tenancy, tenancy_note) = match tenancy_in(input.job.namespace.as_deref(), client).await {
+        Ok(t) => (t, None),
+        Err(e) => (
+            Tenancy::Namespace(None),
+            Some(format!(
+                "could not read the namespace's TracePolicy (label fathom.dev/trace-policy): {}; judged by the default tenant rules",
+                one_line(&e)
+            )),
+        ),
+    };
     Ok(ClusterState {
         nodes,
         pods,
         workload,
         tenancy,
+        tenancy_note,
     })
 }
 
@@ -139,9 +149,16 @@ pub fn describe_plan(
         &view,
     );
     let mut out = String::new();
+    if let Some(note) = &cluster.tenancy_note {
+        let _ = writeln!(out, "note: {note}");
+    }
     match intent {
         Intent::Invalid(errors) => return Err(Error::Engine(EngineError::InvalidSpec(errors))),
         Intent::Rejected(reason, message) => {
+            let message = match &cluster.tenancy_note {
+                Some(note) => format!("{message} (note: {note})"),
+                None => message,
+            };
             return Err(Error::WouldReject {
                 reason: reason.to_string(),
                 message,

@@ -383,3 +383,52 @@ async fn explain_plans_like_the_operator_read_only() {
     assert_eq!(err.exit_code(), 2, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `explain` judges a TraceJob by its namespace's TracePolicy, as the operator does: a kprobe
+/// the policy allows plans; the same job where the label names no policy is refused with the
+/// rule.
+#[tokio::test]
+async fn explain_judges_a_tracejob_by_its_namespaces_trace_policy() {
+    let api = memory_api();
+    api.seed("api/v1", "nodes", node("node-a", true));
+    api.seed("api/v1", "pods", pod("demo", "web-1", "node-a", "web"));
+    api.seed("api/v1", "pods", pod("lab", "web-2", "node-a", "web"));
+    for (ns, policy) in [("demo", "net-debug"), ("lab", "missing")] {
+        api.seed(
+            "api/v1",
+            "namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": ns, "labels": {"fathom.dev/trace-policy": policy}}}),
+        );
+    }
+    api.seed(
+        "apis/fathom.dev/v1alpha1",
+        "tracepolicies",
+        json!({"apiVersion": "fathom.dev/v1alpha1", "kind": "TracePolicy",
+               "metadata": {"name": "net-debug"},
+               "spec": {"allow": {"probeKinds": ["kprobe"]}}}),
+    );
+    let dir = std::env::temp_dir().join(format!("kubectl-fathom-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let job = |ns: &str| {
+        format!(
+            "apiVersion: fathom.dev/v1alpha1\nkind: TraceJob\nmetadata: {{ name: connects, namespace: {ns} }}\nspec:\n  probe: {{ kprobe: tcp_v4_connect }}\n  podSelector: {{ matchLabels: {{ app: web }} }}\n"
+        )
+    };
+    let out = explain(&api.client(), &dir, &job("demo"))
+        .await
+        .expect("the policy allows kprobes");
+    assert!(
+        out.starts_with("tracejob demo/connects: probe kprobe:tcp_v4_connect"),
+        "{out}"
+    );
+    let err = explain(&api.client(), &dir, &job("lab"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("PolicyDenied") && err.contains("refused by rule tenant-policy"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
