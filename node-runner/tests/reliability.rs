@@ -154,8 +154,8 @@ fn e4_verifier_rejection_is_reported_not_fatal() {
     let msg = err.to_string();
     let lines: Vec<&str> = msg.lines().map(str::trim).collect();
     // The failing instruction: the canary dereferences a map lookup's result unchecked, and
-    // the verifier prints that load (`N: (61) r0 = *(u32 *)(r0 +0)`, a BPF_LDX of the
-    // unchecked register) right before its reason.
+    // the verifier prints that access of the unchecked register (`N: (7b) *(u64 *)(r0 +0) =
+    // r1` here, a store) right before its reason.
     let reason = lines
         .iter()
         .position(|l| l.contains("invalid mem access") && l.contains("map_value_or_null"))
@@ -166,8 +166,8 @@ fn e4_verifier_rejection_is_reported_not_fatal() {
         .find(|l| is_insn_line(l))
         .unwrap_or_else(|| panic!("no instruction line before the reason: {msg}"));
     assert!(
-        insn.contains(") r") && insn.contains(" = *("),
-        "the failing instruction is the unchecked load: {insn}"
+        insn.contains("*(u") && insn.contains("(r0 +"),
+        "the failing instruction is the access through the unchecked r0: {insn}"
     );
     // The summary line, as the kernel ends every log.
     let summary = lines
@@ -260,24 +260,6 @@ fn e5_unsupported_kernel_conditions_degrade_clearly() {
         stderr.contains("PermissionDenied") && stderr.contains("CAP_BPF"),
         "{stderr}"
     );
-    // A real EPERM from the kernel, past the capability check: every capability kept, and a
-    // seccomp filter on the run makes bpf(BPF_PROG_LOAD) fail with EPERM, as a kernel policy
-    // (an LSM, a container runtime's profile) would. The job fails with the reason, the
-    // message says it was the kernel, and nothing is left behind.
-    let before = residue();
-    let mut run = Command::new(env!("CARGO_BIN_EXE_fathom"));
-    run.arg("run").arg(&job);
-    deny_prog_load_with_eperm(&mut run);
-    let out = run.output().expect("fathom runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("PermissionDenied")
-            && stderr.contains("the kernel refused it (EPERM)")
-            && !stderr.contains("lacks CAP_BPF"),
-        "{stderr}"
-    );
-    assert_eq!(residue(), before, "nothing left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -328,53 +310,6 @@ fn e5_kernel_lockdown_refuses_with_its_reason() {
         plan::plan(&spec(yaml), &running, Scope::Node).expect("plans without lockdown");
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Makes `cmd`'s process fail `bpf(BPF_PROG_LOAD, …)` with EPERM (a seccomp filter installed
-/// between fork and exec); every other call, and every other bpf command, goes through.
-fn deny_prog_load_with_eperm(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
-    const SYS_BPF: u32 = 321;
-    const BPF_PROG_LOAD: u32 = 5;
-    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
-    const RET_ERRNO: u32 = 0x0005_0000;
-    const RET_ALLOW: u32 = 0x7fff_0000;
-    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    // seccomp_data: nr at 0, arch at 4, args[0] at 16.
-    let program = [
-        f(LD_W_ABS, 0, 0, 4),
-        f(JEQ_K, 0, 5, AUDIT_ARCH_X86_64),
-        f(LD_W_ABS, 0, 0, 0),
-        f(JEQ_K, 0, 3, SYS_BPF),
-        f(LD_W_ABS, 0, 0, 16),
-        f(JEQ_K, 0, 1, BPF_PROG_LOAD),
-        f(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
-        f(RET_K, 0, 0, RET_ALLOW),
-    ];
-    // SAFETY: between fork and exec only async-signal-safe calls (prctl) on memory the closure
-    // owns; the filter is a valid classic BPF program of `program.len()` instructions.
-    #[allow(unsafe_code, reason = "installing a seccomp filter in the child")]
-    unsafe {
-        cmd.pre_exec(move || {
-            let prog = libc::sock_fprog {
-                len: program.len() as u16,
-                filter: program.as_ptr().cast_mut(),
-            };
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &prog as *const libc::sock_fprog,
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 #[test]

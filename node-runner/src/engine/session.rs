@@ -527,7 +527,9 @@ fn kernel_error(probe: &str, reason: Reason, message: impl Into<String>) -> Engi
 fn errno_reason(errno: Option<i32>, kernel: &Kernel) -> (Reason, &'static str) {
     match errno {
         Some(libc::EPERM) | Some(libc::EACCES) => {
-            if kernel.lockdown().is_some_and(|l| l != "none") {
+            // Only confidentiality mode refuses tracing (kprobes, perf, reading kernel
+            // memory, tracefs); integrity mode (this VM's host runs it) refuses none of it.
+            if kernel.lockdown().as_deref() == Some("confidentiality") {
                 (
                     Reason::KernelLockdown,
                     "the kernel refused it (lockdown is active); use a tracepoint, raw tracepoint or uprobe",

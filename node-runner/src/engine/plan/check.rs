@@ -73,8 +73,9 @@ fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) -> P
     );
     if needs_tracefs && kernel.tracefs.is_none() {
         // Lockdown's confidentiality mode forbids tracefs (and kprobes, and reading kernel
-        // memory from BPF): no mount will help, and the reason says so.
-        if let Some(mode) = kernel.lockdown().filter(|m| m != "none") {
+        // memory from BPF): no mount will help, and the reason says so. Integrity mode
+        // allows all three.
+        if let Some(mode) = kernel.lockdown().filter(|m| m == "confidentiality") {
             return no(
                 Reason::KernelLockdown,
                 format!(
