@@ -48,7 +48,8 @@ fn rule(path: &'static str, rule: impl Into<String>, message: impl Into<String>)
     }
 }
 
-const PROBE_FORMS: &[&str] = &[
+/// The fields of `spec.probe`, one per probe form.
+pub const PROBE_FORMS: &[&str] = &[
     "catalog",
     "tracepoint",
     "rawTracepoint",

@@ -71,37 +71,23 @@ fn every_example_deserializes_and_validates() {
     eprintln!("{checked} example manifests checked");
 }
 
-/// `examples/` shows every catalog entry and every probe kind at least once.
+/// `examples/` shows every catalog entry and every probe form at least once.
 #[test]
-fn every_catalog_entry_and_probe_kind_has_an_example() {
-    use fathom_crds::{Probe, spec::CATALOG_NAMES};
-    let mut kinds = std::collections::BTreeSet::new();
+fn every_catalog_entry_and_probe_form_has_an_example() {
+    use fathom_crds::spec::CATALOG_NAMES;
+    let mut forms = std::collections::BTreeSet::new();
     let mut entries = std::collections::BTreeSet::new();
     for (path, value) in examples() {
-        let spec: fathom_crds::TraceJobSpec =
-            serde_yaml::from_value(value["spec"].clone()).expect("spec");
-        let probe = spec
-            .probe
-            .parse()
-            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
-        let kind = match &probe {
-            Probe::Catalog(c) => {
-                entries.insert(c.clone());
-                "catalog"
+        let probe = value["spec"]["probe"]
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{}: spec.probe", path.display()));
+        for (form, v) in probe {
+            let form = form.as_str().expect("a field name").to_string();
+            if form == "catalog" {
+                entries.insert(v.as_str().expect("an entry name").trim().to_string());
             }
-            Probe::Tracepoint { .. } => "tracepoint",
-            Probe::RawTracepoint(_) => "rawTracepoint",
-            Probe::Kprobe(_) => "kprobe",
-            Probe::Kretprobe(_) => "kretprobe",
-            Probe::Fentry(_) => "fentry",
-            Probe::Fexit(_) => "fexit",
-            Probe::Uprobe { .. } => "uprobe",
-            Probe::Uretprobe { .. } => "uretprobe",
-            Probe::Usdt { .. } => "usdt",
-            Probe::Profile { .. } => "profile",
-            Probe::Lsm(_) => "lsm",
-        };
-        kinds.insert(kind);
+            forms.insert(form);
+        }
     }
     let missing: Vec<_> = CATALOG_NAMES
         .iter()
@@ -111,23 +97,12 @@ fn every_catalog_entry_and_probe_kind_has_an_example() {
         missing.is_empty(),
         "catalog entries without an example: {missing:?}"
     );
-    let all = [
-        "catalog",
-        "tracepoint",
-        "rawTracepoint",
-        "kprobe",
-        "kretprobe",
-        "fentry",
-        "fexit",
-        "uprobe",
-        "uretprobe",
-        "usdt",
-        "profile",
-        "lsm",
-    ];
-    let missing: Vec<_> = all.iter().filter(|k| !kinds.contains(**k)).collect();
+    let missing: Vec<_> = crd::PROBE_FORMS
+        .iter()
+        .filter(|f| !forms.contains(**f))
+        .collect();
     assert!(
         missing.is_empty(),
-        "probe kinds without an example: {missing:?}"
+        "probe forms without an example: {missing:?}"
     );
 }
