@@ -498,11 +498,13 @@ fn cpu_use_is_honest_when_someone_else_keeps_bpf_statistics_on() {
         let held = flood_run(&c, Some(budget));
         let (shared, stopped) = (held.cpu_percent, held.stopped.clone());
         drop((sysctl, fd));
-        // Read unscaled: the kernel counted every run (a few more than the hits: other
-        // processes' getppid runs the probe too, and the filter drops them).
+        // Read unscaled: the kernel counted every run, give or take a few: other processes'
+        // getppid runs the probe too (the filter drops them), and the statistics switch
+        // takes effect a moment after it is set (79,070 runs for 79,100 hits in the 6.1 VM).
+        // The bug read ~10x.
         let unscaled = held.runs as f64 / held.hits as f64;
         assert!(
-            (1.0..=1.1).contains(&unscaled),
+            (0.9..=1.1).contains(&unscaled),
             "held on by {how}: {} runs read for {} hits (×{unscaled:.2}): scaled when it must not be",
             held.runs,
             held.hits
