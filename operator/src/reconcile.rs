@@ -364,8 +364,9 @@ async fn reconcile_job<K: JobObject>(job: &K, ctx: &Context) -> Result<Action> {
         &ctx.config.runner_tolerations,
     );
     let workload = resolve_workload(spec, id.namespace.as_deref(), &ctx.client).await?;
-    let tenancy = tenancy_of::<K>(id.namespace.as_deref(), &ctx.client).await?;
-    let intent = intent(spec, id.namespace.as_deref(), &tenancy, workload, &view);
+    // A ClusterTraceJob's ids have no namespace: its tenancy is `Tenancy::Cluster`.
+    let tenancy = tenancy_in(id.namespace.as_deref(), &ctx.client).await?;
+    let intent = admit(spec, id.namespace.as_deref(), &tenancy, workload, &view);
     let decision = lifecycle::decide(&snapshot, intent, &existing, now, &ctx.config.lifecycle);
     debug!(phase = ?decision.status.phase, run = ?decision.status.run, "decided");
     if let (Some(c), Some(info)) = (&ctx.collector, job_info(spec, &id, &decision, &existing)) {
@@ -525,11 +526,6 @@ impl Tenancy {
     }
 }
 
-/// The tenancy of a job of kind `K` in `namespace`: [`tenancy_in`].
-async fn tenancy_of<K: JobObject>(namespace: Option<&str>, client: &Client) -> Result<Tenancy> {
-    tenancy_in(namespace.filter(|_| !K::is_cluster()), client).await
-}
-
 /// The tenancy of a TraceJob in `namespace` (`None`: a ClusterTraceJob): the namespace's
 /// label [`POLICY_LABEL`] names its TracePolicy. A Namespace that cannot be found (it is
 /// being deleted) has the defaults.
@@ -557,19 +553,8 @@ pub async fn tenancy_in(namespace: Option<&str>, client: &Client) -> Result<Tena
     })
 }
 
-/// Turns a spec into what the lifecycle works with: errors, a rejection, or a plan.
-pub fn intent<'a>(
-    spec: &TraceJobSpec,
-    namespace: Option<&str>,
-    tenancy: &Tenancy,
-    workload: Workload,
-    view: &'a ClusterView<'a>,
-) -> Intent<'a> {
-    admit(spec, namespace, tenancy, workload, view)
-}
-
-/// The operator's admission of a spec: the shared validation, the tenant rules, then what
-/// only a cluster can check (scope of the kind, selectors, the workload), then the plan.
+/// The operator's admission of a spec (what the lifecycle works with: errors, a rejection, or
+/// a plan): the shared validation, the tenant rules, then what only a cluster can check (scope of the kind, selectors, the workload), then the plan.
 pub fn admit<'a>(
     spec: &TraceJobSpec,
     namespace: Option<&str>,
