@@ -15,7 +15,8 @@
 # crashes; 2 on a usage or setup error. Needs root and scripts/setup.sh.
 #
 # Environment: CARGO_TARGET_DIR (as for cargo), FATHOM_KERNEL_CACHE (default
-# /var/cache/fathom/kernels), FATHOM_VM_TIMEOUT (seconds per VM, default 1500),
+# /var/cache/fathom/kernels), FATHOM_VM_TIMEOUT (seconds per VM, default 2400),
+# FATHOM_BINARY_TIMEOUT (seconds per test binary in a VM, default 900),
 # FATHOM_VM_MEMORY (MiB, default 2048), FATHOM_VM_CPUS (default 2),
 # FATHOM_HOST_EXPECT (overrides the host row's expectations).
 set -euo pipefail
@@ -44,7 +45,8 @@ KERNELS=(
 )
 
 # Host tools the tests run, copied into the initramfs with their libraries.
-VM_TOOLS=(bpftool bpftrace setpriv)
+# iproute2's ip: the network tests make veth pairs (busybox's ip cannot).
+VM_TOOLS=(bpftool bpftrace setpriv ip)
 # Kernel modules loaded in the VM, in order: a loop device with an ext2 file system (through
 # the ext4 driver) gives the block-I/O tests a real block device.
 VM_MODULES=(drivers/block/loop crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4)
@@ -68,7 +70,10 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
 OUT=$TARGET_DIR/kernel-matrix
 CACHE=${FATHOM_KERNEL_CACHE:-/var/cache/fathom/kernels}
-VM_TIMEOUT=${FATHOM_VM_TIMEOUT:-1500}
+VM_TIMEOUT=${FATHOM_VM_TIMEOUT:-2400}
+# Seconds one test binary may run inside a VM before it is killed (the slowest, reliability,
+# takes ~100 s in the 6.1 VM and ~450 s in the 6.12 one on a busy host).
+BINARY_TIMEOUT=${FATHOM_BINARY_TIMEOUT:-900}
 VM_MEMORY=${FATHOM_VM_MEMORY:-2048}
 VM_CPUS=${FATHOM_VM_CPUS:-2}
 
@@ -370,7 +375,9 @@ cd /fathom
 for t in $(cat /fathom/tests.list); do
   say "begin $t"
   start=$(date +%s)
-  /fathom/tests/$t --test-threads=1 $(cat /fathom/test-args) $(cat /fathom/skip/$t 2>/dev/null) 2>&1
+  # A binary that hangs is killed after its own timeout, so the others still run and the
+  # summary names it (unfinished) instead of the VM timing out with it.
+  timeout -s KILL $(cat /fathom/binary-timeout) /fathom/tests/$t --test-threads=1 $(cat /fathom/test-args) $(cat /fathom/skip/$t 2>/dev/null) 2>&1
   rc=$?
   say "end $t rc=$rc seconds=$(( $(date +%s) - start ))"
 done
@@ -389,6 +396,7 @@ row_initramfs() {
   rm -rf "$stage"
   mkdir -p "$stage/fathom"
   row_args "$line" >"$stage/fathom/test-args"
+  echo "$BINARY_TIMEOUT" >"$stage/fathom/binary-timeout"
   if [ -d "$kdir/modules" ]; then
     mkdir -p "$stage/lib/modules/fathom"
     (cd "$kdir/modules" && cp -r . "$stage/lib/modules/fathom/")

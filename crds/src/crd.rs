@@ -62,6 +62,7 @@ pub const PROBE_FORMS: &[&str] = &[
     "usdt",
     "profile",
     "lsm",
+    "network",
 ];
 
 fn cel_list(items: &[&str]) -> String {
@@ -102,6 +103,11 @@ pub fn spec_rules() -> Vec<SpecRule> {
                 "unknown catalog entry; use one of: {}",
                 CATALOG_NAMES.join(", ")
             ),
+        ),
+        rule(
+            "probe.network.hook",
+            "self.trim() in ['xdp', 'tc', 'cgroupSkb', 'sockOps']",
+            "is not a network hook; use xdp, tc, cgroupSkb or sockOps",
         ),
         rule(
             "probe.tracepoint",

@@ -95,7 +95,7 @@ pub struct TraceJobSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ProbeSpec {
     /// A named preset: syscalls, exec, open, tcp-connect, tcp-connect-kprobe, tcp-retransmit,
-    /// packet-drops, profile, runqlat, biolatency, oom-kill.
+    /// packet-drops, profile, runqlat, biolatency, oom-kill, pod-traffic, tcp-rtt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<String>,
     /// A kernel tracepoint, `category/name` (or `category:name`), e.g. `skb/kfree_skb`.
@@ -131,6 +131,30 @@ pub struct ProbeSpec {
     /// An LSM hook, observe only (never denies), e.g. `file_open` (needs BPF LSM enabled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lsm: Option<String>,
+    /// A network hook, observe only (never changes a packet's fate): XDP or tc on an
+    /// interface, cgroup_skb on the sockets of the job's pods, sock_ops on TCP connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+}
+
+/// A network hook.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// `xdp` (packets as the driver receives them), `tc` (clsact ingress/egress),
+    /// `cgroupSkb` (packets of the sockets in the job's cgroups: the natural hook for pods),
+    /// `sockOps` (TCP connections: RTT samples or retransmits).
+    pub hook: String,
+    /// The interface of `xdp` and `tc`, e.g. `eth0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// `ingress`, `egress` or `both` (the default) for `tc` and `cgroupSkb`; `xdp` sees
+    /// ingress only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// For `sockOps`: `rtt` (the default; one sample per RTT update) or `retransmit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
 }
 
 /// CPU sampling.
@@ -269,6 +293,119 @@ pub enum Probe {
         frequency: u32,
     },
     Lsm(String),
+    Network(NetProbe),
+}
+
+/// Where a network probe attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetHook {
+    Xdp,
+    Tc,
+    CgroupSkb,
+    SockOps,
+}
+
+impl NetHook {
+    /// The hook as the spec writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetHook::Xdp => "xdp",
+            NetHook::Tc => "tc",
+            NetHook::CgroupSkb => "cgroupSkb",
+            NetHook::SockOps => "sockOps",
+        }
+    }
+}
+
+/// Which way packets go through a hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetDirection {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl NetDirection {
+    pub fn ingress(self) -> bool {
+        matches!(self, NetDirection::Ingress | NetDirection::Both)
+    }
+    pub fn egress(self) -> bool {
+        matches!(self, NetDirection::Egress | NetDirection::Both)
+    }
+}
+
+/// What a sock_ops probe counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockEvent {
+    Rtt,
+    Retransmit,
+}
+
+/// A network probe, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetProbe {
+    pub hook: NetHook,
+    pub interface: Option<String>,
+    pub direction: NetDirection,
+    pub event: SockEvent,
+}
+
+impl NetProbe {
+    /// The probe on one line: `tc:eth0/both`, `cgroupSkb/egress`, `sockOps:rtt`.
+    pub fn display_name(&self) -> String {
+        let dir = match self.direction {
+            NetDirection::Ingress => "ingress",
+            NetDirection::Egress => "egress",
+            NetDirection::Both => "both",
+        };
+        match self.hook {
+            NetHook::Xdp => format!("xdp:{}", self.interface.as_deref().unwrap_or("*")),
+            NetHook::Tc => format!("tc:{}/{dir}", self.interface.as_deref().unwrap_or("*")),
+            NetHook::CgroupSkb => format!("cgroupSkb/{dir}"),
+            NetHook::SockOps => match self.event {
+                SockEvent::Rtt => "sockOps:rtt".into(),
+                SockEvent::Retransmit => "sockOps:retransmit".into(),
+            },
+        }
+    }
+
+    /// The keys a network probe can aggregate by (besides node, namespace, pod, container
+    /// and cgroup where the hook knows the socket).
+    pub const KEYS: &'static [&'static str] = &[
+        "interface",
+        "direction",
+        "protocol",
+        "saddr",
+        "daddr",
+        "sport",
+        "dport",
+    ];
+
+    /// The hook knows the socket's cgroup (and so the pod).
+    pub fn knows_cgroup(&self) -> bool {
+        matches!(self.hook, NetHook::CgroupSkb | NetHook::Tc)
+    }
+}
+
+/// The network catalog entries: `pod-traffic` (bytes and packets of the job's pods by
+/// direction and protocol, through cgroup_skb) and `tcp-rtt` (TCP round-trip times by
+/// peer, through sock_ops).
+pub fn network_catalog(name: &str) -> Option<NetProbe> {
+    match name {
+        "pod-traffic" => Some(NetProbe {
+            hook: NetHook::CgroupSkb,
+            interface: None,
+            direction: NetDirection::Both,
+            event: SockEvent::Rtt,
+        }),
+        "tcp-rtt" => Some(NetProbe {
+            hook: NetHook::SockOps,
+            interface: None,
+            direction: NetDirection::Both,
+            event: SockEvent::Rtt,
+        }),
+        _ => None,
+    }
 }
 
 impl Probe {
@@ -291,6 +428,7 @@ impl Probe {
             } => format!("usdt:{binary}:{provider}:{name}"),
             Probe::Profile { frequency } => format!("profile:{frequency}Hz"),
             Probe::Lsm(n) => format!("lsm:{n}"),
+            Probe::Network(n) => n.display_name(),
         }
     }
 }
@@ -308,6 +446,8 @@ pub const CATALOG_NAMES: &[&str] = &[
     "runqlat",
     "biolatency",
     "oom-kill",
+    "pod-traffic",
+    "tcp-rtt",
 ];
 
 /// Aggregate keys every attach kind understands (plus fields, args and `ret` where the kind
@@ -654,11 +794,14 @@ impl ProbeSpec {
                 },
             ));
         }
+        if let Some(n) = &self.network {
+            forms.push(("network", Probe::Network(n.parse()?)));
+        }
         match forms.len() {
             1 => Ok(forms.pop().map(|(_, p)| p).expect("one form")),
             0 => Err(err(
                 "spec.probe",
-                "set exactly one of catalog, tracepoint, rawTracepoint, kprobe, kretprobe, fentry, fexit, uprobe, uretprobe, usdt, profile, lsm",
+                "set exactly one of catalog, tracepoint, rawTracepoint, kprobe, kretprobe, fentry, fexit, uprobe, uretprobe, usdt, profile, lsm, network",
             )),
             _ => Err(err(
                 "spec.probe",
@@ -669,6 +812,102 @@ impl ProbeSpec {
                 ),
             )),
         }
+    }
+}
+
+impl NetworkSpec {
+    fn parse(&self) -> Result<NetProbe, FieldError> {
+        let hook = match self.hook.trim() {
+            "xdp" => NetHook::Xdp,
+            "tc" => NetHook::Tc,
+            "cgroupSkb" => NetHook::CgroupSkb,
+            "sockOps" => NetHook::SockOps,
+            h => {
+                return Err(err(
+                    "spec.probe.network.hook",
+                    format!("{h:?} is not a network hook; use xdp, tc, cgroupSkb or sockOps"),
+                ));
+            }
+        };
+        let interface = match (&self.interface, hook) {
+            (Some(i), NetHook::Xdp | NetHook::Tc) => {
+                let i = i.trim();
+                if i.is_empty()
+                    || i.len() > 15
+                    || i.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+                {
+                    return Err(err(
+                        "spec.probe.network.interface",
+                        format!(
+                            "{i:?} is not an interface name (1–15 bytes, no '/', ':' or spaces); `ip link` lists them"
+                        ),
+                    ));
+                }
+                Some(i.to_string())
+            }
+            (Some(_), _) => {
+                return Err(err(
+                    "spec.probe.network.interface",
+                    format!(
+                        "{} hooks attach to cgroups, not interfaces; remove interface, or use xdp or tc",
+                        hook.name()
+                    ),
+                ));
+            }
+            (None, _) => None,
+        };
+        let direction = match (self.direction.as_deref().map(str::trim), hook) {
+            (None, _) => NetDirection::Both,
+            (Some(_), NetHook::SockOps) => {
+                return Err(err(
+                    "spec.probe.network.direction",
+                    "sockOps counts TCP connection events, which have no direction; remove direction",
+                ));
+            }
+            (Some("ingress"), _) => NetDirection::Ingress,
+            (Some("egress" | "both"), NetHook::Xdp) => {
+                return Err(err(
+                    "spec.probe.network.direction",
+                    "xdp sees received packets only; write ingress, or use tc for egress",
+                ));
+            }
+            (Some("egress"), _) => NetDirection::Egress,
+            (Some("both"), _) => NetDirection::Both,
+            (Some(d), _) => {
+                return Err(err(
+                    "spec.probe.network.direction",
+                    format!("{d:?} is not ingress, egress or both"),
+                ));
+            }
+        };
+        let direction = if hook == NetHook::Xdp {
+            NetDirection::Ingress
+        } else {
+            direction
+        };
+        let event = match (self.event.as_deref().map(str::trim), hook) {
+            (None | Some("rtt"), NetHook::SockOps) => SockEvent::Rtt,
+            (Some("retransmit"), NetHook::SockOps) => SockEvent::Retransmit,
+            (Some(e), NetHook::SockOps) => {
+                return Err(err(
+                    "spec.probe.network.event",
+                    format!("{e:?} is not rtt or retransmit"),
+                ));
+            }
+            (Some(_), _) => {
+                return Err(err(
+                    "spec.probe.network.event",
+                    "only sockOps has events (rtt, retransmit); remove event",
+                ));
+            }
+            (None, _) => SockEvent::Rtt,
+        };
+        Ok(NetProbe {
+            hook,
+            interface,
+            direction,
+            event,
+        })
     }
 }
 
@@ -739,7 +978,14 @@ impl TraceJobSpec {
                 }
             }
         }
-        if let Some(probe) = &probe {
+        let network = match &probe {
+            Some(Probe::Network(n)) => Some(n.clone()),
+            Some(Probe::Catalog(c)) => network_catalog(c),
+            _ => None,
+        };
+        if let Some(n) = &network {
+            check_network(n, &keys, &value, self, &mut errors);
+        } else if let Some(probe) = &probe {
             check_keys_for_probe(probe, &keys, &value, &mut errors);
         }
 
@@ -1012,6 +1258,93 @@ fn check_keys_for_probe(
     }
 }
 
+/// What a network probe can key by, sum and filter: packets have no process, so process keys
+/// and filters are errors, and events are not kept.
+fn check_network(
+    n: &NetProbe,
+    keys: &[KeySpec],
+    value: &ValueSpec,
+    spec: &TraceJobSpec,
+    errors: &mut Vec<FieldError>,
+) {
+    let hook = n.hook.name();
+    let socket_keys = if n.knows_cgroup() {
+        ", node, namespace, pod, container, cgroup"
+    } else {
+        ", node"
+    };
+    for (i, k) in keys.iter().enumerate() {
+        let ok = match k {
+            KeySpec::Node => true,
+            KeySpec::Namespace | KeySpec::Pod | KeySpec::Container | KeySpec::Cgroup => {
+                n.knows_cgroup()
+            }
+            KeySpec::Field(f) => match f.as_str() {
+                "interface" | "direction" => n.hook != NetHook::SockOps,
+                f => NetProbe::KEYS.contains(&f),
+            },
+            _ => false,
+        };
+        if !ok {
+            let usable: Vec<&str> = NetProbe::KEYS
+                .iter()
+                .copied()
+                .filter(|k| n.hook != NetHook::SockOps || !["interface", "direction"].contains(k))
+                .collect();
+            errors.push(err(
+                format!("spec.aggregate.by[{i}]"),
+                format!(
+                    "{hook} hooks cannot key by {}; use {}{socket_keys}",
+                    k.name(),
+                    usable.join(", ")
+                ),
+            ));
+        }
+    }
+    let measure = match (n.hook, n.event) {
+        (NetHook::SockOps, SockEvent::Rtt) => Some("rtt"),
+        (NetHook::SockOps, SockEvent::Retransmit) => None,
+        _ => Some("bytes"),
+    };
+    let value_ok = match value {
+        ValueSpec::Count => true,
+        ValueSpec::Sum(KeySpec::Field(f)) | ValueSpec::Hist(KeySpec::Field(f)) => {
+            measure == Some(f.as_str())
+        }
+        _ => false,
+    };
+    if !value_ok {
+        let fix = match measure {
+            Some(m) => format!("count, sum({m}) or hist({m})"),
+            None => "count".into(),
+        };
+        errors.push(err(
+            "spec.aggregate.value",
+            format!("{} hooks aggregate {fix}", n.display_name()),
+        ));
+    }
+    if let Some(f) = &spec.filter {
+        if !f.pids.is_empty() {
+            errors.push(err(
+                "spec.filter.pids",
+                "packets are not handled by a process; remove pids, and target pods (cgroupSkb) instead",
+            ));
+        }
+        if f.comm.is_some() {
+            errors.push(err(
+                "spec.filter.comm",
+                "packets are not handled by a process; remove comm, and target pods (cgroupSkb) instead",
+            ));
+        }
+    }
+    if spec.events.is_some() {
+        errors.push(err(
+            "spec.events",
+            "network hooks aggregate in the kernel and keep no per-packet events; remove events",
+        ));
+    }
+}
+
 /// A short name of the attach kind, for messages.
 pub fn probe_kind_name(probe: &Probe) -> &'static str {
     match probe {
@@ -1027,6 +1360,7 @@ pub fn probe_kind_name(probe: &Probe) -> &'static str {
         Probe::Usdt { .. } => "usdt",
         Probe::Profile { .. } => "profile",
         Probe::Lsm(_) => "lsm",
+        Probe::Network(n) => n.hook.name(),
     }
 }
 

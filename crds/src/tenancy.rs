@@ -97,6 +97,19 @@ pub fn raw_tracepoint_message() -> String {
     )
 }
 
+/// The network hooks that see every packet of an interface, whoever it belongs to.
+pub const INTERFACE_HOOKS: &[&str] = &["xdp", "tc"];
+
+/// The [`RULE_PROBE_KIND`] message for an interface hook (no policy grants one: an
+/// interface's packets are the node's, not a namespace's).
+pub fn interface_hook_message() -> String {
+    refusal(
+        RULE_PROBE_KIND,
+        "a TraceJob may not use the network hooks xdp and tc (they see every packet of an interface, whoever sends it)",
+        "use network hook cgroupSkb, which sees only the packets of the job's pods, or a ClusterTraceJob",
+    )
+}
+
 /// The [`RULE_PROBE_KIND`] message for a kernel-function catalog entry.
 pub fn kernel_catalog_message() -> String {
     refusal(
@@ -198,6 +211,9 @@ impl TraceJobSpec {
                     && !policy.allows(GrantedKind::RawTracepoint) =>
             {
                 Some(("spec.probe.rawTracepoint".into(), raw_tracepoint_message()))
+            }
+            Ok(Probe::Network(n)) if INTERFACE_HOOKS.contains(&n.hook.name()) => {
+                Some(("spec.probe.network.hook".into(), interface_hook_message()))
             }
             Ok(Probe::Catalog(c))
                 if KERNEL_CATALOG.contains(&c.as_str()) && !policy.allows(GrantedKind::Kprobe) =>

@@ -148,6 +148,11 @@ fn specs() -> Vec<Value> {
         json!({"catalog": "runqlat"}),
         json!({"catalog": "biolatency"}),
         json!({"tracepoint": "skb/kfree_skb"}),
+        json!({"network": {"hook": "xdp", "interface": "eth0"}}),
+        json!({"network": {"hook": " tc", "interface": "eth0"}}),
+        json!({"network": {"hook": "cgroupSkb"}}),
+        json!({"network": {"hook": "sockOps", "event": "rtt"}}),
+        json!({"catalog": "pod-traffic"}),
     ]
     .into_iter()
     .map(|probe| json!({"probe": probe, "podSelector": {"matchLabels": {"app": "web"}}}))
@@ -189,7 +194,7 @@ fn the_defaults_refuse_at_admission_what_the_operator_refuses_in_its_words() {
         assert_eq!(got, want, "{spec}");
         refused += usize::from(!want.is_empty());
     }
-    assert_eq!(refused, 10, "the table has 10 specs the defaults refuse");
+    assert_eq!(refused, 12, "the table has 12 specs the defaults refuse");
 }
 
 #[test]

@@ -386,6 +386,92 @@ pub mod compact {
     }
 }
 
+/// Network hooks (XDP, tc, cgroup_skb, sock_ops): packets and TCP socket events, keyed by
+/// [`NetKey`] in the `NET_AGG` map and configured by the global `NET_CONFIG`. The programs
+/// only observe: XDP passes, tc continues, cgroup hooks allow.
+pub mod net {
+    /// Bits of [`super::NetConfig::key_mask`]: which parts of [`super::NetKey`] the kernel
+    /// fills in (the rest stay zero and merge).
+    pub mod key {
+        pub const IFINDEX: u32 = 1 << 0;
+        pub const DIRECTION: u32 = 1 << 1;
+        pub const PROTOCOL: u32 = 1 << 2;
+        pub const SADDR: u32 = 1 << 3;
+        pub const DADDR: u32 = 1 << 4;
+        pub const SPORT: u32 = 1 << 5;
+        pub const DPORT: u32 = 1 << 6;
+        /// The socket's cgroup (cgroup_skb, tc egress): the pod.
+        pub const CGROUP: u32 = 1 << 7;
+    }
+
+    /// [`super::NetKey::direction`].
+    pub const INGRESS: u8 = 1;
+    pub const EGRESS: u8 = 2;
+
+    /// [`super::NetKey::family`]: 0 for a frame that is not IP (ARP, LLDP).
+    pub const IPV4: u8 = 4;
+    pub const IPV6: u8 = 6;
+
+    /// [`super::NetConfig::value_kind`]. Every entry counts hits in `count` and adds bytes
+    /// (packets) or microseconds (RTT samples) to `sum`.
+    pub mod value {
+        /// Packets (or socket events) and their bytes.
+        pub const COUNT: u32 = 0;
+        /// A log2 histogram of packet sizes in `NetKey::bucket`.
+        pub const BYTES_HIST: u32 = 1;
+        /// A log2 histogram of the smoothed RTT in microseconds (sock_ops).
+        pub const RTT_HIST: u32 = 2;
+    }
+
+    /// [`super::NetConfig::sock_event`]: what a sock_ops program counts.
+    pub mod sock {
+        /// Each RTT sample of an established TCP connection.
+        pub const RTT: u32 = 1;
+        /// Each retransmitted segment (SYNs included).
+        pub const RETRANSMIT: u32 = 2;
+    }
+}
+
+/// Read-only configuration of the network programs: global `NET_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetConfig {
+    pub key_mask: u32,
+    pub value_kind: u32,
+    pub sock_event: u32,
+    /// [`filter::CGROUP`]: only sockets of the job's cgroups (cgroup_skb, sock_ops).
+    pub filter_flags: u32,
+}
+
+impl NetConfig {
+    /// The value compiled into the object; the loader always overrides it.
+    pub const EMPTY: Self = Self {
+        key_mask: 0,
+        value_kind: net::value::COUNT,
+        sock_event: 0,
+        filter_flags: 0,
+    };
+}
+
+/// A network aggregation key. Addresses are in network order, IPv4 in the first 4 bytes;
+/// ports in host order. Unselected parts are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetKey {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub family: u8,
+    /// The IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6).
+    pub protocol: u8,
+    pub _pad: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub bucket: u32,
+    pub cgroup: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
 /// Names of the programs, maps and globals in the object, shared so they cannot drift.
 pub mod names {
     pub const CONFIG: &str = "CONFIG";
@@ -400,6 +486,8 @@ pub mod names {
     pub const RATE: &str = "RATE";
     pub const PIDS: &str = "PIDS";
     pub const CGROUPS: &str = "CGROUPS";
+    pub const NET_CONFIG: &str = "NET_CONFIG";
+    pub const NET_AGG: &str = "NET_AGG";
 }
 
 /// Log2 bucket of `v`: 0 for 0, else 1 + floor(log2(v)) (so bucket b covers [2^(b-1), 2^b)).
@@ -425,6 +513,8 @@ mod pod {
         unsafe impl aya::Pod for RateState {}
         unsafe impl aya::Pod for Stash {}
         unsafe impl aya::Pod for Event {}
+        unsafe impl aya::Pod for NetConfig {}
+        unsafe impl aya::Pod for NetKey {}
     }
 }
 
@@ -467,5 +557,6 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AggKey>(), 64);
         assert_eq!(core::mem::size_of::<Event>(), 80 + PAYLOAD_LEN);
+        assert_eq!(core::mem::size_of::<NetKey>(), 56);
     }
 }

@@ -156,6 +156,7 @@ pub fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -174,6 +175,12 @@ pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
         missing.push("CAP_PERFMON");
     }
     missing
+}
+
+/// Whether `caps` may attach network programs (XDP, tc, cgroup hooks): CAP_NET_ADMIN, or
+/// CAP_SYS_ADMIN.
+pub fn may_attach_network(caps: u64) -> bool {
+    caps & ((1u64 << CAP_NET_ADMIN) | (1u64 << CAP_SYS_ADMIN)) != 0
 }
 
 #[cfg(test)]

@@ -7,11 +7,11 @@ use std::{
     path::Path,
 };
 
-use fathom_common::{AggKey, AggValue, Event};
+use fathom_common::{AggKey, AggValue, Event, NetKey, net};
 use fathom_crds::result::{Bucket, EventRecord, Histogram, Row, top_rows};
 
 use crate::engine::{
-    plan::{CgroupView, Column, EventPart, JobPlan, KeyPart, Render, ValueKind},
+    plan::{CgroupView, Column, EventPart, JobPlan, KeyPart, NetPart, Render, ValueKind},
     symbols::{self, Symbols, comm_str},
 };
 
@@ -36,6 +36,44 @@ pub fn render_number(v: u64, size_signed: bool, render: &Render) -> String {
             format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])
         }
         Render::Hex => format!("{v:#x}"),
+    }
+}
+
+/// Interface names by index, from sysfs.
+pub fn interface_names() -> HashMap<u32, String> {
+    let Ok(dir) = fs::read_dir("/sys/class/net") else {
+        return HashMap::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let index = fs::read_to_string(e.path().join("ifindex")).ok()?;
+            Some((index.trim().parse().ok()?, name))
+        })
+        .collect()
+}
+
+/// An IP protocol by name (`non-ip` for a frame that is not IP).
+pub fn protocol_name(family: u8, protocol: u8) -> String {
+    if family == 0 {
+        return "non-ip".into();
+    }
+    match protocol {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        p => p.to_string(),
+    }
+}
+
+/// An address of a network key (network order; IPv4 in the first 4 bytes).
+pub fn address(family: u8, bytes: &[u8; 16]) -> String {
+    match family {
+        net::IPV4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string(),
+        net::IPV6 => std::net::Ipv6Addr::from(*bytes).to_string(),
+        _ => String::new(),
     }
 }
 
@@ -161,6 +199,24 @@ pub struct Renderer<'a> {
 }
 
 impl Renderer<'_> {
+    fn cgroup_cell(&mut self, view: CgroupView, id: u64) -> String {
+        if let Some(l) = self.cgroups.labels(id) {
+            return match view {
+                CgroupView::Id => self.cgroups.path(id),
+                CgroupView::Namespace => l.namespace.clone(),
+                CgroupView::Pod => l.pod.clone(),
+                CgroupView::Container => l.container.clone(),
+            };
+        }
+        let path = self.cgroups.path(id);
+        match view {
+            CgroupView::Id => path,
+            CgroupView::Namespace => String::new(),
+            CgroupView::Pod => Cgroups::kube_parts(&path).0.unwrap_or_default(),
+            CgroupView::Container => Cgroups::kube_parts(&path).1.unwrap_or_default(),
+        }
+    }
+
     fn column(&mut self, c: &Column, k: &AggKey) -> String {
         match &c.part {
             KeyPart::Node => self.node.to_string(),
@@ -168,23 +224,7 @@ impl Renderer<'_> {
             KeyPart::Tid => k.tid.to_string(),
             KeyPart::Comm => comm_str(&k.comm),
             KeyPart::Cpu => k.cpu.to_string(),
-            KeyPart::Cgroup(view) => {
-                if let Some(l) = self.cgroups.labels(k.cgroup) {
-                    return match view {
-                        CgroupView::Id => self.cgroups.path(k.cgroup),
-                        CgroupView::Namespace => l.namespace.clone(),
-                        CgroupView::Pod => l.pod.clone(),
-                        CgroupView::Container => l.container.clone(),
-                    };
-                }
-                let path = self.cgroups.path(k.cgroup);
-                match view {
-                    CgroupView::Id => path,
-                    CgroupView::Namespace => String::new(),
-                    CgroupView::Pod => Cgroups::kube_parts(&path).0.unwrap_or_default(),
-                    CgroupView::Container => Cgroups::kube_parts(&path).1.unwrap_or_default(),
-                }
-            }
+            KeyPart::Cgroup(view) => self.cgroup_cell(*view, k.cgroup),
             KeyPart::Kstack => match self.stacks.get(&k.kstack) {
                 Some(frames) if k.kstack >= 0 => self.symbols.kernel_stack(frames),
                 _ => "[no kernel stack]".into(),
@@ -194,7 +234,60 @@ impl Renderer<'_> {
                 _ => "[no user stack]".into(),
             },
             KeyPart::Field(i) => render_number(k.fields[*i], false, &c.render),
+            // Not a part of a tracing key.
+            KeyPart::Net(_) => String::new(),
         }
+    }
+
+    fn net_column(&mut self, c: &Column, k: &NetKey, interfaces: &HashMap<u32, String>) -> String {
+        let part = match &c.part {
+            KeyPart::Node => return self.node.to_string(),
+            KeyPart::Net(p) => *p,
+            _ => return String::new(),
+        };
+        match part {
+            NetPart::Interface => interfaces
+                .get(&k.ifindex)
+                .cloned()
+                .unwrap_or_else(|| format!("if{}", k.ifindex)),
+            NetPart::Direction => match k.direction {
+                net::INGRESS => "ingress".into(),
+                net::EGRESS => "egress".into(),
+                _ => String::new(),
+            },
+            NetPart::Protocol => protocol_name(k.family, k.protocol),
+            NetPart::Saddr => address(k.family, &k.saddr),
+            NetPart::Daddr => address(k.family, &k.daddr),
+            NetPart::Sport => k.sport.to_string(),
+            NetPart::Dport => k.dport.to_string(),
+            NetPart::Cgroup(view) => self.cgroup_cell(view, k.cgroup),
+        }
+    }
+
+    /// Rows or histograms from a network probe's map entries.
+    pub fn aggregate_net(
+        &mut self,
+        entries: &[(NetKey, AggValue)],
+    ) -> (
+        Vec<Row>,
+        Option<fathom_crds::result::OtherRow>,
+        Vec<Histogram>,
+        bool,
+    ) {
+        let interfaces = interface_names();
+        let plan = self.plan;
+        let keyed: Vec<_> = entries
+            .iter()
+            .map(|(k, v)| {
+                let keys = plan
+                    .columns
+                    .iter()
+                    .map(|c| (c.name.clone(), self.net_column(c, k, &interfaces)))
+                    .collect();
+                (keys, k.bucket, *v)
+            })
+            .collect();
+        self.aggregate_keyed(keyed)
     }
 
     /// The visible columns of a key.
@@ -216,17 +309,34 @@ impl Renderer<'_> {
         Vec<Histogram>,
         bool,
     ) {
+        let keyed: Vec<_> = entries
+            .iter()
+            .map(|(k, v)| (self.keys(k), k.bucket, *v))
+            .collect();
+        self.aggregate_keyed(keyed)
+    }
+
+    /// Rows or histograms from entries whose keys are rendered: (columns, bucket, value).
+    fn aggregate_keyed(
+        &mut self,
+        entries: Vec<(BTreeMap<String, String>, u32, AggValue)>,
+    ) -> (
+        Vec<Row>,
+        Option<fathom_crds::result::OtherRow>,
+        Vec<Histogram>,
+        bool,
+    ) {
         let plan = self.plan;
         match plan.value {
             ValueKind::Count | ValueKind::Sum => {
                 let mut merged: BTreeMap<BTreeMap<String, String>, u64> = BTreeMap::new();
-                for (k, v) in entries {
+                for (keys, _, v) in entries {
                     let value = if plan.value == ValueKind::Sum {
                         v.sum
                     } else {
                         v.count
                     };
-                    *merged.entry(self.keys(k)).or_default() += value;
+                    *merged.entry(keys).or_default() += value;
                 }
                 let rows: Vec<Row> = merged
                     .into_iter()
@@ -239,12 +349,8 @@ impl Renderer<'_> {
             ValueKind::Hist => {
                 let mut groups: BTreeMap<BTreeMap<String, String>, BTreeMap<u32, u64>> =
                     BTreeMap::new();
-                for (k, v) in entries {
-                    *groups
-                        .entry(self.keys(k))
-                        .or_default()
-                        .entry(k.bucket)
-                        .or_default() += v.count;
+                for (keys, bucket, v) in entries {
+                    *groups.entry(keys).or_default().entry(bucket).or_default() += v.count;
                 }
                 let mut hists: Vec<Histogram> = groups
                     .into_iter()

@@ -18,8 +18,9 @@ use aya::{
         HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap,
     },
     programs::{
-        FEntry, FExit, KProbe, Lsm, PerfEvent, ProgramError, ProgramInfo, RawTracePoint,
-        TracePoint, UProbe,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe, Lsm, PerfEvent,
+        ProgramError, ProgramInfo, RawTracePoint, SchedClassifier, SockOps, TcAttachType,
+        TracePoint, UProbe, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeAttachLocation, UProbeScope},
@@ -503,16 +504,44 @@ where
     })
 }
 
-/// The links a plan attaches: one per attach point, one per online CPU for sampling.
+/// The links a plan attaches: one per attach point, one per online CPU for sampling, one per
+/// cgroup of the job for sock_ops.
 fn expected_links(plan: &JobPlan) -> usize {
     let cpus = online_cpus().map(|c| c.len()).unwrap_or(1);
     plan.attachments
         .iter()
         .map(|a| match a.point {
             AttachPoint::Profile { .. } => cpus,
+            AttachPoint::SockOps => match &plan.scope {
+                Scope::Cgroups(set) => set.count(),
+                _ => 1,
+            },
             _ => 1,
         })
         .sum()
+}
+
+/// A cgroup v2 directory, opened for a cgroup hook: `path` below the hierarchy's root (as
+/// [`crate::engine::render::Cgroups::path`] gives it), or the root itself.
+fn cgroup_dir(probe: &str, path: Option<String>) -> Result<std::fs::File, EngineError> {
+    let root = crate::engine::render::cgroup2_mount().ok_or_else(|| {
+        kernel_error(
+            probe,
+            Reason::FilesystemUnavailable,
+            "cgroup hooks need the cgroup v2 hierarchy mounted",
+        )
+    })?;
+    let dir = match path {
+        Some(p) => root.join(p.trim_start_matches('/')),
+        None => root,
+    };
+    std::fs::File::open(&dir).map_err(|e| {
+        kernel_error(
+            probe,
+            Reason::FilesystemUnavailable,
+            format!("opening cgroup {}: {e}", dir.display()),
+        )
+    })
 }
 
 fn kernel_error(probe: &str, reason: Reason, message: impl Into<String>) -> EngineError {
@@ -885,13 +914,22 @@ impl Session {
         // caller (a stale operator, a hand-made plan) can size a map past it.
         let map_entries = plan.map_entries.clamp(1, MAX_MAP_ENTRIES);
         // Exactly one aggregation map is sized for the job; the others get one entry.
-        let (tiny, small, full) = agg_sizes(&plan.config, map_entries);
+        let (tiny, small, full, net_entries) = match plan.net {
+            Some(_) => (1, 1, 1, map_entries),
+            None => {
+                let (tiny, small, full) = agg_sizes(&plan.config, map_entries);
+                (tiny, small, full, 1)
+            }
+        };
+        let net_config = plan.net.unwrap_or(fathom_common::NetConfig::EMPTY);
         let mut loader = EbpfLoader::new();
         // The kernel's BTF, parsed once per Kernel, instead of once per load.
         loader.btf(kernel.btf());
         loader
             .override_global(names::CONFIG, &plan.config, true)
             .override_global(names::STASH_CONFIG, &plan.stash, true)
+            .override_global(names::NET_CONFIG, &net_config, true)
+            .map_max_entries(names::NET_AGG, net_entries)
             .map_max_entries(names::AGG, full)
             .map_max_entries(names::AGG_SMALL, small)
             .map_max_entries(names::AGG_TINY, tiny)
@@ -1010,6 +1048,91 @@ impl Session {
                     if let Some(t) = taken.as_mut() {
                         t.push(fd_link(p.take_link(id), &probe)?);
                     }
+                }
+                AttachPoint::Xdp { interface } => {
+                    let p: &mut Xdp = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    // A link, never the netlink path that replaces another program: an
+                    // interface that has one already refuses with EBUSY.
+                    let id = p.attach(interface, XdpMode::Default).map_err(|e| {
+                        if program_errno(&e) == Some(libc::EBUSY) {
+                            kernel_error(
+                                &probe,
+                                Reason::AttachKindUnsupported,
+                                format!("interface {interface} already runs an XDP program, and Fathom never replaces one; trace it with network hook tc"),
+                            )
+                        } else {
+                            perr(e)
+                        }
+                    })?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
+                }
+                AttachPoint::Tc { interface, egress } => {
+                    let p: &mut SchedClassifier = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    let ty = if *egress {
+                        TcAttachType::Egress
+                    } else {
+                        TcAttachType::Ingress
+                    };
+                    // Linux 6.6+ (checked by planning): a TCX link, owned by its fd.
+                    let id = p.attach(interface, ty).map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
+                }
+                AttachPoint::CgroupSkb { egress } => {
+                    let root = cgroup_dir(&probe, None)?;
+                    let p: &mut CgroupSkb = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    let ty = if *egress {
+                        CgroupSkbAttachType::Egress
+                    } else {
+                        CgroupSkbAttachType::Ingress
+                    };
+                    // A cgroup link always runs beside the cgroup's other programs (link_create
+                    // takes no mode flag: ALLOW_MULTI is implied, and passing it is EINVAL).
+                    let id = p
+                        .attach(&root, ty, CgroupAttachMode::Single)
+                        .map_err(perr)?;
+                    if let Some(t) = taken.as_mut() {
+                        t.push(fd_link(p.take_link(id), &probe)?);
+                    }
+                }
+                AttachPoint::SockOps => {
+                    // sock_ops has no cgroup filter: it attaches where the job looks, the
+                    // root for the whole node, else each of the job's cgroups.
+                    let dirs = match &plan.scope {
+                        Scope::Cgroups(set) => {
+                            let mut cgroups = crate::engine::render::Cgroups::default();
+                            let mut dirs = Vec::new();
+                            for id in set.ids() {
+                                dirs.push(cgroup_dir(&probe, Some(cgroups.path(id)))?);
+                            }
+                            dirs
+                        }
+                        _ => vec![cgroup_dir(&probe, None)?],
+                    };
+                    let p: &mut SockOps = prog.try_into().map_err(perr)?;
+                    if p.fd().is_err() {
+                        p.load().map_err(perr)?;
+                    }
+                    for dir in &dirs {
+                        let id = p.attach(dir, CgroupAttachMode::Single).map_err(perr)?;
+                        if let Some(t) = taken.as_mut() {
+                            t.push(fd_link(p.take_link(id), &probe)?);
+                        }
+                        link_count += 1;
+                    }
+                    continue;
                 }
                 AttachPoint::Profile { frequency } => {
                     let p: &mut PerfEvent = prog.try_into().map_err(perr)?;
@@ -1417,6 +1540,28 @@ impl Session {
         Ok(out)
     }
 
+    /// A network probe's entries, each summed over the CPUs.
+    fn net_entries(&self) -> Result<Vec<(fathom_common::NetKey, AggValue)>, EngineError> {
+        let mut out = Vec::new();
+        if !self.in_kernel() {
+            return Ok(out);
+        }
+        let map = self
+            .map(names::NET_AGG)
+            .ok_or_else(|| read_err("network map")("the map is missing"))?;
+        let agg: PerCpuHashMap<_, fathom_common::NetKey, AggValue> =
+            PerCpuHashMap::try_from(map).map_err(read_err("network map"))?;
+        for (k, per_cpu) in agg.iter().flatten() {
+            let mut v = AggValue::default();
+            for c in per_cpu.iter() {
+                v.count += c.count;
+                v.sum = v.sum.wrapping_add(c.sum);
+            }
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
     fn stack_frames(&self, entries: &[(AggKey, AggValue)]) -> StackFrames {
         let mut frames = StackFrames::new();
         let Some(map) = self.map(names::STACKS) else {
@@ -1442,10 +1587,10 @@ impl Session {
     pub fn snapshot(&mut self) -> Result<ResultData, EngineError> {
         self.drain_ring();
         let counters = self.counters()?;
-        let entries = if self.plan.aggregate {
-            self.aggregate_entries()?
-        } else {
-            Vec::new()
+        let (entries, net_entries) = match (self.plan.aggregate, self.plan.net.is_some()) {
+            (false, _) => (Vec::new(), Vec::new()),
+            (true, false) => (self.aggregate_entries()?, Vec::new()),
+            (true, true) => (Vec::new(), self.net_entries()?),
         };
         let stacks = self.stack_frames(&entries);
         let mut renderer = Renderer {
@@ -1455,7 +1600,11 @@ impl Session {
             symbols: &mut self.symbols,
             cgroups: &mut self.cgroups,
         };
-        let (rows, other, histograms, truncated) = renderer.aggregate(&entries);
+        let (rows, other, histograms, truncated) = if self.plan.net.is_some() {
+            renderer.aggregate_net(&net_entries)
+        } else {
+            renderer.aggregate(&entries)
+        };
         let elapsed = self
             .final_elapsed
             .unwrap_or_else(|| self.started.elapsed().as_secs_f64());
@@ -1477,7 +1626,7 @@ impl Session {
         };
         let totals = Totals {
             hits: counters.hits,
-            distinct_keys: entries.len() as u64,
+            distinct_keys: (entries.len() + net_entries.len()) as u64,
             events_emitted: counters.events_emitted,
             events_delivered: self.delivered,
             events_lost: counters.ringbuf_lost,
@@ -1701,6 +1850,18 @@ mod tests {
             },
             AttachPoint::Profile { frequency: 99 },
             AttachPoint::Lsm { hook: f() },
+            AttachPoint::Xdp { interface: f() },
+            AttachPoint::Tc {
+                interface: f(),
+                egress: false,
+            },
+            AttachPoint::Tc {
+                interface: f(),
+                egress: true,
+            },
+            AttachPoint::CgroupSkb { egress: false },
+            AttachPoint::CgroupSkb { egress: true },
+            AttachPoint::SockOps,
         ];
         let mut picked = BTreeSet::new();
         for point in points {

@@ -74,6 +74,7 @@ const OUR_MAPS: &[&str] = &[
     "RATE",
     "PIDS",
     "CGROUPS",
+    "NET_AGG",
 ];
 
 pub fn residue() -> Residue {
@@ -262,15 +263,40 @@ impl Bpftrace {
         Bpftrace { child }
     }
 
-    /// Stops bpftrace (SIGINT) and returns its maps as JSON objects.
-    pub fn stop(self) -> Vec<serde_json::Value> {
-        // SAFETY: sending a signal to our own child.
-        #[allow(unsafe_code, reason = "kill(2) to stop the child")]
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
+    /// Stops bpftrace (SIGINT) and returns its maps as JSON objects. A SIGINT that bpftrace
+    /// misses (it can arrive while bpftrace is between polls and be lost) is sent again each
+    /// second; one that bpftrace ignores for a minute fails the test instead of hanging it.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        let mut stdout = self.child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
+            out
+        });
+        let pid = self.child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut next_signal = Instant::now();
+        loop {
+            if self.child.try_wait().expect("bpftrace status").is_some() {
+                break;
+            }
+            if Instant::now() >= next_signal {
+                // SAFETY: sending a signal to our own child, which has not been reaped.
+                #[allow(unsafe_code, reason = "kill(2) to stop the child")]
+                unsafe {
+                    libc::kill(pid, libc::SIGINT);
+                }
+                next_signal = Instant::now() + Duration::from_secs(1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("bpftrace ignored SIGINT for 60 s; killed it");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let out = self.child.wait_with_output().expect("bpftrace ends");
-        String::from_utf8_lossy(&out.stdout)
+        let out = reader.join().expect("bpftrace output");
+        String::from_utf8_lossy(&out)
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["type"] == "map")

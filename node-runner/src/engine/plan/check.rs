@@ -234,6 +234,11 @@ fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) -> P
                 );
             }
         }
+        // Planned and checked by `network`, never through a template.
+        AttachPoint::Xdp { .. }
+        | AttachPoint::Tc { .. }
+        | AttachPoint::CgroupSkb { .. }
+        | AttachPoint::SockOps => {}
     }
     ProbeVerdict {
         probe: label,

@@ -27,6 +27,8 @@ pub(super) fn key_mask(
             KeyPart::Ustack => key::USTACK,
             KeyPart::Field(0) => key::FIELD0,
             KeyPart::Field(_) => key::FIELD1,
+            // Network keys are `NetConfig::key_mask`'s (plan::network).
+            KeyPart::Net(_) => 0,
         };
     }
     if mask & key::USTACK != 0 && mask & key::PID == 0 {

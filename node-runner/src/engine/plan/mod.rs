@@ -22,6 +22,7 @@ mod check;
 mod draft;
 mod events;
 mod kernel_config;
+pub mod network;
 mod pairing;
 mod resolve;
 pub mod scope;
@@ -29,7 +30,7 @@ pub mod template;
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use fathom_common::{ProbeConfig, StashConfig};
+use fathom_common::{NetConfig, ProbeConfig, StashConfig};
 use fathom_crds::{
     CheckedSpec,
     verdict::{ProbeVerdict, Verdict},
@@ -78,6 +79,21 @@ pub enum AttachPoint {
     Lsm {
         hook: String,
     },
+    /// XDP on an interface (received packets).
+    Xdp {
+        interface: String,
+    },
+    /// tc (clsact) on an interface, through a TCX link.
+    Tc {
+        interface: String,
+        egress: bool,
+    },
+    /// cgroup_skb at the root of the cgroup v2 hierarchy (the job's cgroups by the filter).
+    CgroupSkb {
+        egress: bool,
+    },
+    /// sock_ops at the root of the cgroup v2 hierarchy, or at each of the job's cgroups.
+    SockOps,
 }
 
 /// A uprobe location.
@@ -116,8 +132,18 @@ impl AttachPoint {
             }
             AttachPoint::Profile { frequency } => format!("profile:{frequency}Hz"),
             AttachPoint::Lsm { hook } => format!("lsm:{hook}"),
+            AttachPoint::Xdp { interface } => format!("xdp:{interface}"),
+            AttachPoint::Tc { interface, egress } => {
+                format!("tc:{interface}/{}", direction(*egress))
+            }
+            AttachPoint::CgroupSkb { egress } => format!("cgroup_skb/{}", direction(*egress)),
+            AttachPoint::SockOps => "sock_ops".into(),
         }
     }
+}
+
+fn direction(egress: bool) -> &'static str {
+    if egress { "egress" } else { "ingress" }
 }
 
 /// What a program does at its attach point.
@@ -155,6 +181,12 @@ impl Attachment {
             (A::Uprobe { ret: true, .. }, _) => "fathom_uretprobe",
             (A::Profile { .. }, _) => "fathom_profile",
             (A::Lsm { .. }, _) => "fathom_lsm",
+            (A::Xdp { .. }, _) => "fathom_xdp",
+            (A::Tc { egress: false, .. }, _) => "fathom_tc_ingress",
+            (A::Tc { egress: true, .. }, _) => "fathom_tc_egress",
+            (A::CgroupSkb { egress: false }, _) => "fathom_cgroup_skb_ingress",
+            (A::CgroupSkb { egress: true }, _) => "fathom_cgroup_skb_egress",
+            (A::SockOps, _) => "fathom_sock_ops",
         }
     }
 }
@@ -172,6 +204,21 @@ pub enum KeyPart {
     Ustack,
     /// `AggKey::fields[i]`.
     Field(usize),
+    /// A part of a network probe's `NetKey`.
+    Net(NetPart),
+}
+
+/// A part of a network key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetPart {
+    Interface,
+    Direction,
+    Protocol,
+    Saddr,
+    Daddr,
+    Sport,
+    Dport,
+    Cgroup(CgroupView),
 }
 
 /// What a column shows of a cgroup id.
@@ -262,6 +309,9 @@ pub struct JobPlan {
     pub duration: Option<Duration>,
     pub cpu_percent: Option<u32>,
     pub verdict: Verdict,
+    /// A network probe's configuration (its programs read `NET_CONFIG` and fill `NET_AGG`,
+    /// and `config` is unused); `None` for tracing probes.
+    pub net: Option<NetConfig>,
 }
 
 impl JobPlan {
@@ -271,6 +321,9 @@ impl JobPlan {
     pub fn apply_scope(&mut self) {
         self.config.filter_flags = scope_filter_flags(self.config.filter_flags, &self.scope);
         self.stash.filter_flags = scope_filter_flags(self.stash.filter_flags, &self.scope);
+        if let Some(net) = self.net.as_mut() {
+            net.filter_flags = scope_filter_flags(net.filter_flags, &self.scope);
+        }
     }
 
     /// Every attach point's label.
@@ -282,6 +335,9 @@ impl JobPlan {
 /// Resolves a checked spec on this kernel into a plan limited to `scope`, or the verdict of
 /// why it cannot run. Feasibility is checked whatever the scope, [`Scope::Nothing`] included.
 pub fn plan(spec: &CheckedSpec, kernel: &Kernel, scope: Scope) -> Result<JobPlan, EngineError> {
+    if let Some(n) = network::net_probe(&spec.probe) {
+        return network::plan_network(spec, &n, scope);
+    }
     let template = template_for(&spec.probe, spec).map_err(|v| not_feasible(vec![v]))?;
     let (verdicts, formats) = check_points(&template, kernel)?;
 
@@ -324,6 +380,7 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel, scope: Scope) -> Result<JobPlan
         duration: spec.duration,
         cpu_percent: spec.cpu_percent,
         verdict: Verdict::from_probes(verdicts),
+        net: None,
     };
     plan.apply_scope();
     Ok(plan)

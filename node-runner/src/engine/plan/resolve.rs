@@ -49,7 +49,11 @@ pub(super) fn kernel_args<'k>(point: &AttachPoint, kernel: &'k Kernel) -> Option
         AttachPoint::Lsm { hook } => idx.function_args(&format!("bpf_lsm_{hook}")),
         AttachPoint::Tracepoint { .. }
         | AttachPoint::Uprobe { .. }
-        | AttachPoint::Profile { .. } => None,
+        | AttachPoint::Profile { .. }
+        | AttachPoint::Xdp { .. }
+        | AttachPoint::Tc { .. }
+        | AttachPoint::CgroupSkb { .. }
+        | AttachPoint::SockOps => None,
     }
 }
 

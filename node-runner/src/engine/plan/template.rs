@@ -168,6 +168,14 @@ pub(super) fn template_for(probe: &Probe, spec: &CheckedSpec) -> Result<Template
             frequency: *frequency,
         }),
         Probe::Lsm(hook) => simple(AttachPoint::Lsm { hook: hook.clone() }),
+        Probe::Network(_) => {
+            return Err(ProbeVerdict {
+                probe: probe.display_name(),
+                feasible: false,
+                reason: Some(Reason::InvalidForProbe),
+                message: "network probes are planned by plan::network, not from a template".into(),
+            });
+        }
     })
 }
 

@@ -80,6 +80,8 @@ macro_rules! stash_cfg {
     ($($field:tt)+) => { cfg!(STASH_CONFIG, StashConfig, $($field)+) };
 }
 
+mod net;
+
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// `-EEXIST`: another CPU inserted the same key first.
 const EEXIST: i32 = -17;
