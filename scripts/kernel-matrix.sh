@@ -48,8 +48,9 @@ KERNELS=(
 # iproute2's ip: the network tests make veth pairs (busybox's ip cannot).
 VM_TOOLS=(bpftool bpftrace setpriv ip)
 # Kernel modules loaded in the VM, in order: a loop device with an ext2 file system (through
-# the ext4 driver) gives the block-I/O tests a real block device.
-VM_MODULES=(drivers/block/loop crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4)
+# the ext4 driver) gives the block-I/O tests a real block device; veth, the network tests
+# their veth pairs.
+VM_MODULES=(drivers/block/loop crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4 drivers/net/veth)
 
 # Tests that do not run in the VMs, each with its reason (printed in the summary as skipped);
 # they still run on the host.

@@ -596,6 +596,44 @@ impl ValueSpec {
     pub fn is_histogram(&self) -> bool {
         matches!(self, ValueSpec::Hist(_) | ValueSpec::Latency)
     }
+
+    /// The value as results name it: `count`, `sum(bytes)`, `hist(rtt)`, `latency (ns)`.
+    pub fn label(&self) -> String {
+        match self {
+            ValueSpec::Count => "count".to_string(),
+            ValueSpec::Sum(k) => format!("sum({})", k.name()),
+            ValueSpec::Hist(k) => format!("hist({})", k.name()),
+            ValueSpec::Latency => "latency (ns)".to_string(),
+        }
+    }
+}
+
+/// What a catalog entry aggregates when the job does not say (`None`: a count).
+pub fn catalog_default_value(name: &str) -> Option<ValueSpec> {
+    match name {
+        "runqlat" | "biolatency" => Some(ValueSpec::Latency),
+        "pod-traffic" => Some(ValueSpec::Sum(KeySpec::Field("bytes".into()))),
+        "tcp-rtt" => Some(ValueSpec::Hist(KeySpec::Field("rtt".into()))),
+        _ => None,
+    }
+}
+
+impl TraceJobSpec {
+    /// The label of the value this job aggregates: its own `aggregate.value`, else its
+    /// catalog entry's default, else a count (what the nodes' results say).
+    pub fn value_label(&self) -> String {
+        let own = self
+            .aggregate
+            .as_ref()
+            .and_then(|a| a.value.as_deref())
+            .and_then(ValueSpec::parse);
+        let catalog = self
+            .probe
+            .catalog
+            .as_deref()
+            .and_then(|c| catalog_default_value(c.trim()));
+        own.or(catalog).unwrap_or(ValueSpec::Count).label()
+    }
 }
 
 /// Parses `30s`, `5m`, `1h`, `1h30m`, `500ms`.

@@ -386,6 +386,121 @@ async fn a_tracejob_counts_exactly_the_opens_and_uprobe_calls_of_its_pods_and_no
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// UDP datagrams each workload process sends itself over its pod's loopback.
+const N_DATAGRAMS: u64 = 120;
+/// Their port.
+const UDP_PORT: u16 = 47123;
+
+#[tokio::test]
+async fn pod_traffic_counts_exactly_the_packets_of_its_pods_sockets_and_nothing_else() {
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::create(&client, "net").await;
+    let node = env().real_node.clone();
+    let dir = trigger_dir("net");
+    // Each pod sends itself N datagrams of 100 bytes on 127.0.0.1:UDP_PORT: packets of its
+    // own sockets, which only the pod's cgroup_skb view may count.
+    let script = format!(
+        "while [ ! -e /trigger/go ]; do sleep 1; done; \
+         /workload {COMM} udp {N_DATAGRAMS} {UDP_PORT} && touch /trigger/done-$HOSTNAME; exec sleep 3600"
+    );
+    for (app, replicas) in [("target", 2), ("decoy", 1)] {
+        ScriptDeployment {
+            replicas,
+            trigger: Some(&dir),
+            ..ScriptDeployment::new(ns.as_str(), app, &node, &script)
+        }
+        .apply(&client)
+        .await;
+    }
+    let targets = running_pods(&client, ns.as_str(), "target", 2).await;
+    let decoys = running_pods(&client, ns.as_str(), "decoy", 1).await;
+    let target_names: BTreeSet<String> = targets.iter().map(ResourceExt::name_any).collect();
+
+    let (operator, cport) = operator_with_collector(&client, "net").await;
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    create(
+        &client,
+        ns.as_str(),
+        "traffic",
+        json!({
+            "probe": {"catalog": "pod-traffic"},
+            "aggregate": {"by": ["namespace", "pod", "direction", "protocol", "dport"]},
+            "podSelector": {"matchLabels": {"app": "target"}},
+            "duration": "40s",
+        }),
+    )
+    .await;
+    wait_attached(Some(ns.as_str()), "traffic", "TraceJob", 1).await;
+
+    let all: Vec<String> = targets
+        .iter()
+        .chain(&decoys)
+        .map(ResourceExt::name_any)
+        .collect();
+    trigger(&dir, &all).await;
+    // The same traffic from a process on the host: not the job's either.
+    let out = Command::new(host_workload())
+        .args([COMM, "udp", &N_DATAGRAMS.to_string(), &UDP_PORT.to_string()])
+        .output()
+        .expect("host decoy");
+    assert!(out.status.success(), "host decoy: {out:?}");
+
+    wait_phase(
+        &job_api(&client, ns.as_str()),
+        "traffic",
+        JobPhase::Succeeded,
+        90,
+    )
+    .await;
+    let r = final_result(&client, ns.as_str(), "traffic", 1).await;
+    let data = &r.status.as_ref().expect("status").data;
+    assert_eq!(data.value, "sum(bytes)", "pod-traffic sums bytes");
+    // Exactly N datagrams each way per target pod: IPv4 and UDP headers plus 100 bytes.
+    let bytes = N_DATAGRAMS * (20 + 8 + 100);
+    let got: BTreeSet<(String, String, String, String, String, u64)> = data
+        .rows
+        .iter()
+        .map(|r| {
+            let k = |c: &str| r.keys.get(c).cloned().unwrap_or_default();
+            (
+                k("namespace"),
+                k("pod"),
+                k("direction"),
+                k("protocol"),
+                k("dport"),
+                r.value,
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String, String, String, u64)> = target_names
+        .iter()
+        .flat_map(|p| {
+            ["egress", "ingress"].map(|d| {
+                (
+                    ns.as_str().to_string(),
+                    p.clone(),
+                    d.to_string(),
+                    "udp".to_string(),
+                    UDP_PORT.to_string(),
+                    bytes,
+                )
+            })
+        })
+        .collect();
+    assert_eq!(got, want, "rows (no decoy pod, no host): {:#?}", data.rows);
+
+    runner.stop();
+    drop(operator);
+    let left = fathom_programs();
+    assert!(
+        left.is_empty(),
+        "programs left after the runner stopped: {left:?}"
+    );
+    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn a_cluster_tracejob_merges_each_nodes_report_exactly_once() {
     let client = admin().await;

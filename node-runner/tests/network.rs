@@ -320,8 +320,8 @@ fn xdp_sums_bytes_of_the_frames() {
     .expect("attaches");
     v.udp_to_host(5302, n, size);
     let r = s.stop().expect("stops");
-    // Whole frames, Ethernet header included (the veth's own rx_bytes leaves it out when XDP
-    // runs natively, and counts it otherwise: not an oracle here).
+    // Whole frames, Ethernet header included (the veth's rx_bytes is no oracle for bytes: it
+    // leaves the header out on some paths and counts it on others).
     assert_eq!(
         row(&r, &[("dport", "5302")]),
         n as u64 * (L2_UDP + size as u64)

@@ -1142,12 +1142,7 @@ async fn sync_result<K: JobObject>(
         .map(|o| o.data.clone())
         .unwrap_or_else(|| ResultData {
             probe: decision.status.probe.clone().unwrap_or_default(),
-            value: job
-                .trace()
-                .aggregate
-                .as_ref()
-                .and_then(|a| a.value.clone())
-                .unwrap_or_else(|| "count".into()),
+            value: job.trace().value_label(),
             keys: job
                 .trace()
                 .aggregate
@@ -1203,9 +1198,7 @@ fn job_info(
         result_name: result_name(&id.job_ref),
         run,
         probe: decision.status.probe.clone().unwrap_or_default(),
-        value: aggregate
-            .and_then(|a| a.value.clone())
-            .unwrap_or_else(|| "count".into()),
+        value: spec.value_label(),
         keys: aggregate.map(|a| a.by.clone()).unwrap_or_default(),
         top: aggregate
             .and_then(|a| a.top)

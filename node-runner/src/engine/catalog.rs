@@ -3,7 +3,7 @@
 
 use fathom_crds::{
     CheckedSpec,
-    spec::{KeySpec, ValueSpec},
+    spec::{KeySpec, ValueSpec, catalog_default_value},
     verdict::{ProbeVerdict, Reason},
 };
 
@@ -181,14 +181,14 @@ pub fn template(name: &str, spec: &CheckedSpec) -> Result<Template, ProbeVerdict
             let mut t = base(name, tp("sched", "sched_switch"));
             t.stash = vec![tp("sched", "sched_wakeup"), tp("sched", "sched_wakeup_new")];
             t.stash_key = Some((Named::Field("pid".into()), Named::Field("next_pid".into())));
-            t.default_value = ValueSpec::Latency;
+            t.default_value = catalog_default_value(name).unwrap_or(ValueSpec::Latency);
             t
         }
         "biolatency" => {
             let mut t = base(name, tp("block", "block_rq_complete"));
             t.stash = vec![tp("block", "block_rq_issue")];
             t.stash_key = Some((Named::Field("sector".into()), Named::Field("sector".into())));
-            t.default_value = ValueSpec::Latency;
+            t.default_value = catalog_default_value(name).unwrap_or(ValueSpec::Latency);
             t
         }
         "oom-kill" => {

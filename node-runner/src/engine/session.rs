@@ -1054,9 +1054,12 @@ impl Session {
                     if p.fd().is_err() {
                         p.load().map_err(perr)?;
                     }
-                    // A link, never the netlink path that replaces another program: an
-                    // interface that has one already refuses with EBUSY.
-                    let id = p.attach(interface, XdpMode::Default).map_err(|e| {
+                    // Generic (skb) mode: a native XDP program makes many drivers reconfigure
+                    // their rings, a blip of lost packets an observer must not cause (and on
+                    // veth it moves packets to a ring that can overflow). A link, never the
+                    // netlink path that replaces another program: an interface that has one
+                    // in this mode already refuses with EBUSY.
+                    let id = p.attach(interface, XdpMode::Skb).map_err(|e| {
                         if program_errno(&e) == Some(libc::EBUSY) {
                             kernel_error(
                                 &probe,

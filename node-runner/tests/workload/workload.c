@@ -7,6 +7,7 @@
  *   open PATH    N openat+close of PATH
  *   exec         N fork+exec of /bin/true
  *   connect      N TCP connects to a loopback listener it opens itself
+ *   udp PORT     N 100-byte UDP datagrams to itself on 127.0.0.1:PORT, each received
  *   call         N calls of fathom_target() (a uprobe target)
  *   usdt         N hits of USDT probe fathom:tick
  *   getppid      N getppid() syscalls
@@ -126,6 +127,21 @@ int main(int argc, char **argv) {
       close(c);
     }
     printf("port %d\n", ntohs(a.sin_port));
+  } else if (!strcmp(mode, "udp")) {
+    /* N datagrams of 100 bytes to itself over loopback, to port ARG (a number), each one
+       received before the next is sent. */
+    int port = argc > 4 ? atoi(argv[4]) : 0;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int r = socket(AF_INET, SOCK_DGRAM, 0), t = socket(AF_INET, SOCK_DGRAM, 0);
+    if (r < 0 || t < 0 || bind(r, (struct sockaddr *)&a, sizeof a)) return die("udp bind");
+    char buf[100];
+    memset(buf, 7, sizeof buf);
+    for (long i = 0; i < n; i++) {
+      if (sendto(t, buf, sizeof buf, 0, (struct sockaddr *)&a, sizeof a) != sizeof buf)
+        return die("sendto");
+      if (recv(r, buf, sizeof buf, 0) != sizeof buf) return die("recv");
+    }
   } else if (!strcmp(mode, "call")) {
     for (long i = 0; i < n; i++) fathom_target((unsigned long)i);
   } else if (!strcmp(mode, "usdt")) {

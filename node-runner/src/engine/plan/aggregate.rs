@@ -73,12 +73,7 @@ impl Draft<'_> {
         } else {
             spec.value.clone()
         };
-        let label = match &value_spec {
-            ValueSpec::Count => "count".to_string(),
-            ValueSpec::Sum(k) => format!("sum({})", k.name()),
-            ValueSpec::Hist(k) => format!("hist({})", k.name()),
-            ValueSpec::Latency => "latency (ns)".to_string(),
-        };
+        let label = value_spec.label();
         let kind = match &value_spec {
             ValueSpec::Count => ValueKind::Count,
             ValueSpec::Sum(k) | ValueSpec::Hist(k) => match self.main.shown_source(k) {

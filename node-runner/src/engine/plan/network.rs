@@ -9,7 +9,9 @@ use aya::util::KernelVersion;
 use fathom_common::{NetConfig, ProbeConfig, StashConfig, net};
 use fathom_crds::{
     CheckedSpec, Probe,
-    spec::{KeySpec, NetHook, NetProbe, SockEvent, ValueSpec, network_catalog},
+    spec::{
+        KeySpec, NetHook, NetProbe, SockEvent, ValueSpec, catalog_default_value, network_catalog,
+    },
     verdict::{ProbeVerdict, Reason, Verdict},
 };
 
@@ -37,7 +39,7 @@ pub(super) fn plan_network(
     n: &NetProbe,
     scope: Scope,
 ) -> Result<JobPlan, EngineError> {
-    let (label, default_by, default_value) = match &spec.probe {
+    let (label, default_by) = match &spec.probe {
         Probe::Catalog(c) if c == "pod-traffic" => (
             c.clone(),
             vec![
@@ -46,7 +48,6 @@ pub(super) fn plan_network(
                 KeySpec::Field("direction".into()),
                 KeySpec::Field("protocol".into()),
             ],
-            ValueSpec::Sum(KeySpec::Field("bytes".into())),
         ),
         Probe::Catalog(c) if c == "tcp-rtt" => (
             c.clone(),
@@ -54,9 +55,12 @@ pub(super) fn plan_network(
                 KeySpec::Field("daddr".into()),
                 KeySpec::Field("dport".into()),
             ],
-            ValueSpec::Hist(KeySpec::Field("rtt".into())),
         ),
-        _ => (n.display_name(), Vec::new(), ValueSpec::Count),
+        _ => (n.display_name(), Vec::new()),
+    };
+    let default_value = match &spec.probe {
+        Probe::Catalog(c) => catalog_default_value(c).unwrap_or(ValueSpec::Count),
+        _ => ValueSpec::Count,
     };
     let points = attach_points(n);
     let verdicts: Vec<ProbeVerdict> = points
@@ -138,16 +142,16 @@ pub(super) fn plan_network(
             render,
         });
     }
-    let (kind, value_label) = match value {
-        ValueSpec::Count => (ValueKind::Count, "count".to_string()),
-        ValueSpec::Sum(KeySpec::Field(f)) => (ValueKind::Sum, format!("sum({f})")),
+    let kind = match value {
+        ValueSpec::Count => ValueKind::Count,
+        ValueSpec::Sum(KeySpec::Field(_)) => ValueKind::Sum,
         ValueSpec::Hist(KeySpec::Field(f)) => {
             cfg.value_kind = if f == "rtt" {
                 net::value::RTT_HIST
             } else {
                 net::value::BYTES_HIST
             };
-            (ValueKind::Hist, format!("hist({f})"))
+            ValueKind::Hist
         }
         _ => {
             return Err(invalid(
@@ -156,6 +160,7 @@ pub(super) fn plan_network(
             ));
         }
     };
+    let value_label = value.label();
     cfg.sock_event = match (n.hook, n.event) {
         (NetHook::SockOps, SockEvent::Rtt) => net::sock::RTT,
         (NetHook::SockOps, SockEvent::Retransmit) => net::sock::RETRANSMIT,
