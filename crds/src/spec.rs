@@ -145,7 +145,8 @@ pub struct NetworkSpec {
     /// `cgroupSkb` (packets of the sockets in the job's cgroups: the natural hook for pods),
     /// `sockOps` (TCP connections: RTT samples or retransmits).
     pub hook: String,
-    /// The interface of `xdp` and `tc`, e.g. `eth0`.
+    /// The interface of `xdp` and `tc`, e.g. `eth0`. Leave it out in a job with target pods
+    /// to trace the host side of each pod's veth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
     /// `ingress`, `egress` or `both` (the default) for `tc` and `cgroupSkb`; `xdp` sees
@@ -381,9 +382,10 @@ impl NetProbe {
         "dport",
     ];
 
-    /// The hook knows the socket's cgroup (and so the pod).
+    /// The hook knows a packet's pod: by its socket's cgroup (cgroupSkb, tc egress), or by
+    /// the pod veth it attaches to (xdp and tc on target pods).
     pub fn knows_cgroup(&self) -> bool {
-        matches!(self.hook, NetHook::CgroupSkb | NetHook::Tc)
+        self.hook != NetHook::SockOps
     }
 }
 

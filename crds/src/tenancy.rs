@@ -100,13 +100,13 @@ pub fn raw_tracepoint_message() -> String {
 /// The network hooks that see every packet of an interface, whoever it belongs to.
 pub const INTERFACE_HOOKS: &[&str] = &["xdp", "tc"];
 
-/// The [`RULE_PROBE_KIND`] message for an interface hook (no policy grants one: an
-/// interface's packets are the node's, not a namespace's).
+/// The [`RULE_PROBE_KIND`] message for an interface hook on a named interface (no policy
+/// grants one: an interface's packets are the node's, not a namespace's).
 pub fn interface_hook_message() -> String {
     refusal(
         RULE_PROBE_KIND,
-        "a TraceJob may not use the network hooks xdp and tc (they see every packet of an interface, whoever sends it)",
-        "use network hook cgroupSkb, which sees only the packets of the job's pods, or a ClusterTraceJob",
+        "a TraceJob may not name an interface for the network hooks xdp and tc (they see every packet of it, whoever sends it)",
+        "leave interface out to trace the job's pods' own interfaces, or use network hook cgroupSkb or a ClusterTraceJob",
     )
 }
 
@@ -212,7 +212,9 @@ impl TraceJobSpec {
             {
                 Some(("spec.probe.rawTracepoint".into(), raw_tracepoint_message()))
             }
-            Ok(Probe::Network(n)) if INTERFACE_HOOKS.contains(&n.hook.name()) => {
+            Ok(Probe::Network(n))
+                if INTERFACE_HOOKS.contains(&n.hook.name()) && n.interface.is_some() =>
+            {
                 Some(("spec.probe.network.hook".into(), interface_hook_message()))
             }
             Ok(Probe::Catalog(c))

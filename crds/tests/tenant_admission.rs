@@ -151,6 +151,7 @@ fn specs() -> Vec<Value> {
         json!({"network": {"hook": "xdp", "interface": "eth0"}}),
         json!({"network": {"hook": " tc", "interface": "eth0"}}),
         json!({"network": {"hook": "cgroupSkb"}}),
+        json!({"network": {"hook": "tc"}}),
         json!({"network": {"hook": "sockOps", "event": "rtt"}}),
         json!({"catalog": "pod-traffic"}),
     ]

@@ -502,6 +502,121 @@ async fn pod_traffic_counts_exactly_the_packets_of_its_pods_sockets_and_nothing_
 }
 
 #[tokio::test]
+async fn tc_on_target_pods_counts_what_each_pod_sends_through_its_veth() {
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::create(&client, "veth").await;
+    let node = env().real_node.clone();
+    let dir = trigger_dir("veth");
+    // The node's address on the pod network (scripts/cluster.sh: the bridge's), where this
+    // test listens: each pod sends N datagrams there, through its own veth.
+    let node_ip = "10.244.0.1";
+    let port = UDP_PORT + 1;
+    let sink = std::net::UdpSocket::bind((node_ip, port)).expect("listen on the node address");
+    let script = format!(
+        "while [ ! -e /trigger/go ]; do sleep 1; done; \
+         /workload {COMM} udp {N_DATAGRAMS} {node_ip}:{port} && touch /trigger/done-$HOSTNAME; exec sleep 3600"
+    );
+    for (app, replicas) in [("target", 2), ("decoy", 1)] {
+        ScriptDeployment {
+            replicas,
+            trigger: Some(&dir),
+            ..ScriptDeployment::new(ns.as_str(), app, &node, &script)
+        }
+        .apply(&client)
+        .await;
+    }
+    let targets = running_pods(&client, ns.as_str(), "target", 2).await;
+    let decoys = running_pods(&client, ns.as_str(), "decoy", 1).await;
+    let target_names: BTreeSet<String> = targets.iter().map(ResourceExt::name_any).collect();
+
+    let (operator, cport) = operator_with_collector(&client, "veth").await;
+    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    // A TraceJob may use tc without naming an interface: it runs on its pods' veths only.
+    create(
+        &client,
+        ns.as_str(),
+        "veth",
+        json!({
+            "probe": {"network": {"hook": "tc"}},
+            "aggregate": {"by": ["pod", "direction", "protocol", "daddr", "dport"]},
+            "podSelector": {"matchLabels": {"app": "target"}},
+            "duration": "40s",
+        }),
+    )
+    .await;
+    wait_attached(Some(ns.as_str()), "veth", "TraceJob", 1).await;
+
+    let all: Vec<String> = targets
+        .iter()
+        .chain(&decoys)
+        .map(ResourceExt::name_any)
+        .collect();
+    // Read as they come (a socket buffer holds only some hundreds).
+    sink.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut got = 0;
+        while got < 3 * N_DATAGRAMS && sink.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    trigger(&dir, &all).await;
+    // Every datagram arrived: 3 pods × N.
+    assert_eq!(reader.join().expect("reader"), 3 * N_DATAGRAMS);
+
+    wait_phase(
+        &job_api(&client, ns.as_str()),
+        "veth",
+        JobPhase::Succeeded,
+        90,
+    )
+    .await;
+    let r = final_result(&client, ns.as_str(), "veth", 1).await;
+    let data = &r.status.as_ref().expect("status").data;
+    // Exactly N UDP datagrams out of each target pod (egress is the pod's side), none of
+    // the decoy pod's.
+    let udp: BTreeMap<String, u64> = data
+        .rows
+        .iter()
+        .filter(|r| {
+            let k = |c: &str| r.keys.get(c).map(String::as_str).unwrap_or("");
+            k("protocol") == "udp" && k("dport") == port.to_string() && k("daddr") == node_ip
+        })
+        .map(|r| {
+            let k = |c: &str| r.keys.get(c).cloned().unwrap_or_default();
+            (format!("{}/{}", k("pod"), k("direction")), r.value)
+        })
+        .collect();
+    let want: BTreeMap<String, u64> = target_names
+        .iter()
+        .map(|p| (format!("{p}/egress"), N_DATAGRAMS))
+        .collect();
+    assert_eq!(udp, want, "UDP rows: {:#?}", data.rows);
+    let pods: BTreeSet<&str> = data
+        .rows
+        .iter()
+        .filter_map(|r| r.keys.get("pod").map(String::as_str))
+        .collect();
+    assert!(
+        pods.iter().all(|p| target_names.contains(*p)),
+        "only target pods' veths: {pods:?}"
+    );
+
+    runner.stop();
+    drop(operator);
+    let left = fathom_programs();
+    assert!(
+        left.is_empty(),
+        "programs left after the runner stopped: {left:?}"
+    );
+    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_cluster_tracejob_merges_each_nodes_report_exactly_once() {
     let client = admin().await;
     install_crds(&client).await;

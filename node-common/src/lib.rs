@@ -441,6 +441,9 @@ pub struct NetConfig {
     pub sock_event: u32,
     /// [`filter::CGROUP`]: only sockets of the job's cgroups (cgroup_skb, sock_ops).
     pub filter_flags: u32,
+    /// Non-zero when xdp/tc run on the host side of target pods' veths: directions are then
+    /// named from the pod's side (what the host side receives, the pod sent: egress).
+    pub pod_view: u32,
 }
 
 impl NetConfig {
@@ -450,6 +453,7 @@ impl NetConfig {
         value_kind: net::value::COUNT,
         sock_event: 0,
         filter_flags: 0,
+        pod_view: 0,
     };
 }
 
@@ -488,6 +492,7 @@ pub mod names {
     pub const CGROUPS: &str = "CGROUPS";
     pub const NET_CONFIG: &str = "NET_CONFIG";
     pub const NET_AGG: &str = "NET_AGG";
+    pub const IF_CGROUPS: &str = "IF_CGROUPS";
 }
 
 /// Log2 bucket of `v`: 0 for 0, else 1 + floor(log2(v)) (so bucket b covers [2^(b-1), 2^b)).

@@ -15,7 +15,7 @@ use aya_ebpf::{
     },
     helpers::generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{cgroup_skb, classifier, map, sock_ops, xdp},
-    maps::PerCpuHashMap,
+    maps::{HashMap, PerCpuHashMap},
     programs::{SkBuffContext, SockOpsContext, TcContext, XdpContext},
 };
 use fathom_common::{AggValue, NetConfig, NetKey, counter, filter, log2_bucket, net};
@@ -27,6 +27,10 @@ static NET_CONFIG: Global<NetConfig> = Global::new(NetConfig::EMPTY);
 
 #[map]
 static NET_AGG: PerCpuHashMap<NetKey, AggValue> = PerCpuHashMap::with_max_entries(16384, 0);
+/// xdp/tc on target pods: a pod's cgroup by the index of its veth's host side (the pod of
+/// a packet there, which has no socket yet on ingress).
+#[map]
+static IF_CGROUPS: HashMap<u32, u64> = HashMap::with_max_entries(1, 0);
 
 macro_rules! net_cfg {
     ($($field:tt)+) => { cfg!(NET_CONFIG, NetConfig, $($field)+) };
@@ -192,6 +196,12 @@ fn count(mut k: NetKey, cgroup: u64, bytes: u64, hist_of: u64) {
     }
     if mask & net::key::DIRECTION == 0 {
         k.direction = 0;
+    } else if net_cfg!(pod_view) != 0 {
+        k.direction = match k.direction {
+            net::INGRESS => net::EGRESS,
+            net::EGRESS => net::INGRESS,
+            d => d,
+        };
     }
     if mask & net::key::IFINDEX == 0 {
         k.ifindex = 0;
@@ -228,6 +238,12 @@ fn count(mut k: NetKey, cgroup: u64, bytes: u64, hist_of: u64) {
     }
 }
 
+/// The pod cgroup of a target pod's veth, when the job traces pods' interfaces.
+fn pod_of(ifindex: u32) -> Option<u64> {
+    // SAFETY: plain map lookup; the value is copied.
+    unsafe { IF_CGROUPS.get(&ifindex) }.copied()
+}
+
 fn on_l2_packet<P: Packet>(p: &P, ifindex: u32, direction: u8, cgroup: u64) {
     let mask = net_cfg!(key_mask);
     let mut k = NetKey {
@@ -243,15 +259,14 @@ fn on_l2_packet<P: Packet>(p: &P, ifindex: u32, direction: u8, cgroup: u64) {
 
 fn on_tc(ctx: &TcContext, direction: u8) -> i32 {
     let skb = Skb(ctx.skb.skb);
-    let cgroup = if net_cfg!(key_mask) & net::key::CGROUP != 0
-        || net_cfg!(filter_flags) & filter::CGROUP != 0
-    {
+    let ifindex = skb.ifindex();
+    let cgroup = if net_cfg!(key_mask) & net::key::CGROUP != 0 {
         // SAFETY: the program's context; 0 when the packet has no socket yet.
-        unsafe { bpf_skb_cgroup_id(skb.0) }
+        pod_of(ifindex).unwrap_or_else(|| unsafe { bpf_skb_cgroup_id(skb.0) })
     } else {
         0
     };
-    on_l2_packet(&skb, skb.ifindex(), direction, cgroup);
+    on_l2_packet(&skb, ifindex, direction, cgroup);
     TC_ACT_UNSPEC
 }
 
@@ -277,7 +292,12 @@ pub fn fathom_xdp(ctx: XdpContext) -> u32 {
     let p = Xdp(ctx.ctx);
     // SAFETY: the program's context.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    on_l2_packet(&p, ifindex, net::INGRESS, 0);
+    let cgroup = if net_cfg!(key_mask) & net::key::CGROUP != 0 {
+        pod_of(ifindex).unwrap_or(0)
+    } else {
+        0
+    };
+    on_l2_packet(&p, ifindex, net::INGRESS, cgroup);
     XDP_PASS
 }
 

@@ -930,6 +930,7 @@ impl Session {
             .override_global(names::STASH_CONFIG, &plan.stash, true)
             .override_global(names::NET_CONFIG, &net_config, true)
             .map_max_entries(names::NET_AGG, net_entries)
+            .map_max_entries(names::IF_CGROUPS, (plan.pod_interfaces.len() as u32).max(1))
             .map_max_entries(names::AGG, full)
             .map_max_entries(names::AGG_SMALL, small)
             .map_max_entries(names::AGG_TINY, tiny)
@@ -951,6 +952,18 @@ impl Session {
             .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
         fill_set(&mut ebpf, names::CGROUPS, &cgroups)
             .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e))?;
+        if !plan.pod_interfaces.is_empty() {
+            let map = ebpf.map_mut(names::IF_CGROUPS).ok_or_else(|| {
+                kernel_error(&label, Reason::AttachKindUnsupported, "no IF_CGROUPS map")
+            })?;
+            let mut m: BpfHashMap<_, u32, u64> = BpfHashMap::try_from(map)
+                .map_err(|e| kernel_error(&label, Reason::AttachKindUnsupported, e.to_string()))?;
+            for (ifindex, cgroup) in &plan.pod_interfaces {
+                m.insert(ifindex, cgroup, 0).map_err(|e| {
+                    kernel_error(&label, Reason::AttachKindUnsupported, e.to_string())
+                })?;
+            }
+        }
         if let Some((_, dir)) = pin {
             for (name, map) in ebpf.maps() {
                 let path = dir.join(pin_name(name));

@@ -8,6 +8,7 @@
  *   exec         N fork+exec of /bin/true
  *   connect      N TCP connects to a loopback listener it opens itself
  *   udp PORT     N 100-byte UDP datagrams to itself on 127.0.0.1:PORT, each received
+ *   udp IP:PORT  N 100-byte UDP datagrams to IP:PORT, 1 ms apart
  *   call         N calls of fathom_target() (a uprobe target)
  *   usdt         N hits of USDT probe fathom:tick
  *   getppid      N getppid() syscalls
@@ -128,19 +129,31 @@ int main(int argc, char **argv) {
     }
     printf("port %d\n", ntohs(a.sin_port));
   } else if (!strcmp(mode, "udp")) {
-    /* N datagrams of 100 bytes to itself over loopback, to port ARG (a number), each one
-       received before the next is sent. */
-    int port = argc > 4 ? atoi(argv[4]) : 0;
+    /* N datagrams of 100 bytes: ARG "PORT" sends them to itself over loopback, each one
+       received before the next is sent; ARG "IPV4:PORT" sends them there, 1 ms apart. */
+    const char *colon = argc > 4 ? strchr(argv[4], ':') : NULL;
+    int port = atoi(colon ? colon + 1 : (argc > 4 ? argv[4] : "0"));
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (colon) {
+      char host[64];
+      snprintf(host, sizeof host, "%.*s", (int)(colon - argv[4]), argv[4]);
+      if (inet_pton(AF_INET, host, &a.sin_addr) != 1) return die("udp address");
+    }
     int r = socket(AF_INET, SOCK_DGRAM, 0), t = socket(AF_INET, SOCK_DGRAM, 0);
-    if (r < 0 || t < 0 || bind(r, (struct sockaddr *)&a, sizeof a)) return die("udp bind");
+    if (r < 0 || t < 0 || (!colon && bind(r, (struct sockaddr *)&a, sizeof a)))
+      return die("udp bind");
     char buf[100];
     memset(buf, 7, sizeof buf);
     for (long i = 0; i < n; i++) {
       if (sendto(t, buf, sizeof buf, 0, (struct sockaddr *)&a, sizeof a) != sizeof buf)
         return die("sendto");
-      if (recv(r, buf, sizeof buf, 0) != sizeof buf) return die("recv");
+      if (colon) {
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+      } else if (recv(r, buf, sizeof buf, 0) != sizeof buf) {
+        return die("recv");
+      }
     }
   } else if (!strcmp(mode, "call")) {
     for (long i = 0; i < n; i++) fathom_target((unsigned long)i);

@@ -312,6 +312,9 @@ pub struct JobPlan {
     /// A network probe's configuration (its programs read `NET_CONFIG` and fill `NET_AGG`,
     /// and `config` is unused); `None` for tracing probes.
     pub net: Option<NetConfig>,
+    /// xdp/tc on target pods: each pod veth's host-side index and a cgroup of its pod (the
+    /// kernel names packets by it).
+    pub pod_interfaces: Vec<(u32, u64)>,
 }
 
 impl JobPlan {
@@ -321,8 +324,18 @@ impl JobPlan {
     pub fn apply_scope(&mut self) {
         self.config.filter_flags = scope_filter_flags(self.config.filter_flags, &self.scope);
         self.stash.filter_flags = scope_filter_flags(self.stash.filter_flags, &self.scope);
+        // An interface hook's scope is where it attaches (the pods' own veths): its packets
+        // have no socket to filter by yet.
+        let interface_hook = self
+            .attachments
+            .iter()
+            .any(|a| matches!(a.point, AttachPoint::Xdp { .. } | AttachPoint::Tc { .. }));
         if let Some(net) = self.net.as_mut() {
-            net.filter_flags = scope_filter_flags(net.filter_flags, &self.scope);
+            net.filter_flags = if interface_hook {
+                net.filter_flags & !fathom_common::filter::CGROUP
+            } else {
+                scope_filter_flags(net.filter_flags, &self.scope)
+            };
         }
     }
 
@@ -381,6 +394,7 @@ pub fn plan(spec: &CheckedSpec, kernel: &Kernel, scope: Scope) -> Result<JobPlan
         cpu_percent: spec.cpu_percent,
         verdict: Verdict::from_probes(verdicts),
         net: None,
+        pod_interfaces: Vec::new(),
     };
     plan.apply_scope();
     Ok(plan)

@@ -10,7 +10,8 @@ use fathom_common::{NetConfig, ProbeConfig, StashConfig, net};
 use fathom_crds::{
     CheckedSpec, Probe,
     spec::{
-        KeySpec, NetHook, NetProbe, SockEvent, ValueSpec, catalog_default_value, network_catalog,
+        KeySpec, NetDirection, NetHook, NetProbe, SockEvent, ValueSpec, catalog_default_value,
+        network_catalog,
     },
     verdict::{ProbeVerdict, Reason, Verdict},
 };
@@ -62,10 +63,55 @@ pub(super) fn plan_network(
         Probe::Catalog(c) => catalog_default_value(c).unwrap_or(ValueSpec::Count),
         _ => ValueSpec::Count,
     };
-    let points = attach_points(n);
+    // xdp and tc with target pods and no interface: the host side of each pod's veth.
+    let pod_mode = matches!(n.hook, NetHook::Xdp | NetHook::Tc)
+        && n.interface.is_none()
+        && matches!(scope, Scope::Cgroups(_));
+    let veths = if pod_mode {
+        let veths = pod_veths(&scope.cgroup_ids()).map_err(|e| {
+            not_feasible(vec![ProbeVerdict {
+                probe: n.display_name(),
+                feasible: false,
+                reason: Some(Reason::SymbolNotFound),
+                message: e,
+            }])
+        })?;
+        if veths.is_empty() {
+            return Err(not_feasible(vec![ProbeVerdict {
+                probe: n.display_name(),
+                feasible: false,
+                reason: Some(Reason::SymbolNotFound),
+                message: "no target pod on this node has an interface of its own (pods of the node's network, hostNetwork, have none); trace them with network hook cgroupSkb".into(),
+            }]));
+        }
+        veths
+    } else {
+        Vec::new()
+    };
+    let points = if pod_mode {
+        // Directions are the pod's: its ingress is the host side's egress.
+        let direction = match n.direction {
+            NetDirection::Ingress => NetDirection::Egress,
+            NetDirection::Egress => NetDirection::Ingress,
+            NetDirection::Both => NetDirection::Both,
+        };
+        veths
+            .iter()
+            .flat_map(|v| {
+                attach_points(&NetProbe {
+                    interface: Some(v.name.clone()),
+                    direction,
+                    ..n.clone()
+                })
+            })
+            .collect()
+    } else {
+        attach_points(n)
+    };
+    let caps = kernel::effective_caps();
     let verdicts: Vec<ProbeVerdict> = points
         .iter()
-        .map(|p| check(p, n, &scope, kernel::effective_caps()))
+        .map(|p| check(p, n, &scope, pod_mode, caps))
         .collect();
     if verdicts.iter().any(|v| !v.feasible) {
         return Err(not_feasible(verdicts));
@@ -161,6 +207,7 @@ pub(super) fn plan_network(
         }
     };
     let value_label = value.label();
+    cfg.pod_view = u32::from(pod_mode);
     cfg.sock_event = match (n.hook, n.event) {
         (NetHook::SockOps, SockEvent::Rtt) => net::sock::RTT,
         (NetHook::SockOps, SockEvent::Retransmit) => net::sock::RETRANSMIT,
@@ -191,6 +238,7 @@ pub(super) fn plan_network(
         cpu_percent: spec.cpu_percent,
         verdict: Verdict::from_probes(verdicts),
         net: Some(cfg),
+        pod_interfaces: veths.iter().map(|v| (v.ifindex, v.cgroup)).collect(),
     };
     plan.apply_scope();
     Ok(plan)
@@ -270,7 +318,13 @@ pub fn cgroup_root() -> Option<PathBuf> {
     cgroup2_mount()
 }
 
-fn check(point: &AttachPoint, n: &NetProbe, scope: &Scope, caps: u64) -> ProbeVerdict {
+fn check(
+    point: &AttachPoint,
+    n: &NetProbe,
+    scope: &Scope,
+    pod_mode: bool,
+    caps: u64,
+) -> ProbeVerdict {
     let label = point.label();
     let no = |reason: Reason, message: String| ProbeVerdict {
         probe: label.clone(),
@@ -294,11 +348,11 @@ fn check(point: &AttachPoint, n: &NetProbe, scope: &Scope, caps: u64) -> ProbeVe
     }
     match point {
         AttachPoint::Xdp { interface } | AttachPoint::Tc { interface, .. } => {
-            if matches!(scope, Scope::Cgroups(_)) {
+            if matches!(scope, Scope::Cgroups(_)) && !pod_mode {
                 return no(
                     Reason::InvalidForProbe,
                     format!(
-                        "{} hooks see every packet of an interface, not one pod's; trace the job's pods with network hook cgroupSkb",
+                        "{} on a named interface sees every packet of it, not only the job's pods'; leave interface out to trace the pods' own interfaces",
                         n.hook.name()
                     ),
                 );
@@ -307,8 +361,16 @@ fn check(point: &AttachPoint, n: &NetProbe, scope: &Scope, caps: u64) -> ProbeVe
                 return no(
                     Reason::InvalidForProbe,
                     format!(
-                        "{} needs spec.probe.network.interface; `ip link` lists this node's interfaces",
+                        "{} needs spec.probe.network.interface (or target pods); `ip link` lists this node's interfaces",
                         n.hook.name()
+                    ),
+                );
+            }
+            if !in_host_network() {
+                return no(
+                    Reason::InvalidForProbe,
+                    format!(
+                        "this runner is not in the node's network namespace, so interface {interface} would be its own; install it with runner.hostNetwork=true"
                     ),
                 );
             }
@@ -343,4 +405,87 @@ fn check(point: &AttachPoint, n: &NetProbe, scope: &Scope, caps: u64) -> ProbeVe
         reason: None,
         message: String::new(),
     }
+}
+
+/// Whether this process is in the node's network namespace (that of pid 1, which the runner
+/// sees with hostPID).
+fn in_host_network() -> bool {
+    let ns = |p: &str| fs::read_link(p).ok();
+    match (ns("/proc/self/ns/net"), ns("/proc/1/ns/net")) {
+        (Some(me), Some(init)) => me == init,
+        // Without /proc/1 (no hostPID) nothing says otherwise.
+        _ => true,
+    }
+}
+
+/// The host side of a target pod's veth.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodVeth {
+    pub name: String,
+    pub ifindex: u32,
+    /// A cgroup of the pod, which names it in results.
+    pub cgroup: u64,
+}
+
+/// The host-side veth of each pod with a cgroup in `ids`. A pod's interfaces are read from
+/// the sysfs its containers see (`/proc/<pid>/root/sys/class/net`, mounted in the pod's
+/// network namespace): a veth's `iflink` is its peer's index here, which must point back.
+/// Pods in the node's own network namespace have none.
+pub fn pod_veths(ids: &[u64]) -> Result<Vec<PodVeth>, String> {
+    let root = cgroup2_mount().ok_or("the cgroup v2 hierarchy is not mounted")?;
+    let mut cgroups = crate::engine::render::Cgroups::default();
+    let own_ns = fs::read_link("/proc/self/ns/net").ok();
+    let mut seen_ns = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for &id in ids {
+        let dir = root.join(cgroups.path(id).trim_start_matches('/'));
+        let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) else {
+            continue;
+        };
+        let Some(pid) = procs.lines().find_map(|l| l.trim().parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if Some(&ns) == own_ns.as_ref() || !seen_ns.insert(ns) {
+            continue;
+        }
+        let net = PathBuf::from(format!("/proc/{pid}/root/sys/class/net"));
+        let entries = fs::read_dir(&net).map_err(|e| {
+            format!(
+                "reading the interfaces of pid {pid} ({}): {e}",
+                net.display()
+            )
+        })?;
+        for e in entries.flatten() {
+            let read = |f: &str| -> Option<u32> {
+                fs::read_to_string(e.path().join(f))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            let (Some(index), Some(peer)) = (read("ifindex"), read("iflink")) else {
+                continue;
+            };
+            if index == peer {
+                continue; // not a pair (lo, a physical device)
+            }
+            let Some(name) = interface_name(peer) else {
+                continue;
+            };
+            let back = fs::read_to_string(format!("/sys/class/net/{name}/iflink"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            if back == Some(index) {
+                out.push(PodVeth {
+                    name,
+                    ifindex: peer,
+                    cgroup: id,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
