@@ -7,6 +7,9 @@
 //! uses the raw tracepoint), and under `bpftrace -e 'tracepoint:raw_syscalls:sys_enter { @[comm] = count(); }'`;
 //! R = (fathom − bare) / (bpftrace − bare), the share of bpftrace's added cost that Fathom adds.
 //! B3/ring buffer: events/s delivered and lost when every getppid is an event.
+//! libbpf-tools: the same loops under Debian's `syscount` and `opensnoop` and under the
+//! Fathom entries that answer their question, as ns per event and R against the tool
+//! (docs/libbpf-tools.md).
 
 use std::{
     io::{BufRead, BufReader},
@@ -201,9 +204,133 @@ fn ring_buffer(kernel: &Kernel) {
     );
 }
 
+/// A libbpf-tools tool, started and attached (its links are open and no more are coming;
+/// its banner is block-buffered into the pipe, so it cannot tell).
+struct Tool(std::process::Child);
+
+impl Tool {
+    fn start(name: &str, args: &[&str]) -> Tool {
+        let child = Command::new(format!("/usr/sbin/{name}"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("libbpf-tools (scripts/setup.sh installs them)");
+        let links = |pid: u32| {
+            std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            std::fs::read_to_string(e.path())
+                                .is_ok_and(|t| t.contains("link_type:"))
+                        })
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let (mut last, mut since) = (0, Instant::now());
+        loop {
+            let n = links(child.id());
+            if n != last {
+                (last, since) = (n, Instant::now());
+            }
+            if n > 0 && since.elapsed() > Duration::from_millis(500) {
+                return Tool(child);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        #[allow(unsafe_code, reason = "kill(2)")]
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGINT);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Ns per event under the tool and under Fathom (fastest of ROUNDS each), and R.
+fn versus(
+    kernel: &Kernel,
+    title: &str,
+    mode: &'static str,
+    n: u64,
+    tool: (&str, &[&str]),
+    yaml: &str,
+) {
+    let run = move |comm: &'static str| {
+        let t = Instant::now();
+        let out = Command::new(env!("FATHOM_WORKLOAD"))
+            .args([comm, mode, &n.to_string(), "/etc/hostname"])
+            .output()
+            .expect("workload runs");
+        assert!(out.status.success());
+        t.elapsed()
+    };
+    let (mut bare, mut ours, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        bare.push(run("benchvs"));
+        let mut s = session(kernel, yaml, EngineOptions::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let t = std::thread::spawn(move || {
+            let e = run("benchvs");
+            d.store(true, Ordering::Relaxed);
+            e
+        });
+        while !done.load(Ordering::Relaxed) {
+            s.poll_events(Duration::from_millis(10));
+        }
+        ours.push(t.join().expect("workload"));
+        s.stop().expect("stops");
+        let tl = Tool::start(tool.0, tool.1);
+        theirs.push(run("benchvs"));
+        tl.stop();
+    }
+    let (bare, ours, theirs) = (fastest(bare), fastest(ours), fastest(theirs));
+    let per = |d: Duration| d.as_nanos() as f64 / n as f64;
+    println!("{title} ({n} events):");
+    println!("  bare                               {:7.1} ns/event", per(bare));
+    println!(
+        "  {:<34} {:7.1} ns/event (+{:.1})",
+        format!("{} {}", tool.0, tool.1.join(" ")),
+        per(theirs),
+        per(theirs) - per(bare)
+    );
+    println!(
+        "  {:<34} {:7.1} ns/event (+{:.1})",
+        "fathom",
+        per(ours),
+        per(ours) - per(bare)
+    );
+    println!("  R (fathom vs {})                 {:.2}", tool.0, ratio(ours, theirs, bare));
+}
+
+fn libbpf_tools(kernel: &Kernel) {
+    versus(
+        kernel,
+        "syscount vs the syscalls entry by syscall, node-wide",
+        "getppid",
+        CALLS,
+        ("syscount", &[]),
+        "probe: { catalog: syscalls }\naggregate: { by: [syscall] }",
+    );
+    versus(
+        kernel,
+        "opensnoop vs the open entry, every open an event (output to /dev/null)",
+        "open",
+        200_000,
+        ("opensnoop", &["-n", "benchvs"]),
+        "probe: { catalog: open }\nfilter: { comm: benchvs }\nevents: { last: 100 }",
+    );
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
     let kernel = Kernel::running();
     b1(&kernel);
     ring_buffer(&kernel);
+    libbpf_tools(&kernel);
 }

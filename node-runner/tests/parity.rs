@@ -1,0 +1,189 @@
+//! libbpf-tools parity: for a tool of Debian's `libbpf-tools`, the Fathom catalog entry that
+//! answers the same question runs beside it on the same workload, and both must see exactly
+//! the same (where the kernel guarantees an exact count). Needs root and scripts/setup.sh
+//! (which installs libbpf-tools). docs/libbpf-tools.md has the table.
+
+mod common;
+
+use std::{
+    io::Read,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// A libbpf-tools tool, attached and running.
+struct Tool {
+    child: Child,
+    name: String,
+}
+
+/// The bpf links among a process's open files (their fdinfo has `link_type:`).
+fn link_fds(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("link_type:"))
+        })
+        .count()
+}
+
+impl Tool {
+    /// Starts `/usr/sbin/NAME ARGS` and waits until it has attached: its links are open and
+    /// their number has stopped growing (its output is block-buffered into a pipe, so its
+    /// banner cannot tell).
+    fn start(name: &str, args: &[&str]) -> Tool {
+        let child = Command::new(format!("/usr/sbin/{name}"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} runs (scripts/setup.sh installs libbpf-tools): {e}"));
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut last, mut since) = (0, Instant::now());
+        loop {
+            let n = link_fds(pid);
+            if n != last {
+                (last, since) = (n, Instant::now());
+            }
+            if n > 0 && since.elapsed() > Duration::from_millis(500) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} did not attach in 120 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tool {
+            child,
+            name: name.into(),
+        }
+    }
+
+    /// Stops it (SIGINT, repeated each second until it exits, for a minute at most) and
+    /// returns what it printed.
+    fn stop(mut self) -> String {
+        let mut stdout = self.child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = stdout.read_to_string(&mut out);
+            out
+        });
+        let pid = self.child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut next = Instant::now();
+        while self.child.try_wait().expect("status").is_none() {
+            if Instant::now() >= next {
+                // SAFETY: a signal to our own child, not yet reaped.
+                #[allow(unsafe_code, reason = "kill(2) to stop the child")]
+                unsafe {
+                    libc::kill(pid, libc::SIGINT);
+                }
+                next = Instant::now() + Duration::from_secs(1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} ignored SIGINT for 60 s", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        reader.join().expect("output")
+    }
+}
+
+#[test]
+fn execsnoop_and_the_exec_entry_see_the_same_executions() {
+    let _k = KernelTest::begin();
+    let c = comm("pexec");
+    let s = start("probe: { catalog: exec }\nevents: { last: 1000, payload: true }");
+    let tool = Tool::start("execsnoop", &[]);
+    let w = workload_waiting(&c, "exec", 6, None);
+    let parent = w.pid.to_string();
+    w.go();
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    // PCOMM PID PPID RET ARGS (the arguments of `true`, started as argv[0] only, stay empty)
+    let tool_count = out
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 4 && f[0] == "true" && f[2] == parent && f[3] == "0"
+        })
+        .count();
+    let fathom_count = r
+        .events
+        .iter()
+        .filter(|e| e.fields["ppid"] == parent && e.fields["filename"] == "/bin/true")
+        .count();
+    assert_eq!(tool_count, 6, "execsnoop:\n{out}");
+    assert_eq!(fathom_count, tool_count, "{:?}", r.events);
+}
+
+#[test]
+fn opensnoop_and_the_open_entry_see_the_same_opens_and_results() {
+    let _k = KernelTest::begin();
+    let c = comm("popen");
+    let s = start(&format!(
+        "probe: {{ catalog: open }}\nfilter: {{ comm: {c} }}\nevents: {{ last: 100, payload: true }}"
+    ));
+    let tool = Tool::start("opensnoop", &["-n", &c]);
+    workload(&c, "open", 7, Some("/etc/hostname"));
+    workload(&c, "open", 3, Some("/nonexistent/file"));
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    // PID COMM FD ERR PATH
+    let tool_rows: Vec<(String, String)> = out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 5 && f[1] == c).then(|| (f[4].to_string(), f[3].to_string()))
+        })
+        .collect();
+    let fathom_rows: Vec<(String, String)> = r
+        .events
+        .iter()
+        .map(|e| {
+            let result: i64 = e.fields["result"].parse().expect("a number");
+            let err = if result < 0 { -result } else { 0 };
+            (e.fields["filename"].clone(), err.to_string())
+        })
+        .collect();
+    let count = |rows: &[(String, String)], path: &str, err: &str| {
+        rows.iter().filter(|(p, e)| p == path && e == err).count()
+    };
+    for rows in [&tool_rows, &fathom_rows] {
+        assert_eq!(count(rows, "/etc/hostname", "0"), 7, "{rows:?}\nopensnoop:\n{out}");
+        assert_eq!(count(rows, "/nonexistent/file", "2"), 3, "{rows:?}");
+    }
+    assert_eq!(fathom_rows.len(), tool_rows.len());
+}
+
+#[test]
+fn syscount_and_the_syscalls_entry_count_the_same_calls_of_a_process() {
+    let _k = KernelTest::begin();
+    let c = comm("psys");
+    let n = 3000;
+    let w = workload_waiting(&c, "getppid", n, None);
+    let pid = w.pid;
+    let s = start(&format!(
+        "probe: {{ catalog: syscalls }}\naggregate: {{ by: [syscall], top: 100 }}\nfilter: {{ pids: [{pid}] }}"
+    ));
+    let tool = Tool::start("syscount", &["-p", &pid.to_string(), "-T", "100"]);
+    w.go();
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    // SYSCALL COUNT
+    let tool_getppid: u64 = out
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 2 && f[0] == "getppid").then(|| f[1].parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no getppid row in syscount's output:\n{out}"));
+    assert_eq!(tool_getppid, n);
+    assert_eq!(row_value(&r, "syscall", "getppid"), tool_getppid, "{:?}", r.rows);
+    // The other calls differ at the edges by design: syscount counts at sys_exit (so the
+    // read that waited before either attached, and never exit_group), Fathom at sys_enter.
+}
