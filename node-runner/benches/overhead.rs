@@ -228,6 +228,8 @@ impl Tool {
                 })
                 .unwrap_or(0)
         };
+        let mut child = child;
+        let deadline = Instant::now() + Duration::from_secs(120);
         let (mut last, mut since) = (0, Instant::now());
         loop {
             let n = links(child.id());
@@ -236,6 +238,11 @@ impl Tool {
             }
             if n > 0 && since.elapsed() > Duration::from_millis(500) {
                 return Tool(child);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{name} did not attach in 120 s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -292,7 +299,10 @@ fn versus(
     let (bare, ours, theirs) = (fastest(bare), fastest(ours), fastest(theirs));
     let per = |d: Duration| d.as_nanos() as f64 / n as f64;
     println!("{title} ({n} events):");
-    println!("  bare                               {:7.1} ns/event", per(bare));
+    println!(
+        "  bare                               {:7.1} ns/event",
+        per(bare)
+    );
     println!(
         "  {:<34} {:7.1} ns/event (+{:.1})",
         format!("{} {}", tool.0, tool.1.join(" ")),
@@ -305,7 +315,11 @@ fn versus(
         per(ours),
         per(ours) - per(bare)
     );
-    println!("  R (fathom vs {})                 {:.2}", tool.0, ratio(ours, theirs, bare));
+    println!(
+        "  R (fathom vs {})                 {:.2}",
+        tool.0,
+        ratio(ours, theirs, bare)
+    );
 }
 
 fn libbpf_tools(kernel: &Kernel) {

@@ -493,12 +493,10 @@ fn cgroup_skb_sums_network_layer_bytes() {
     assert_eq!(row(&r, &[("direction", "ingress")]), 0, "egress only");
 }
 
-#[test]
-fn sock_ops_samples_the_rtt_of_a_tcp_connection() {
-    let _k = KernelTest::begin();
-    let v = Veth::new();
-    let s = start_yaml("probe: { catalog: tcp-rtt }").expect("attaches");
-    let listener = TcpListener::bind(SocketAddrV4::new(HOST_IP, 5307)).expect("listen");
+/// A TCP echo over the veth: the peer connects to the host's `port` and sends 20 rounds of
+/// 1000 bytes, each echoed back.
+fn tcp_echo(v: &Veth, port: u16) {
+    let listener = TcpListener::bind(SocketAddrV4::new(HOST_IP, port)).expect("listen");
     let server = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().expect("accept");
         let mut buf = [0u8; 4096];
@@ -509,8 +507,8 @@ fn sock_ops_samples_the_rtt_of_a_tcp_connection() {
             }
         }
     });
-    v.ns.run(|| {
-        let mut c = TcpStream::connect(SocketAddrV4::new(HOST_IP, 5307)).expect("connect");
+    v.ns.run(move || {
+        let mut c = TcpStream::connect(SocketAddrV4::new(HOST_IP, port)).expect("connect");
         let mut buf = [0u8; 1000];
         for _ in 0..20 {
             c.write_all(&[1u8; 1000]).expect("send");
@@ -518,6 +516,14 @@ fn sock_ops_samples_the_rtt_of_a_tcp_connection() {
         }
     });
     server.join().expect("server");
+}
+
+#[test]
+fn sock_ops_samples_the_rtt_of_a_tcp_connection() {
+    let _k = KernelTest::begin();
+    let v = Veth::new();
+    let s = start_yaml("probe: { catalog: tcp-rtt }").expect("attaches");
+    tcp_echo(&v, 5307);
     let r = s.stop().expect("stops");
     assert_eq!(r.keys, vec!["daddr".to_string(), "dport".to_string()]);
     let h = r
@@ -534,6 +540,35 @@ fn sock_ops_samples_the_rtt_of_a_tcp_connection() {
     assert!(
         h.buckets.iter().all(|b| b.count == 0 || b.low < 1_000_000),
         "{h:?}"
+    );
+}
+
+#[test]
+fn sock_ops_for_target_cgroups_sees_only_their_connections() {
+    let _k = KernelTest::begin();
+    let v = Veth::new();
+    let mine = MovedTo::new("sockops");
+    let empty = MovedTo::empty("sockops-empty");
+    let spec = spec("probe: { catalog: tcp-rtt }");
+    // sock_ops has no filter: it attaches to the cgroups themselves.
+    let p = plan::plan(&spec, kernel(), Scope::targets([mine.id])).expect("plans");
+    let s = Session::start(p, kernel(), EngineOptions::default()).expect("attaches");
+    let other = plan::plan(&spec, kernel(), Scope::targets([empty.id])).expect("plans");
+    let other = Session::start(other, kernel(), EngineOptions::default()).expect("attaches");
+    tcp_echo(&v, 5308);
+    let r = s.stop().expect("stops");
+    let nobody = other.stop().expect("stops");
+    drop(mine);
+    let h = r
+        .histograms
+        .iter()
+        .find(|h| h.keys.get("dport").map(String::as_str) == Some("5308"))
+        .unwrap_or_else(|| panic!("this cgroup's connection: {:?}", r.histograms));
+    assert!(h.count >= 10, "{h:?}");
+    assert!(
+        nobody.histograms.is_empty(),
+        "the empty cgroup's job saw connections: {:?}",
+        nobody.histograms
     );
 }
 

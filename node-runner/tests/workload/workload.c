@@ -12,6 +12,7 @@
  *   call         N calls of fathom_target() (a uprobe target)
  *   usdt         N hits of USDT probe fathom:tick
  *   getppid      N getppid() syscalls
+ *   sleep        N sleeps of 1 ms (N wakeups)
  *   spin         busy loop in fathom_hot_loop() for N milliseconds (a profile target)
  *   write PATH   N 4 KiB writes + fdatasync of PATH (block I/O)
  *   pace SECS    getppid() at N calls per second for SECS seconds (a steady flood)
@@ -170,6 +171,12 @@ int main(int argc, char **argv) {
       int dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
       if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0) return die("PR_GET_NAME");
       printf("dumpable=%d name=%s\n", dumpable, name);
+    }
+  } else if (!strcmp(mode, "sleep")) {
+    /* N sleeps of 1 ms: N timer wakeups, each followed by a switch back onto a CPU. */
+    for (long i = 0; i < n; i++) {
+      struct timespec ms = {0, 1000000};
+      nanosleep(&ms, NULL);
     }
   } else if (!strcmp(mode, "getppid")) {
     for (long i = 0; i < n; i++) syscall(SYS_getppid);

@@ -324,17 +324,18 @@ impl JobPlan {
     pub fn apply_scope(&mut self) {
         self.config.filter_flags = scope_filter_flags(self.config.filter_flags, &self.scope);
         self.stash.filter_flags = scope_filter_flags(self.stash.filter_flags, &self.scope);
-        // An interface hook's scope is where it attaches (the pods' own veths): its packets
-        // have no socket to filter by yet.
-        let interface_hook = self
+        // Only cgroup_skb filters by cgroup. The other network hooks are scoped by where they
+        // attach: xdp/tc to the pods' own veths (their packets have no socket yet), sock_ops
+        // to the pods' cgroups (its context has no cgroup id).
+        let filtered = self
             .attachments
             .iter()
-            .any(|a| matches!(a.point, AttachPoint::Xdp { .. } | AttachPoint::Tc { .. }));
+            .any(|a| matches!(a.point, AttachPoint::CgroupSkb { .. }));
         if let Some(net) = self.net.as_mut() {
-            net.filter_flags = if interface_hook {
-                net.filter_flags & !fathom_common::filter::CGROUP
-            } else {
+            net.filter_flags = if filtered {
                 scope_filter_flags(net.filter_flags, &self.scope)
+            } else {
+                net.filter_flags & !fathom_common::filter::CGROUP
             };
         }
     }
