@@ -70,6 +70,11 @@ async fn hostile_tracejobs_are_refused_with_their_rule_and_attach_nothing() {
         (json!({"fexit": "vfs_read"}), None, "tenant-probe-kind"),
         (json!({"lsm": "file_open"}), None, "tenant-probe-kind"),
         (
+            json!({"network": {"hook": "xdp", "interface": "eth0"}}),
+            None,
+            "tenant-probe-kind",
+        ),
+        (
             json!({"rawTracepoint": "kfree_skb"}),
             None,
             "tenant-probe-kind",
