@@ -20,7 +20,7 @@ use fathom_crds::{ClusterTraceJob, JobPhase, TraceJob, TraceResult, result::Row}
 use fathom_e2e::{
     ClusterJobGuard, OPERATOR_NAMESPACE, Operator, OperatorOptions, ScriptDeployment,
     TestNamespace, admin, env, eventually, install_crds, kubectl_ok,
-    runner::{RunnerOptions, fathom_programs, remove_identity_pods},
+    runner::{NodeRunner, RunnerOptions, fathom_programs, remove_identity_pods},
     running_pods, secs,
 };
 use kube::{Api, Client, ResourceExt, api::PostParams};
@@ -386,10 +386,63 @@ async fn a_tracejob_counts_exactly_the_opens_and_uprobe_calls_of_its_pods_and_no
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// UDP datagrams each workload process sends itself over its pod's loopback.
+/// UDP datagrams each workload process sends (to itself over its loopback, or to the node).
 const N_DATAGRAMS: u64 = 120;
 /// Their port.
 const UDP_PORT: u16 = 47123;
+
+/// Two target pods and a decoy pod, each sending N_DATAGRAMS datagrams of 100 bytes to
+/// `to` (the workload's `udp` argument) once triggered; returns every pod's name and the
+/// targets'.
+async fn udp_pods(
+    client: &Client,
+    ns: &str,
+    node: &str,
+    dir: &Path,
+    to: &str,
+) -> (Vec<String>, BTreeSet<String>) {
+    let script = format!(
+        "while [ ! -e /trigger/go ]; do sleep 1; done; \
+         /workload {COMM} udp {N_DATAGRAMS} {to} && touch /trigger/done-$HOSTNAME; exec sleep 3600"
+    );
+    for (app, replicas) in [("target", 2), ("decoy", 1)] {
+        ScriptDeployment {
+            replicas,
+            trigger: Some(dir),
+            ..ScriptDeployment::new(ns, app, node, &script)
+        }
+        .apply(client)
+        .await;
+    }
+    let targets = running_pods(client, ns, "target", 2).await;
+    let decoys = running_pods(client, ns, "decoy", 1).await;
+    let all = targets
+        .iter()
+        .chain(&decoys)
+        .map(ResourceExt::name_any)
+        .collect();
+    (all, targets.iter().map(ResourceExt::name_any).collect())
+}
+
+/// Stops the runner and the operator, checks that the kernel holds nothing of Fathom, and
+/// removes the node's identity pods and the trigger directory.
+async fn finish(
+    client: &Client,
+    mut runner: NodeRunner,
+    operator: Operator,
+    node: &str,
+    dir: &Path,
+) {
+    runner.stop();
+    drop(operator);
+    let left = fathom_programs();
+    assert!(
+        left.is_empty(),
+        "programs left after the runner stopped: {left:?}"
+    );
+    remove_identity_pods(client, &[node.to_string()]).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
 
 #[tokio::test]
 async fn pod_traffic_counts_exactly_the_packets_of_its_pods_sockets_and_nothing_else() {
@@ -400,25 +453,11 @@ async fn pod_traffic_counts_exactly_the_packets_of_its_pods_sockets_and_nothing_
     let dir = trigger_dir("net");
     // Each pod sends itself N datagrams of 100 bytes on 127.0.0.1:UDP_PORT: packets of its
     // own sockets, which only the pod's cgroup_skb view may count.
-    let script = format!(
-        "while [ ! -e /trigger/go ]; do sleep 1; done; \
-         /workload {COMM} udp {N_DATAGRAMS} {UDP_PORT} && touch /trigger/done-$HOSTNAME; exec sleep 3600"
-    );
-    for (app, replicas) in [("target", 2), ("decoy", 1)] {
-        ScriptDeployment {
-            replicas,
-            trigger: Some(&dir),
-            ..ScriptDeployment::new(ns.as_str(), app, &node, &script)
-        }
-        .apply(&client)
-        .await;
-    }
-    let targets = running_pods(&client, ns.as_str(), "target", 2).await;
-    let decoys = running_pods(&client, ns.as_str(), "decoy", 1).await;
-    let target_names: BTreeSet<String> = targets.iter().map(ResourceExt::name_any).collect();
+    let (all, target_names) =
+        udp_pods(&client, ns.as_str(), &node, &dir, &UDP_PORT.to_string()).await;
 
     let (operator, cport) = operator_with_collector(&client, "net").await;
-    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    let runner = RunnerOptions::new(&node, cport).start(&client).await;
     create(
         &client,
         ns.as_str(),
@@ -433,11 +472,6 @@ async fn pod_traffic_counts_exactly_the_packets_of_its_pods_sockets_and_nothing_
     .await;
     wait_attached(Some(ns.as_str()), "traffic", "TraceJob", 1).await;
 
-    let all: Vec<String> = targets
-        .iter()
-        .chain(&decoys)
-        .map(ResourceExt::name_any)
-        .collect();
     trigger(&dir, &all).await;
     // The same traffic from a process on the host: not the job's either.
     let out = Command::new(host_workload())
@@ -490,15 +524,7 @@ async fn pod_traffic_counts_exactly_the_packets_of_its_pods_sockets_and_nothing_
         .collect();
     assert_eq!(got, want, "rows (no decoy pod, no host): {:#?}", data.rows);
 
-    runner.stop();
-    drop(operator);
-    let left = fathom_programs();
-    assert!(
-        left.is_empty(),
-        "programs left after the runner stopped: {left:?}"
-    );
-    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    finish(&client, runner, operator, &node, &dir).await;
 }
 
 #[tokio::test]
@@ -513,25 +539,17 @@ async fn tc_on_target_pods_counts_what_each_pod_sends_through_its_veth() {
     let node_ip = "10.244.0.1";
     let port = UDP_PORT + 1;
     let sink = std::net::UdpSocket::bind((node_ip, port)).expect("listen on the node address");
-    let script = format!(
-        "while [ ! -e /trigger/go ]; do sleep 1; done; \
-         /workload {COMM} udp {N_DATAGRAMS} {node_ip}:{port} && touch /trigger/done-$HOSTNAME; exec sleep 3600"
-    );
-    for (app, replicas) in [("target", 2), ("decoy", 1)] {
-        ScriptDeployment {
-            replicas,
-            trigger: Some(&dir),
-            ..ScriptDeployment::new(ns.as_str(), app, &node, &script)
-        }
-        .apply(&client)
-        .await;
-    }
-    let targets = running_pods(&client, ns.as_str(), "target", 2).await;
-    let decoys = running_pods(&client, ns.as_str(), "decoy", 1).await;
-    let target_names: BTreeSet<String> = targets.iter().map(ResourceExt::name_any).collect();
+    let (all, target_names) = udp_pods(
+        &client,
+        ns.as_str(),
+        &node,
+        &dir,
+        &format!("{node_ip}:{port}"),
+    )
+    .await;
 
     let (operator, cport) = operator_with_collector(&client, "veth").await;
-    let mut runner = RunnerOptions::new(&node, cport).start(&client).await;
+    let runner = RunnerOptions::new(&node, cport).start(&client).await;
     // A TraceJob may use tc without naming an interface: it runs on its pods' veths only.
     create(
         &client,
@@ -547,11 +565,6 @@ async fn tc_on_target_pods_counts_what_each_pod_sends_through_its_veth() {
     .await;
     wait_attached(Some(ns.as_str()), "veth", "TraceJob", 1).await;
 
-    let all: Vec<String> = targets
-        .iter()
-        .chain(&decoys)
-        .map(ResourceExt::name_any)
-        .collect();
     // Read as they come (a socket buffer holds only some hundreds).
     sink.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .expect("timeout");
@@ -605,15 +618,7 @@ async fn tc_on_target_pods_counts_what_each_pod_sends_through_its_veth() {
         "only target pods' veths: {pods:?}"
     );
 
-    runner.stop();
-    drop(operator);
-    let left = fathom_programs();
-    assert!(
-        left.is_empty(),
-        "programs left after the runner stopped: {left:?}"
-    );
-    remove_identity_pods(&client, std::slice::from_ref(&node)).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    finish(&client, runner, operator, &node, &dir).await;
 }
 
 #[tokio::test]
