@@ -6,7 +6,6 @@
 mod common;
 
 use std::{
-    io::Read,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -62,34 +61,9 @@ impl Tool {
         }
     }
 
-    /// Stops it (SIGINT, repeated each second until it exits, for a minute at most) and
-    /// returns what it printed.
-    fn stop(mut self) -> String {
-        let mut stdout = self.child.stdout.take().expect("stdout");
-        let reader = std::thread::spawn(move || {
-            let mut out = String::new();
-            let _ = stdout.read_to_string(&mut out);
-            out
-        });
-        let pid = self.child.id() as i32;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut next = Instant::now();
-        while self.child.try_wait().expect("status").is_none() {
-            if Instant::now() >= next {
-                // SAFETY: a signal to our own child, not yet reaped.
-                #[allow(unsafe_code, reason = "kill(2) to stop the child")]
-                unsafe {
-                    libc::kill(pid, libc::SIGINT);
-                }
-                next = Instant::now() + Duration::from_secs(1);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("{} ignored SIGINT for 60 s", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        reader.join().expect("output")
+    /// Stops it (SIGINT, see [`interrupt`]) and returns what it printed.
+    fn stop(self) -> String {
+        interrupt(self.child, &self.name)
     }
 }
 

@@ -1513,14 +1513,6 @@ impl Session {
     }
 
     fn aggregate_entries(&self) -> Result<Vec<(AggKey, AggValue)>, EngineError> {
-        let sum = |per_cpu: &aya::maps::PerCpuValues<AggValue>| {
-            let mut v = AggValue::default();
-            for c in per_cpu.iter() {
-                v.count += c.count;
-                v.sum = v.sum.wrapping_add(c.sum);
-            }
-            v
-        };
         let mut out = Vec::new();
         if !self.in_kernel() {
             return Ok(out);
@@ -1538,19 +1530,19 @@ impl Session {
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
                 let w = [k[0], k[1], 0, 0];
-                out.push((compact::unpack(&w, &slots), sum(&per_cpu)));
+                out.push((compact::unpack(&w, &slots), sum_cpus(&per_cpu)));
             }
         } else if cfg.flags & fathom_common::flags::COMPACT != 0 {
             let agg: PerCpuHashMap<_, [u64; compact::WORDS], AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
-                out.push((compact::unpack(&k, &slots), sum(&per_cpu)));
+                out.push((compact::unpack(&k, &slots), sum_cpus(&per_cpu)));
             }
         } else {
             let agg: PerCpuHashMap<_, AggKey, AggValue> =
                 PerCpuHashMap::try_from(map).map_err(read_err("aggregation map"))?;
             for (k, per_cpu) in agg.iter().flatten() {
-                out.push((k, sum(&per_cpu)));
+                out.push((k, sum_cpus(&per_cpu)));
             }
         }
         Ok(out)
@@ -1568,12 +1560,7 @@ impl Session {
         let agg: PerCpuHashMap<_, fathom_common::NetKey, AggValue> =
             PerCpuHashMap::try_from(map).map_err(read_err("network map"))?;
         for (k, per_cpu) in agg.iter().flatten() {
-            let mut v = AggValue::default();
-            for c in per_cpu.iter() {
-                v.count += c.count;
-                v.sum = v.sum.wrapping_add(c.sum);
-            }
-            out.push((k, v));
+            out.push((k, sum_cpus(&per_cpu)));
         }
         Ok(out)
     }
@@ -1693,6 +1680,16 @@ impl Session {
         tracing::info!("detached");
         result
     }
+}
+
+/// An aggregation value summed over the CPUs.
+fn sum_cpus(per_cpu: &aya::maps::PerCpuValues<AggValue>) -> AggValue {
+    let mut v = AggValue::default();
+    for c in per_cpu.iter() {
+        v.count += c.count;
+        v.sum = v.sum.wrapping_add(c.sum);
+    }
+    v
 }
 
 /// Sizes the ring buffer and sets what follows from the scope, as every session of `plan`

@@ -263,41 +263,10 @@ impl Bpftrace {
         Bpftrace { child }
     }
 
-    /// Stops bpftrace (SIGINT) and returns its maps as JSON objects. A SIGINT that bpftrace
-    /// misses (it can arrive while bpftrace is between polls and be lost) is sent again each
-    /// second; one that bpftrace ignores for a minute fails the test instead of hanging it.
-    pub fn stop(mut self) -> Vec<serde_json::Value> {
-        let mut stdout = self.child.stdout.take().expect("stdout");
-        let reader = std::thread::spawn(move || {
-            let mut out = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
-            out
-        });
-        let pid = self.child.id() as i32;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut next_signal = Instant::now();
-        loop {
-            if self.child.try_wait().expect("bpftrace status").is_some() {
-                break;
-            }
-            if Instant::now() >= next_signal {
-                // SAFETY: sending a signal to our own child, which has not been reaped.
-                #[allow(unsafe_code, reason = "kill(2) to stop the child")]
-                unsafe {
-                    libc::kill(pid, libc::SIGINT);
-                }
-                next_signal = Instant::now() + Duration::from_secs(1);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("bpftrace ignored SIGINT for 60 s; killed it");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = reader.join().expect("bpftrace output");
-        String::from_utf8_lossy(&out)
-            .lines()
+    /// Stops bpftrace ([`interrupt`]) and returns its maps as JSON objects.
+    pub fn stop(self) -> Vec<serde_json::Value> {
+        let out = interrupt(self.child, "bpftrace");
+        out.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["type"] == "map")
             .collect()
@@ -310,6 +279,38 @@ impl Bpftrace {
             .find_map(|m| m["data"][name].as_u64())
             .unwrap_or(0)
     }
+}
+
+/// Stops a child that ends on SIGINT and returns what it printed. A SIGINT it misses (one
+/// can arrive between its polls and be lost) is sent again each second; one it ignores for a
+/// minute fails the test instead of hanging it.
+pub fn interrupt(mut child: Child, name: &str) -> String {
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next_signal = Instant::now();
+    while child.try_wait().expect("child status").is_none() {
+        if Instant::now() >= next_signal {
+            // SAFETY: sending a signal to our own child, which has not been reaped.
+            #[allow(unsafe_code, reason = "kill(2) to stop the child")]
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+            }
+            next_signal = Instant::now() + Duration::from_secs(1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} ignored SIGINT for 60 s; killed it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reader.join().expect("child output")
 }
 
 /// The value of the row whose keys include `key=value`.

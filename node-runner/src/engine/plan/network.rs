@@ -20,7 +20,11 @@ use super::{
     AttachPoint, Attachment, CgroupView, Column, JobPlan, KeyPart, NetPart, Render, Role, Scope,
     ValueKind, not_feasible,
 };
-use crate::engine::{error::EngineError, kernel, render::cgroup2_mount};
+use crate::engine::{
+    error::EngineError,
+    kernel,
+    render::{cgroup2_mount, interface_names},
+};
 
 /// The network probe a spec names, directly or through a catalog entry.
 pub fn net_probe(probe: &Probe) -> Option<NetProbe> {
@@ -302,17 +306,6 @@ pub fn ifindex(name: &str) -> Option<u32> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-/// The name of an interface index, from sysfs.
-pub fn interface_name(index: u32) -> Option<String> {
-    fs::read_dir("/sys/class/net")
-        .ok()?
-        .flatten()
-        .find_map(|e| {
-            (ifindex(&e.file_name().to_string_lossy()) == Some(index))
-                .then(|| e.file_name().to_string_lossy().into_owned())
-        })
-}
-
 /// The cgroup v2 hierarchy the cgroup hooks attach to.
 pub fn cgroup_root() -> Option<PathBuf> {
     cgroup2_mount()
@@ -436,6 +429,8 @@ pub fn pod_veths(ids: &[u64]) -> Result<Vec<PodVeth>, String> {
     let mut cgroups = crate::engine::render::Cgroups::default();
     let own_ns = fs::read_link("/proc/self/ns/net").ok();
     let mut seen_ns = std::collections::BTreeSet::new();
+    // This node's interfaces by index, read once for every pod.
+    let host = interface_names();
     let mut out = Vec::new();
     for &id in ids {
         let dir = root.join(cgroups.path(id).trim_start_matches('/'));
@@ -472,7 +467,7 @@ pub fn pod_veths(ids: &[u64]) -> Result<Vec<PodVeth>, String> {
             if index == peer {
                 continue; // not a pair (lo, a physical device)
             }
-            let Some(name) = interface_name(peer) else {
+            let Some(name) = host.get(&peer).cloned() else {
                 continue;
             };
             let back = fs::read_to_string(format!("/sys/class/net/{name}/iflink"))
