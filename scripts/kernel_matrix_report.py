@@ -47,7 +47,7 @@ def parse(name):
     text = open(os.path.join(d, "console.log"), errors="replace").read().replace("\r", "")
     lines = text.split("\n")
     rc = int(open(os.path.join(d, "qemu.rc")).read().strip() or 1)
-    res = {"kernel": "?", "tests": {}, "problems": [], "skips": {}, "order": [], "binaries": set()}
+    res = {"kernel": "?", "tests": {}, "problems": [], "notes": [], "skips": {}, "order": [], "binaries": set()}
     binary, pending, done, ended = None, [], False, set()
     for line in lines:
         m = BANNER.search(line)
@@ -131,8 +131,23 @@ def parse(name):
         res["problems"].append(f"hung: killed after FATHOM_VM_TIMEOUT={os.environ.get('FATHOM_VM_TIMEOUT', '1500')} s")
     elif rc != 0:
         res["problems"].append(f"QEMU exited with {rc}")
-    if re.search(r"Kernel panic|BUG: |Oops: ", text):
-        res["problems"].append("kernel panic/BUG/Oops in the console log")
+    crash = [l.strip() for l in lines if re.search(r"Kernel panic|BUG: |Oops: ", l)]
+    if crash:
+        res["problems"].append(
+            "kernel panic/BUG/Oops in the console log: " + " | ".join(crash[:3])
+        )
+    first = os.path.join(d, "console.first-boot.log")
+    if os.path.exists(first):
+        crashed = [
+            l.strip()
+            for l in open(first, errors="replace").read().split("\n")
+            if re.search(r"Kernel panic|BUG: |Oops: ", l)
+        ]
+        res["notes"].append(
+            "booted twice: the first boot crashed before any test began ("
+            + (" | ".join(crashed[:3]) or "no panic line")
+            + f"); its log: {first}"
+        )
     if not done:
         res["problems"].append("the run did not reach its end")
     res["log"] = os.path.join(d, "console.log")
@@ -168,6 +183,8 @@ for r in rows:
     print(f"{r}: {'FAILED' if bad else 'ok'} — {summary}{secs}; log: {res['log']}")
     for p in res["problems"]:
         print(f"  problem: {p}")
+    for n in res["notes"]:
+        print(f"  note: {n}")
     for k, why in sorted(res["skips"].items()):
         print(f"  skipped {k}: {why}")
 sys.exit(1 if failed else 0)

@@ -554,53 +554,6 @@ fn tcp_retransmit_counts_syn_retransmits_to_a_full_listener() {
     );
 }
 
-/// A memory cgroup limited to `limit` bytes for the test (cgroup v2 where the memory
-/// controller is there, else v1's memory hierarchy), removed on drop; `procs` is the file a
-/// process writes its pid to, to join it.
-struct MemoryCgroup {
-    dir: std::path::PathBuf,
-    procs: std::path::PathBuf,
-}
-
-impl MemoryCgroup {
-    fn new(name: &str, limit: u64) -> MemoryCgroup {
-        let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
-        let (dir, limit_file, procs) = if v1.join("memory.limit_in_bytes").exists() {
-            let dir = v1.join(name);
-            (
-                dir.clone(),
-                dir.join("memory.limit_in_bytes"),
-                dir.join("cgroup.procs"),
-            )
-        } else {
-            let root = std::path::Path::new("/sys/fs/cgroup");
-            std::fs::write(root.join("cgroup.subtree_control"), "+memory")
-                .expect("enable the memory controller (cgroup v2)");
-            let dir = root.join(name);
-            (
-                dir.clone(),
-                dir.join("memory.max"),
-                dir.join("cgroup.procs"),
-            )
-        };
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        std::fs::write(&limit_file, limit.to_string())
-            .unwrap_or_else(|e| panic!("{}: {e}", limit_file.display()));
-        let swap = dir.join("memory.swap.max");
-        if swap.exists() {
-            std::fs::write(&swap, "0").expect("no swap for the cgroup");
-        }
-        MemoryCgroup { dir, procs }
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 /// `oom-kill` (oom:mark_victim) on an OOM kill the test causes: `dd` with a 64 MiB buffer in
 /// a memory cgroup of 16 MiB. The entry reports exactly one victim, with dd's pid, and the
 /// kernel's own `oom_kill` counter (/proc/vmstat) grew by at least as much.

@@ -258,3 +258,190 @@ fn biolatency_and_the_biolatency_entry_time_the_same_synchronous_writes() {
         "fathom {fathom} vs biolatency {tool_total}:\n{out}"
     );
 }
+
+/// Whether a tool that attaches kprobes can run on this kernel; if not, the test reports
+/// itself skipped (the matrix's written skip list names the rows where that is expected).
+fn kprobes_for(test: &str, tool: &str) -> bool {
+    match offered(Kind::Kprobes) {
+        Offer::Available => true,
+        offer => {
+            skipped(
+                test,
+                &format!("{tool} attaches kprobes, which this kernel does not offer ({offer:?})"),
+            );
+            false
+        }
+    }
+}
+
+/// The buckets of a log2 histogram, as (low, count) pairs, from `  lo -> hi : count |***|`
+/// lines of a libbpf-tools tool.
+fn histogram_buckets(out: &str) -> Vec<(u64, u64)> {
+    out.lines()
+        .filter_map(|l| {
+            let (range, rest) = l.split_once(':')?;
+            let (lo, _) = range.split_once("->")?;
+            let count = rest.split('|').next()?.trim().parse().ok()?;
+            Some((lo.trim().parse().ok()?, count))
+        })
+        .collect()
+}
+
+/// Both histograms count exactly `calls`, and have their largest bucket within a factor of
+/// 4 of each other (`unit` ns per tool unit): the same calls, timed alike.
+fn assert_same_latencies(out: &str, h: &fathom_crds::result::Histogram, calls: u64, unit: u64) {
+    let tool = histogram_buckets(out);
+    let tool_total: u64 = tool.iter().map(|(_, c)| c).sum();
+    assert_eq!(tool_total, calls, "the tool's histogram:\n{out}");
+    assert_eq!(h.count, calls, "{h:?}");
+    let tool_mode = tool
+        .iter()
+        .max_by_key(|(_, c)| *c)
+        .map(|(lo, _)| lo.max(&1) * unit)
+        .expect("a bucket");
+    let ours = h
+        .buckets
+        .iter()
+        .max_by_key(|b| b.count)
+        .map(|b| b.low.max(1))
+        .expect("a bucket");
+    assert!(
+        ours <= tool_mode * 4 && tool_mode <= ours * 4,
+        "fathom's most common latency starts at {ours} ns, the tool's at {tool_mode} ns:\n{out}\n{h:?}"
+    );
+}
+
+/// `funclatency -p PID :FUNCTION` (a uprobe, so on every kernel) and Fathom's uretprobe with
+/// `value: latency` time the same 400 calls of the workload's function by one process.
+#[test]
+fn funclatency_and_a_uretprobe_latency_time_the_same_user_calls() {
+    let _k = KernelTest::begin();
+    let c = comm("pful");
+    let n = 400;
+    let bin = workload_path().display().to_string();
+    let w = workload_waiting(&c, "call", n, None);
+    let pid = w.pid.to_string();
+    let s = start(&format!(
+        "probe: {{ uretprobe: '{bin}:fathom_target' }}\naggregate: {{ value: latency }}\nfilter: {{ pids: [{pid}] }}"
+    ));
+    // `:FUNCTION` with -p: a uprobe on the binary of that process.
+    let tool = Tool::start("funclatency", &["-p", &pid, ":fathom_target"]);
+    w.go();
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    assert_eq!(r.histograms.len(), 1, "{:?}", r.histograms);
+    assert_same_latencies(&out, &r.histograms[0], n, 1);
+}
+
+/// `funclatency FUNCTION` (kprobes) and Fathom's kretprobe with `value: latency` time the
+/// same opens of one process: 300 of an existing file, 200 of a missing one.
+#[test]
+fn funclatency_and_a_kretprobe_latency_time_the_same_kernel_calls() {
+    if !kprobes_for(
+        "funclatency_and_a_kretprobe_latency_time_the_same_kernel_calls",
+        "funclatency FUNCTION",
+    ) {
+        return;
+    }
+    let _k = KernelTest::begin();
+    let c = comm("pfuk");
+    let w = workload_waiting(&c, "open", 300, Some("/etc/hostname"));
+    let pid = w.pid.to_string();
+    let s = start(&format!(
+        "probe: {{ kretprobe: do_sys_openat2 }}\naggregate: {{ value: latency }}\nfilter: {{ pids: [{pid}] }}"
+    ));
+    let tool = Tool::start("funclatency", &["-p", &pid, "do_sys_openat2"]);
+    w.go();
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    assert_eq!(r.histograms.len(), 1, "{:?}", r.histograms);
+    assert_same_latencies(&out, &r.histograms[0], 300, 1);
+}
+
+/// `tcpconnect` (kprobes on tcp_v4_connect) and the `tcp-connect` entry (the sock tracepoint)
+/// see the same 9 loopback connects of one process, to the same address and port.
+#[test]
+fn tcpconnect_and_the_tcp_connect_entry_see_the_same_connects() {
+    if !kprobes_for(
+        "tcpconnect_and_the_tcp_connect_entry_see_the_same_connects",
+        "tcpconnect",
+    ) {
+        return;
+    }
+    let _k = KernelTest::begin();
+    let c = comm("ptcp");
+    let s = start(&format!(
+        "probe: {{ catalog: tcp-connect }}\nfilter: {{ comm: {c} }}"
+    ));
+    let tool = Tool::start("tcpconnect", &[]);
+    let wout = workload(&c, "connect", 9, None);
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    let port = wout
+        .lines()
+        .find_map(|l| l.strip_prefix("port "))
+        .expect("port line");
+    // PID COMM IP SADDR DADDR DPORT
+    let tool_rows = out
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 6 && f[1] == c && f[2] == "4" && f[4] == "127.0.0.1" && f[5] == port
+        })
+        .count();
+    assert_eq!(tool_rows, 9, "tcpconnect:\n{out}");
+    assert_eq!(r.rows.len(), 1, "{:?}", r.rows);
+    assert_eq!(r.rows[0].keys["daddr"], "127.0.0.1");
+    assert_eq!(r.rows[0].keys["dport"], port);
+    assert_eq!(r.rows[0].value, tool_rows as u64);
+}
+
+/// `oomkill` (a kprobe on oom_kill_process) and the `oom-kill` entry (oom:mark_victim) name
+/// the same victim: `dd` with a 64 MiB buffer in a memory cgroup of 16 MiB.
+#[test]
+fn oomkill_and_the_oom_kill_entry_name_the_same_victim() {
+    if !kprobes_for(
+        "oomkill_and_the_oom_kill_entry_name_the_same_victim",
+        "oomkill",
+    ) {
+        return;
+    }
+    let _k = KernelTest::begin();
+    let cg = MemoryCgroup::new(&format!("fathom-poom-{}", std::process::id()), 16 << 20);
+    let s = start("probe: { catalog: oom-kill }\nevents: { last: 100, payload: true }");
+    let tool = Tool::start("oomkill", &[]);
+    let hog = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+            cg.procs.display()
+        ))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the hog starts");
+    let pid = hog.id().to_string();
+    let _ = hog.wait_with_output().expect("the hog ends");
+    // The tool prints from its ring buffer when it polls; give it a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    drop(cg);
+    // `... OOM kill of PID 123 ("dd"), ...`
+    let tool_victims: Vec<(&str, &str)> = out
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("OOM kill of PID ")?.1;
+            let (victim, rest) = rest.split_once(' ')?;
+            let comm = rest.split('"').nth(1)?;
+            Some((victim, comm))
+        })
+        .collect();
+    assert_eq!(tool_victims, vec![(pid.as_str(), "dd")], "oomkill:\n{out}");
+    let ours: Vec<(&str, &str)> = r
+        .events
+        .iter()
+        .filter(|e| e.fields.get("victim_pid") == Some(&pid))
+        .map(|e| (e.fields["victim_pid"].as_str(), e.fields["comm"].as_str()))
+        .collect();
+    assert_eq!(ours, vec![(pid.as_str(), "dd")], "{:?}", r.events);
+}

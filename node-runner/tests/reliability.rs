@@ -3,6 +3,7 @@
 mod common;
 
 use std::{
+    os::unix::process::CommandExt,
     process::Command,
     sync::{
         Arc,
@@ -260,7 +261,71 @@ fn e5_unsupported_kernel_conditions_degrade_clearly() {
         stderr.contains("PermissionDenied") && stderr.contains("CAP_BPF"),
         "{stderr}"
     );
+    // A real EPERM from the kernel: the same binary, with every capability, under a seccomp
+    // filter that makes bpf(BPF_PROG_LOAD) fail with EPERM (as a container runtime's default
+    // profile does). The refusal is named before anything loads.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fathom"));
+    cmd.arg("run").arg(&job);
+    // SAFETY: the closure only makes async-signal-safe prctl calls between fork and exec.
+    #[allow(unsafe_code, reason = "pre_exec: a seccomp filter for the child")]
+    unsafe {
+        cmd.pre_exec(refuse_bpf_prog_load);
+    }
+    let out = cmd.output().expect("fathom runs under seccomp");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("PermissionDenied")
+            && stderr.contains("the kernel refuses to load any BPF program (bpf(BPF_PROG_LOAD): Operation not permitted")
+            && stderr.contains("seccomp"),
+        "{stderr}"
+    );
+    assert_eq!(residue(), Residue::default(), "nothing loaded");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Installs, in the calling thread, a seccomp filter under which `bpf(BPF_PROG_LOAD, ...)`
+/// fails with EPERM and every other system call is allowed.
+fn refuse_bpf_prog_load() -> std::io::Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xc000_00b7;
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    // seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low half first, little-endian).
+    let filter = [
+        op(LD_W_ABS, 0, 0, 4),
+        op(JEQ_K, 0, 5, AUDIT_ARCH),
+        op(LD_W_ABS, 0, 0, 0),
+        op(JEQ_K, 0, 3, libc::SYS_bpf as u32),
+        op(LD_W_ABS, 0, 0, 16),
+        op(JEQ_K, 0, 1, 5), // BPF_PROG_LOAD
+        op(RET_K, 0, 0, RET_EPERM),
+        op(RET_K, 0, 0, RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: plain prctl calls; prog points at a filter that outlives them.
+    #[allow(unsafe_code, reason = "prctl(2): no_new_privs and the seccomp filter")]
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Kernel lockdown (E5): in confidentiality mode tracefs cannot be mounted, and the verdict

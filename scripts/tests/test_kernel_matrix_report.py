@@ -24,12 +24,19 @@ test lsm_counts ... ignored
 """
 
 
-def run(may_skip):
+PANIC = """[    1.234567] Kernel panic - not syncing: VFS: Unable to mount root fs
+"""
+
+
+def run(may_skip, console=CONSOLE, first_boot=None):
     with tempfile.TemporaryDirectory() as out:
         row = os.path.join(out, "debian-6.12")
         os.makedirs(os.path.join(row, "lists"))
         with open(os.path.join(row, "console.log"), "w") as f:
-            f.write(CONSOLE)
+            f.write(console)
+        if first_boot is not None:
+            with open(os.path.join(row, "console.first-boot.log"), "w") as f:
+                f.write(first_boot)
         for name, text in [("qemu.rc", "0"), ("seconds", "3")]:
             with open(os.path.join(row, name), "w") as f:
                 f.write(text)
@@ -78,6 +85,25 @@ class SkipList(unittest.TestCase):
             ]
         )
         self.assertEqual(rc, 1, text)
+
+
+LISTED = [
+    ("debian-*", "kernel_functions::fentry_counts", "no trampolines"),
+    ("debian-*", "kernel_functions::lsm_counts", "LSM off"),
+]
+
+
+class Crashes(unittest.TestCase):
+    def test_a_panic_fails_the_row_and_is_quoted(self):
+        rc, text = run(LISTED, console=PANIC)
+        self.assertEqual(rc, 1, text)
+        self.assertIn("problem: kernel panic/BUG/Oops in the console log: [    1.234567] Kernel panic - not syncing: VFS", text)
+        self.assertIn("problem: the run did not reach its end", text)
+
+    def test_a_crash_while_booting_then_a_full_run_passes_and_names_the_first_crash(self):
+        rc, text = run(LISTED, first_boot=PANIC)
+        self.assertEqual(rc, 0, text)
+        self.assertIn("note: booted twice: the first boot crashed before any test began ([    1.234567] Kernel panic", text)
 
 
 if __name__ == "__main__":

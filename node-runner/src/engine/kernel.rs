@@ -177,6 +177,65 @@ pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
     missing
 }
 
+/// Why the kernel refuses to load BPF programs although the capability check passed, or None
+/// when it loads them: a two-instruction socket filter (`r0 = 0; exit`) is loaded and closed.
+/// A seccomp filter (a container runtime's default profile), an LSM policy or a sysctl can
+/// refuse `bpf(BPF_PROG_LOAD)` with EPERM whatever the capabilities; without this check the
+/// refusal surfaced later, inside the loader, under a misleading name.
+pub fn load_refusal() -> Option<String> {
+    // struct bpf_insn: code, dst_reg:4 | src_reg:4, off, imm.
+    let insns: [u64; 2] = [
+        0xb7, // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 0
+        0x95, // BPF_JMP | BPF_EXIT
+    ];
+    let license = c"GPL";
+    // The first fields of union bpf_attr for BPF_PROG_LOAD; the rest stays zero.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        rest: [u64; 16],
+    }
+    let attr = ProgLoad {
+        prog_type: 1, // BPF_PROG_TYPE_SOCKET_FILTER
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        rest: [0; 16],
+    };
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the size passed; the pointers
+    // in it outlive the call.
+    #[expect(unsafe_code, reason = "bpf(2): loading the probe program")]
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoad,
+            std::mem::size_of::<ProgLoad>() as libc::c_uint,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: fd is the program's descriptor, owned here and closed once.
+        #[expect(unsafe_code, reason = "close(2) of the probe program")]
+        unsafe {
+            libc::close(fd as libc::c_int)
+        };
+        return None;
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => Some(format!(
+            "the kernel refuses to load any BPF program (bpf(BPF_PROG_LOAD): {err}) although this process has CAP_BPF and CAP_PERFMON: a seccomp profile, an LSM policy or kernel.unprivileged_bpf_disabled stands in the way; allow bpf() in that policy, or give the runner an Unconfined seccomp profile (Helm: runner.seccompProfile=Unconfined; docs/install.md)"
+        )),
+        // Any other answer (an old kernel's EINVAL, say) is not a refusal: the real load
+        // reports its own error.
+        _ => None,
+    }
+}
+
 /// Whether `caps` may attach network programs (XDP, tc, cgroup hooks): CAP_NET_ADMIN, or
 /// CAP_SYS_ADMIN.
 pub fn may_attach_network(caps: u64) -> bool {

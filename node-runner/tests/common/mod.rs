@@ -338,3 +338,124 @@ pub fn drive(s: &mut Session, work: impl FnOnce() + Send + 'static) {
     }
     t.join().expect("workload thread");
 }
+
+/// An attach kind's state on the kernel under test, as the matrix declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    Available,
+    /// kprobes: CONFIG_KPROBES is not set.
+    Absent,
+    /// fentry/fexit/LSM: the kernel refuses BPF trampolines (EPERM on load).
+    Refused,
+    /// LSM: BPF LSM is built in but not in the active `lsm=` list.
+    Disabled,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Kprobes,
+    Fentry,
+    Lsm,
+}
+
+impl Kind {
+    pub fn key(self) -> &'static str {
+        match self {
+            Kind::Kprobes => "kprobes",
+            Kind::Fentry => "fentry",
+            Kind::Lsm => "lsm",
+        }
+    }
+}
+
+/// The declared state of `kind`. A test without a declaration fails: it cannot tell a
+/// refusal it should check from a bug, and a test that cannot run must not pass.
+pub fn offered(kind: Kind) -> Offer {
+    let Ok(expect) = std::env::var("FATHOM_KERNEL_EXPECT") else {
+        panic!(
+            "FATHOM_KERNEL_EXPECT is unset, so what this kernel offers is unknown: run the kernel tests through scripts/kernel-matrix.sh (it sets it per kernel, and probes the host's), or set it (docs/kernel-matrix.md)"
+        );
+    };
+    let expect = expect.trim();
+    if expect == "full" {
+        return Offer::Available;
+    }
+    let value = expect
+        .split(',')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == kind.key())
+        .map(|(_, v)| v.trim())
+        .unwrap_or_else(|| {
+            panic!(
+                "FATHOM_KERNEL_EXPECT={expect:?} does not declare {}; see docs/kernel-matrix.md",
+                kind.key()
+            )
+        });
+    match value {
+        "available" => Offer::Available,
+        "absent" => Offer::Absent,
+        "refused" => Offer::Refused,
+        "disabled" => Offer::Disabled,
+        other => panic!(
+            "FATHOM_KERNEL_EXPECT: {}={other} is not one of available, absent, refused, disabled",
+            kind.key()
+        ),
+    }
+}
+
+/// Reports `test` skipped, with the reason, to the kernel matrix: a `fathom-skip:` line written
+/// past libtest's output capture. A skip fails its row unless the matrix's written skip list
+/// (`MAY_SKIP` in scripts/kernel-matrix.sh) has it for that row.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write as _;
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "\nfathom-skip: {test}: {why}\n");
+    let _ = err.flush();
+}
+
+/// A memory cgroup limited to `limit` bytes for the test (cgroup v2 where the memory
+/// controller is there, else v1's memory hierarchy), removed on drop; `procs` is the file a
+/// process writes its pid to, to join it.
+pub struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    pub procs: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    pub fn new(name: &str, limit: u64) -> MemoryCgroup {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+        let (dir, limit_file, procs) = if v1.join("memory.limit_in_bytes").exists() {
+            let dir = v1.join(name);
+            (
+                dir.clone(),
+                dir.join("memory.limit_in_bytes"),
+                dir.join("cgroup.procs"),
+            )
+        } else {
+            let root = std::path::Path::new("/sys/fs/cgroup");
+            std::fs::write(root.join("cgroup.subtree_control"), "+memory")
+                .expect("enable the memory controller (cgroup v2)");
+            let dir = root.join(name);
+            (
+                dir.clone(),
+                dir.join("memory.max"),
+                dir.join("cgroup.procs"),
+            )
+        };
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        std::fs::write(&limit_file, limit.to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", limit_file.display()));
+        let swap = dir.join("memory.swap.max");
+        if swap.exists() {
+            std::fs::write(&swap, "0").expect("no swap for the cgroup");
+        }
+        MemoryCgroup { dir, procs }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -27,10 +27,15 @@ pub(super) fn check_points(
     kernel: &Kernel,
 ) -> Result<(Vec<ProbeVerdict>, Formats), EngineError> {
     let caps = kernel::missing_capabilities(kernel::effective_caps());
+    let refusal = if caps.is_empty() {
+        kernel::load_refusal()
+    } else {
+        None
+    };
     let mut verdicts = Vec::new();
     let mut formats = BTreeMap::new();
     for point in template.stash.iter().chain([&template.main]) {
-        let v = check_point(point, kernel, &caps);
+        let v = check_point(point, kernel, &caps, refusal.as_deref());
         if v.feasible
             && let AttachPoint::Tracepoint { category, name } = point
             && let Some(tfs) = &kernel.tracefs
@@ -47,7 +52,12 @@ pub(super) fn check_points(
 }
 
 /// Checks one attach point against the kernel.
-fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) -> ProbeVerdict {
+fn check_point(
+    point: &AttachPoint,
+    kernel: &Kernel,
+    missing_caps: &[&str],
+    load_refusal: Option<&str>,
+) -> ProbeVerdict {
     let label = point.label();
     let no = |reason: Reason, message: String| ProbeVerdict {
         probe: label.clone(),
@@ -63,6 +73,9 @@ fn check_point(point: &AttachPoint, kernel: &Kernel, missing_caps: &[&str]) -> P
                 missing_caps.join(" and ")
             ),
         );
+    }
+    if let Some(why) = load_refusal {
+        return no(Reason::PermissionDenied, why.to_string());
     }
     let needs_tracefs = matches!(
         point,

@@ -339,6 +339,9 @@ fn check(
             ),
         );
     }
+    if let Some(why) = kernel::load_refusal() {
+        return no(Reason::PermissionDenied, why);
+    }
     match point {
         AttachPoint::Xdp { interface } | AttachPoint::Tc { interface, .. } => {
             if matches!(scope, Scope::Cgroups(_)) && !pod_mode {
