@@ -48,7 +48,7 @@ KERNELS=(
 # iproute2's ip: the network tests make veth pairs (busybox's ip cannot); libbpf-tools for
 # the parity tests (tests/parity.rs).
 VM_TOOLS=(bpftool bpftrace setpriv ip execsnoop opensnoop syscount runqlat biolatency funclatency
-  tcpconnect oomkill)
+  tcpconnect oomkill tcplife)
 # Kernel modules loaded in the VM, in order: a loop device with an ext2 file system (through
 # the ext4 driver) gives the block-I/O tests a real block device; veth, the network tests
 # their veth pairs.

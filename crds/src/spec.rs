@@ -95,7 +95,7 @@ pub struct TraceJobSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ProbeSpec {
     /// A named preset: syscalls, exec, open, tcp-connect, tcp-connect-kprobe, tcp-retransmit,
-    /// packet-drops, profile, runqlat, biolatency, oom-kill, pod-traffic, tcp-rtt.
+    /// packet-drops, profile, runqlat, biolatency, oom-kill, pod-traffic, tcp-rtt, tcp-life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<String>,
     /// A kernel tracepoint, `category/name` (or `category:name`), e.g. `skb/kfree_skb`.
@@ -153,7 +153,8 @@ pub struct NetworkSpec {
     /// ingress only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<String>,
-    /// For `sockOps`: `rtt` (the default; one sample per RTT update) or `retransmit`.
+    /// For `sockOps`: `rtt` (the default; one sample per RTT update), `retransmit`, or
+    /// `lifetime` (one sample per connection when it closes: microseconds since it began).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
 }
@@ -340,6 +341,9 @@ impl NetDirection {
 pub enum SockEvent {
     Rtt,
     Retransmit,
+    /// A connection's lifetime, from connect (or the passive side's establishment) to
+    /// close, in microseconds: what libbpf-tools' tcplife reports.
+    Lifetime,
 }
 
 /// A network probe, parsed.
@@ -366,6 +370,7 @@ impl NetProbe {
             NetHook::SockOps => match self.event {
                 SockEvent::Rtt => "sockOps:rtt".into(),
                 SockEvent::Retransmit => "sockOps:retransmit".into(),
+                SockEvent::Lifetime => "sockOps:lifetime".into(),
             },
         }
     }
@@ -390,8 +395,8 @@ impl NetProbe {
 }
 
 /// The network catalog entries: `pod-traffic` (bytes and packets of the job's pods by
-/// direction and protocol, through cgroup_skb) and `tcp-rtt` (TCP round-trip times by
-/// peer, through sock_ops).
+/// direction and protocol, through cgroup_skb), `tcp-rtt` (TCP round-trip times by peer,
+/// through sock_ops) and `tcp-life` (TCP connection lifetimes by peer, through sock_ops).
 pub fn network_catalog(name: &str) -> Option<NetProbe> {
     match name {
         "pod-traffic" => Some(NetProbe {
@@ -405,6 +410,12 @@ pub fn network_catalog(name: &str) -> Option<NetProbe> {
             interface: None,
             direction: NetDirection::Both,
             event: SockEvent::Rtt,
+        }),
+        "tcp-life" => Some(NetProbe {
+            hook: NetHook::SockOps,
+            interface: None,
+            direction: NetDirection::Both,
+            event: SockEvent::Lifetime,
         }),
         _ => None,
     }
@@ -450,6 +461,7 @@ pub const CATALOG_NAMES: &[&str] = &[
     "oom-kill",
     "pod-traffic",
     "tcp-rtt",
+    "tcp-life",
 ];
 
 /// Aggregate keys every attach kind understands (plus fields, args and `ret` where the kind
@@ -616,6 +628,7 @@ pub fn catalog_default_value(name: &str) -> Option<ValueSpec> {
         "runqlat" | "biolatency" => Some(ValueSpec::Latency),
         "pod-traffic" => Some(ValueSpec::Sum(KeySpec::Field("bytes".into()))),
         "tcp-rtt" => Some(ValueSpec::Hist(KeySpec::Field("rtt".into()))),
+        "tcp-life" => Some(ValueSpec::Hist(KeySpec::Field("lifetime".into()))),
         _ => None,
     }
 }
@@ -928,16 +941,17 @@ impl NetworkSpec {
         let event = match (self.event.as_deref().map(str::trim), hook) {
             (None | Some("rtt"), NetHook::SockOps) => SockEvent::Rtt,
             (Some("retransmit"), NetHook::SockOps) => SockEvent::Retransmit,
+            (Some("lifetime"), NetHook::SockOps) => SockEvent::Lifetime,
             (Some(e), NetHook::SockOps) => {
                 return Err(err(
                     "spec.probe.network.event",
-                    format!("{e:?} is not rtt or retransmit"),
+                    format!("{e:?} is not rtt, retransmit or lifetime"),
                 ));
             }
             (Some(_), _) => {
                 return Err(err(
                     "spec.probe.network.event",
-                    "only sockOps has events (rtt, retransmit); remove event",
+                    "only sockOps has events (rtt, retransmit, lifetime); remove event",
                 ));
             }
             (None, _) => SockEvent::Rtt,
@@ -1344,6 +1358,7 @@ fn check_network(
     let measure = match (n.hook, n.event) {
         (NetHook::SockOps, SockEvent::Rtt) => Some("rtt"),
         (NetHook::SockOps, SockEvent::Retransmit) => None,
+        (NetHook::SockOps, SockEvent::Lifetime) => Some("lifetime"),
         _ => Some("bytes"),
     };
     let value_ok = match value {

@@ -419,8 +419,9 @@ pub mod net {
         pub const COUNT: u32 = 0;
         /// A log2 histogram of packet sizes in `NetKey::bucket`.
         pub const BYTES_HIST: u32 = 1;
-        /// A log2 histogram of the smoothed RTT in microseconds (sock_ops).
-        pub const RTT_HIST: u32 = 2;
+        /// A log2 histogram of microseconds (sock_ops: the smoothed RTT, or a connection's
+        /// lifetime).
+        pub const MICROS_HIST: u32 = 2;
     }
 
     /// [`super::NetConfig::sock_event`]: what a sock_ops program counts.
@@ -429,6 +430,8 @@ pub mod net {
         pub const RTT: u32 = 1;
         /// Each retransmitted segment (SYNs included).
         pub const RETRANSMIT: u32 = 2;
+        /// Each connection when it closes, with its lifetime in microseconds.
+        pub const LIFETIME: u32 = 3;
     }
 }
 
@@ -493,6 +496,7 @@ pub mod names {
     pub const NET_CONFIG: &str = "NET_CONFIG";
     pub const NET_AGG: &str = "NET_AGG";
     pub const IF_CGROUPS: &str = "IF_CGROUPS";
+    pub const LIFE_STARTS: &str = "LIFE_STARTS";
 }
 
 /// Log2 bucket of `v`: 0 for 0, else 1 + floor(log2(v)) (so bucket b covers [2^(b-1), 2^b)).

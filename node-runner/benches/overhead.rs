@@ -7,9 +7,9 @@
 //! uses the raw tracepoint), and under `bpftrace -e 'tracepoint:raw_syscalls:sys_enter { @[comm] = count(); }'`;
 //! R = (fathom − bare) / (bpftrace − bare), the share of bpftrace's added cost that Fathom adds.
 //! B3/ring buffer: events/s delivered and lost when every getppid is an event.
-//! libbpf-tools: the same loops under Debian's `syscount` and `opensnoop` and under the
-//! Fathom entries that answer their question, as ns per event and R against the tool
-//! (docs/libbpf-tools.md).
+//! libbpf-tools: the same loops under Debian's `syscount`, `opensnoop` and `funclatency` and
+//! under the Fathom jobs that answer their question, as ns per event and R against the tool
+//! (docs/libbpf-tools.md). Arguments after `--` pick sections: `-- libbpf_tools`.
 
 use std::{
     io::{BufRead, BufReader},
@@ -339,12 +339,34 @@ fn libbpf_tools(kernel: &Kernel) {
         ("opensnoop", &["-n", "benchvs"]),
         "probe: { catalog: open }\nfilter: { comm: benchvs }\nevents: { last: 100 }",
     );
+    let target = format!("{}:fathom_target", env!("FATHOM_WORKLOAD"));
+    versus(
+        kernel,
+        "funclatency vs a uretprobe latency histogram of a user function (uprobes)",
+        "call",
+        100_000,
+        ("funclatency", &[&target]),
+        &format!("probe: {{ uretprobe: '{target}' }}\naggregate: {{ value: latency }}"),
+    );
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else is taken.
+    // `cargo bench` passes --bench; other arguments name the sections to run (b1,
+    // ring_buffer, libbpf_tools), all of them when none is named.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let kernel = Kernel::running();
-    b1(&kernel);
-    ring_buffer(&kernel);
-    libbpf_tools(&kernel);
+    type Section = (&'static str, fn(&Kernel));
+    let sections: [Section; 3] = [
+        ("b1", b1),
+        ("ring_buffer", ring_buffer),
+        ("libbpf_tools", libbpf_tools),
+    ];
+    for (name, section) in sections {
+        if only.is_empty() || only.iter().any(|o| o == name) {
+            section(&kernel);
+        }
+    }
 }

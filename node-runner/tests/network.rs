@@ -572,6 +572,48 @@ fn sock_ops_for_target_cgroups_sees_only_their_connections() {
     );
 }
 
+/// `tcp-life`: each connection once, as it closes, with the microseconds since it began.
+/// The workload's 6 loopback connects to its own listener are exactly 6 lifetimes under the
+/// listener's port (the active sides), each well under a second; the passive sides are
+/// counted under the clients' ports.
+#[test]
+fn sock_ops_times_each_connection_from_connect_to_close() {
+    let _k = KernelTest::begin();
+    let s = start_yaml("probe: { catalog: tcp-life }").expect("attaches");
+    let out = workload(&comm("life"), "connect", 6, None);
+    let r = s.stop().expect("stops");
+    let port = out
+        .lines()
+        .find_map(|l| l.strip_prefix("port "))
+        .expect("port line");
+    assert_eq!(r.keys, vec!["daddr".to_string(), "dport".to_string()]);
+    let loopback = |h: &&fathom_crds::result::Histogram| {
+        h.keys.get("daddr").map(String::as_str) == Some("127.0.0.1")
+    };
+    let active = r
+        .histograms
+        .iter()
+        .filter(loopback)
+        .find(|h| h.keys["dport"] == port)
+        .unwrap_or_else(|| panic!("the connections to {port}: {:?}", r.histograms));
+    assert_eq!(active.count, 6, "{active:?}");
+    assert!(
+        active
+            .buckets
+            .iter()
+            .all(|b| b.count == 0 || b.low < 1_000_000),
+        "a loopback connect, accept and close take well under a second: {active:?}"
+    );
+    let passive: u64 = r
+        .histograms
+        .iter()
+        .filter(loopback)
+        .filter(|h| h.keys["dport"] != port)
+        .map(|h| h.count)
+        .sum();
+    assert!(passive >= 6, "the accepted sides: {:?}", r.histograms);
+}
+
 #[test]
 fn network_specs_name_the_field_and_the_fix() {
     let bad = [

@@ -445,3 +445,64 @@ fn oomkill_and_the_oom_kill_entry_name_the_same_victim() {
         .collect();
     assert_eq!(ours, vec![(pid.as_str(), "dd")], "{:?}", r.events);
 }
+
+/// `tcplife` (the sock:inet_sock_set_state tracepoint, so on every kernel) and the
+/// `tcp-life` entry, one row per connection: the same 5 loopback connections of a process,
+/// both ends of each (10 sockets, by local and remote port), each with about the same
+/// lifetime (the two start their clocks a few microseconds apart; tcplife prints
+/// milliseconds to two decimals).
+#[test]
+fn tcplife_and_the_tcp_life_entry_time_the_same_connections() {
+    let _k = KernelTest::begin();
+    let c = comm("plife");
+    let s = start(
+        "probe: { catalog: tcp-life }\naggregate: { by: [sport, daddr, dport], value: sum(lifetime) }",
+    );
+    let tool = Tool::start("tcplife", &[]);
+    let wout = workload(&c, "connect", 5, None);
+    let out = tool.stop();
+    let r = s.stop().expect("stops");
+    let port = wout
+        .lines()
+        .find_map(|l| l.strip_prefix("port "))
+        .expect("port line");
+    // PID COMM LADDR LPORT RADDR RPORT TX_KB RX_KB MS
+    let tool_rows: std::collections::BTreeMap<(String, String), f64> = out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() != 9 || f[1] != c || (f[3] != port && f[5] != port) {
+                return None;
+            }
+            Some(((f[3].to_string(), f[5].to_string()), f[8].parse().ok()?))
+        })
+        .collect();
+    assert_eq!(tool_rows.len(), 10, "tcplife:\n{out}");
+    let ours: std::collections::BTreeMap<(String, String), u64> = r
+        .rows
+        .iter()
+        .filter(|row| {
+            row.keys["daddr"] == "127.0.0.1"
+                && (row.keys["sport"] == port || row.keys["dport"] == port)
+        })
+        .map(|row| {
+            (
+                (row.keys["sport"].clone(), row.keys["dport"].clone()),
+                row.value,
+            )
+        })
+        .collect();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        tool_rows.keys().collect::<Vec<_>>(),
+        "the same sockets:\n{out}\n{:?}",
+        r.rows
+    );
+    for (socket, ms) in &tool_rows {
+        let ours_ms = ours[socket] as f64 / 1000.0;
+        assert!(
+            (ours_ms - ms).abs() <= 0.1_f64.max(ours_ms.max(*ms) / 2.0),
+            "{socket:?}: fathom {ours_ms} ms, tcplife {ms} ms\n{out}"
+        );
+    }
+}

@@ -10,12 +10,16 @@ use aya_ebpf::{
     bindings::{
         __sk_buff, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
-        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_UNSPEC,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_UNSPEC,
         xdp_action::XDP_PASS, xdp_md,
     },
-    helpers::generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes,
+        bpf_xdp_load_bytes,
+    },
     macros::{cgroup_skb, classifier, map, sock_ops, xdp},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::{SkBuffContext, SockOpsContext, TcContext, XdpContext},
 };
 use fathom_common::{AggValue, NetConfig, NetKey, counter, filter, log2_bucket, net};
@@ -31,6 +35,20 @@ static NET_AGG: PerCpuHashMap<NetKey, AggValue> = PerCpuHashMap::with_max_entrie
 /// a packet there, which has no socket yet on ingress).
 #[map]
 static IF_CGROUPS: HashMap<u32, u64> = HashMap::with_max_entries(1, 0);
+/// sock_ops `lifetime`: when each open connection began (ns since boot), by its socket
+/// cookie. Least recently used entries go first: a connection pushed out by as many newer
+/// ones is forgotten (its close then counts as a stash miss), never the newest.
+#[map]
+static LIFE_STARTS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1, 0);
+
+/// The socket's cookie: unique while it lives, the same in each of its callbacks.
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the helper takes the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+/// TCP_CLOSE in `enum tcp_state`.
+const TCP_CLOSE: u32 = 7;
 
 macro_rules! net_cfg {
     ($($field:tt)+) => { cfg!(NET_CONFIG, NetConfig, $($field)+) };
@@ -210,7 +228,7 @@ fn count(mut k: NetKey, cgroup: u64, bytes: u64, hist_of: u64) {
         k.family = 0;
     }
     match net_cfg!(value_kind) {
-        net::value::BYTES_HIST | net::value::RTT_HIST => k.bucket = log2_bucket(hist_of),
+        net::value::BYTES_HIST | net::value::MICROS_HIST => k.bucket = log2_bucket(hist_of),
         _ => {}
     }
     bump(counter::HITS);
@@ -322,25 +340,51 @@ pub fn fathom_cgroup_skb_egress(ctx: SkBuffContext) -> i32 {
 }
 
 /// TCP connections: asks the kernel for the callbacks the job counts when a connection is
-/// made, then counts them. Setting callback flags changes no packet; it only adds calls.
+/// made, then counts them: RTT samples, retransmits, or (`lifetime`) each connection as it
+/// closes, with the microseconds since it began. Setting callback flags changes no packet;
+/// it only adds calls.
 #[sock_ops]
 pub fn fathom_sock_ops(ctx: SockOpsContext) -> u32 {
     let event = net_cfg!(sock_event);
     let wanted = match event {
         net::sock::RTT => BPF_SOCK_OPS_RTT_CB_FLAG,
         net::sock::RETRANSMIT => BPF_SOCK_OPS_RETRANS_CB_FLAG,
+        net::sock::LIFETIME => BPF_SOCK_OPS_STATE_CB_FLAG,
         _ => return 1,
     };
     let op = ctx.op();
+    let mut lifetime_us = 0;
     match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
+            // A connection begins at connect() on the active side (its SYN), at the
+            // handshake's end on the passive side; the active side's establishment later
+            // keeps the first time (BPF_NOEXIST).
+            if event == net::sock::LIFETIME && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+                // SAFETY: a helper without arguments.
+                let now = unsafe { bpf_ktime_get_ns() };
+                let _ = LIFE_STARTS.insert(&socket_cookie(&ctx), &now, BPF_NOEXIST as u64);
+            }
             return 1;
         }
         BPF_SOCK_OPS_RTT_CB if event == net::sock::RTT => {}
         BPF_SOCK_OPS_RETRANS_CB if event == net::sock::RETRANSMIT => {}
+        // args[0] is the old state, args[1] the new one.
+        BPF_SOCK_OPS_STATE_CB if event == net::sock::LIFETIME && ctx.arg(1) == TCP_CLOSE => {
+            let key = socket_cookie(&ctx);
+            // SAFETY: plain map lookup; the value is copied out before the entry goes.
+            let Some(start) = (unsafe { LIFE_STARTS.get(&key) }).copied() else {
+                // Opened before the job attached (or forgotten): no lifetime to give.
+                bump(counter::STASH_MISSES);
+                return 1;
+            };
+            let _ = LIFE_STARTS.remove(&key);
+            // SAFETY: a helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            lifetime_us = now.saturating_sub(start) / 1000;
+        }
         _ => return 1,
     }
     let mask = net_cfg!(key_mask);
@@ -378,8 +422,12 @@ pub fn fathom_sock_ops(ctx: SockOpsContext) -> u32 {
     }
     // SAFETY: the program's context; `srtt_us` holds the smoothed RTT << 3.
     let srtt_us = u64::from(unsafe { (*ctx.ops).srtt_us } >> 3);
-    let value = if event == net::sock::RTT { srtt_us } else { 0 };
-    count(k, 0, value, srtt_us);
+    let (value, hist_of) = match event {
+        net::sock::RTT => (srtt_us, srtt_us),
+        net::sock::LIFETIME => (lifetime_us, lifetime_us),
+        _ => (0, srtt_us),
+    };
+    count(k, 0, value, hist_of);
     1
 }
 

@@ -45,6 +45,10 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
         "TCP round-trip times in microseconds by peer address and port (sock_ops RTT samples)",
     ),
     (
+        "tcp-life",
+        "TCP connection lifetimes in microseconds, connect (or accept) to close, by peer address and port (sock_ops state changes; tcplife's question)",
+    ),
+    (
         "syscalls",
         "system calls by syscall (raw_syscalls:sys_enter); value: latency pairs sys_enter→sys_exit",
     ),

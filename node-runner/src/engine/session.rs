@@ -129,6 +129,15 @@ pub struct Counters {
     pub filtered: u64,
 }
 
+/// The open connections a sock_ops `lifetime` job remembers (as many as a pairing job's
+/// stash); one entry for every other job.
+fn life_entries(plan: &JobPlan, opts: &EngineOptions) -> u32 {
+    match plan.net {
+        Some(n) if n.sock_event == fathom_common::net::sock::LIFETIME => opts.stash_entries,
+        _ => 1,
+    }
+}
+
 /// An upper bound of the locked kernel memory a job may use with these options: what the
 /// maps' sizes allow, with room for the kernel's per-element overhead (RELIABILITY E6).
 pub fn memlock_budget(plan: &JobPlan, opts: &EngineOptions) -> u64 {
@@ -151,9 +160,11 @@ pub fn memlock_budget(plan: &JobPlan, opts: &EngineOptions) -> u64 {
         4096 * 4
     };
     let stash = u64::from(opts.stash_entries) * (8 + 16 + 64) * 2;
+    // The connections a `lifetime` job remembers: a socket cookie and a start time.
+    let lives = u64::from(life_entries(plan, opts)) * (8 + 8 + 64) * 2;
     let small = 256 * 1024;
     let programs = plan.attachments.len() as u64 * 64 * 1024;
-    agg + stacks + ring + stash + small + programs
+    agg + stacks + ring + stash + lives + small + programs
 }
 
 /// What `Engine::apply` did.
@@ -931,6 +942,7 @@ impl Session {
             .override_global(names::NET_CONFIG, &net_config, true)
             .map_max_entries(names::NET_AGG, net_entries)
             .map_max_entries(names::IF_CGROUPS, (plan.pod_interfaces.len() as u32).max(1))
+            .map_max_entries(names::LIFE_STARTS, life_entries(&plan, &opts))
             .map_max_entries(names::AGG, full)
             .map_max_entries(names::AGG_SMALL, small)
             .map_max_entries(names::AGG_TINY, tiny)

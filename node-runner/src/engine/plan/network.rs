@@ -54,7 +54,7 @@ pub(super) fn plan_network(
                 KeySpec::Field("protocol".into()),
             ],
         ),
-        Probe::Catalog(c) if c == "tcp-rtt" => (
+        Probe::Catalog(c) if c == "tcp-rtt" || c == "tcp-life" => (
             c.clone(),
             vec![
                 KeySpec::Field("daddr".into()),
@@ -196,10 +196,10 @@ pub(super) fn plan_network(
         ValueSpec::Count => ValueKind::Count,
         ValueSpec::Sum(KeySpec::Field(_)) => ValueKind::Sum,
         ValueSpec::Hist(KeySpec::Field(f)) => {
-            cfg.value_kind = if f == "rtt" {
-                net::value::RTT_HIST
-            } else {
+            cfg.value_kind = if f == "bytes" {
                 net::value::BYTES_HIST
+            } else {
+                net::value::MICROS_HIST
             };
             ValueKind::Hist
         }
@@ -215,6 +215,7 @@ pub(super) fn plan_network(
     cfg.sock_event = match (n.hook, n.event) {
         (NetHook::SockOps, SockEvent::Rtt) => net::sock::RTT,
         (NetHook::SockOps, SockEvent::Retransmit) => net::sock::RETRANSMIT,
+        (NetHook::SockOps, SockEvent::Lifetime) => net::sock::LIFETIME,
         _ => 0,
     };
     let mut plan = JobPlan {
