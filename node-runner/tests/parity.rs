@@ -287,9 +287,9 @@ fn histogram_buckets(out: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Both histograms count exactly `calls`, and have their largest bucket within a factor of
-/// 4 of each other (`unit` ns per tool unit): the same calls, timed alike.
-fn assert_same_latencies(out: &str, h: &fathom_crds::result::Histogram, calls: u64, unit: u64) {
+/// Both histograms (the tool's in nanoseconds) count exactly `calls`, and have their fullest
+/// buckets within a factor of 4 of each other: the same calls, timed alike.
+fn assert_same_latencies(out: &str, h: &fathom_crds::result::Histogram, calls: u64) {
     let tool = histogram_buckets(out);
     let tool_total: u64 = tool.iter().map(|(_, c)| c).sum();
     assert_eq!(tool_total, calls, "the tool's histogram:\n{out}");
@@ -297,7 +297,7 @@ fn assert_same_latencies(out: &str, h: &fathom_crds::result::Histogram, calls: u
     let tool_mode = tool
         .iter()
         .max_by_key(|(_, c)| *c)
-        .map(|(lo, _)| lo.max(&1) * unit)
+        .map(|(lo, _)| *lo.max(&1))
         .expect("a bucket");
     let ours = h
         .buckets
@@ -311,30 +311,44 @@ fn assert_same_latencies(out: &str, h: &fathom_crds::result::Histogram, calls: u
     );
 }
 
-/// `funclatency -p PID :FUNCTION` (a uprobe, so on every kernel) and Fathom's uretprobe with
-/// `value: latency` time the same 400 calls of the workload's function by one process.
-#[test]
-fn funclatency_and_a_uretprobe_latency_time_the_same_user_calls() {
-    let _k = KernelTest::begin();
-    let c = comm("pful");
-    let n = 400;
-    let bin = workload_path().display().to_string();
-    let w = workload_waiting(&c, "call", n, None);
+/// `funclatency -p PID FUNCTION` and Fathom's `probe` with `value: latency`, both limited to
+/// one process that makes `n` calls (workload `mode`, `arg`): both time exactly those calls,
+/// alike.
+fn compare_funclatency(
+    tag: &str,
+    (mode, n, arg): (&str, u64, Option<&str>),
+    probe: &str,
+    function: &str,
+) {
+    let w = workload_waiting(&comm(tag), mode, n, arg);
     let pid = w.pid.to_string();
     let s = start(&format!(
-        "probe: {{ uretprobe: '{bin}:fathom_target' }}\naggregate: {{ value: latency }}\nfilter: {{ pids: [{pid}] }}"
+        "probe: {{ {probe} }}\naggregate: {{ value: latency }}\nfilter: {{ pids: [{pid}] }}"
     ));
-    // `:FUNCTION` with -p: a uprobe on the binary of that process.
-    let tool = Tool::start("funclatency", &["-p", &pid, ":fathom_target"]);
+    let tool = Tool::start("funclatency", &["-p", &pid, function]);
     w.go();
     let out = tool.stop();
     let r = s.stop().expect("stops");
     assert_eq!(r.histograms.len(), 1, "{:?}", r.histograms);
-    assert_same_latencies(&out, &r.histograms[0], n, 1);
+    assert_same_latencies(&out, &r.histograms[0], n);
 }
 
-/// `funclatency FUNCTION` (kprobes) and Fathom's kretprobe with `value: latency` time the
-/// same opens of one process: 300 of an existing file, 200 of a missing one.
+/// `funclatency -p PID :FUNCTION` (a uprobe on that process's binary, so on every kernel)
+/// and Fathom's uretprobe time the same 400 calls of the workload's function.
+#[test]
+fn funclatency_and_a_uretprobe_latency_time_the_same_user_calls() {
+    let _k = KernelTest::begin();
+    let bin = workload_path().display().to_string();
+    compare_funclatency(
+        "pful",
+        ("call", 400, None),
+        &format!("uretprobe: '{bin}:fathom_target'"),
+        ":fathom_target",
+    );
+}
+
+/// `funclatency -p PID FUNCTION` (kprobes) and Fathom's kretprobe time the same 300 opens of
+/// one process.
 #[test]
 fn funclatency_and_a_kretprobe_latency_time_the_same_kernel_calls() {
     if !kprobes_for(
@@ -344,18 +358,12 @@ fn funclatency_and_a_kretprobe_latency_time_the_same_kernel_calls() {
         return;
     }
     let _k = KernelTest::begin();
-    let c = comm("pfuk");
-    let w = workload_waiting(&c, "open", 300, Some("/etc/hostname"));
-    let pid = w.pid.to_string();
-    let s = start(&format!(
-        "probe: {{ kretprobe: do_sys_openat2 }}\naggregate: {{ value: latency }}\nfilter: {{ pids: [{pid}] }}"
-    ));
-    let tool = Tool::start("funclatency", &["-p", &pid, "do_sys_openat2"]);
-    w.go();
-    let out = tool.stop();
-    let r = s.stop().expect("stops");
-    assert_eq!(r.histograms.len(), 1, "{:?}", r.histograms);
-    assert_same_latencies(&out, &r.histograms[0], 300, 1);
+    compare_funclatency(
+        "pfuk",
+        ("open", 300, Some("/etc/hostname")),
+        "kretprobe: do_sys_openat2",
+        "do_sys_openat2",
+    );
 }
 
 /// `tcpconnect` (kprobes on tcp_v4_connect) and the `tcp-connect` entry (the sock tracepoint)
