@@ -154,7 +154,8 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<String>,
     /// For `sockOps`: `rtt` (the default; one sample per RTT update), `retransmit`, or
-    /// `lifetime` (one sample per connection when it closes: microseconds since it began).
+    /// `lifetime` (one sample per connection when it closes: microseconds since its handshake
+    /// ended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
 }
@@ -341,8 +342,8 @@ impl NetDirection {
 pub enum SockEvent {
     Rtt,
     Retransmit,
-    /// A connection's lifetime, from connect (or the passive side's establishment) to
-    /// close, in microseconds: what libbpf-tools' tcplife reports.
+    /// A connection's lifetime, from the end of its handshake (on either side) to its close,
+    /// in microseconds: what libbpf-tools' tcplife reports.
     Lifetime,
 }
 

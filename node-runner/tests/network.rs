@@ -572,12 +572,13 @@ fn sock_ops_for_target_cgroups_sees_only_their_connections() {
     );
 }
 
-/// `tcp-life`: each connection once, as it closes, with the microseconds since it began.
+/// `tcp-life`: each connection once, as it closes, with the microseconds since its handshake
+/// ended.
 /// The workload's 6 loopback connects to its own listener are exactly 6 lifetimes under the
 /// listener's port (the active sides), each well under a second; the passive sides are
 /// counted under the clients' ports.
 #[test]
-fn sock_ops_times_each_connection_from_connect_to_close() {
+fn sock_ops_times_each_connection_from_established_to_closed() {
     let _k = KernelTest::begin();
     let s = start_yaml("probe: { catalog: tcp-life }").expect("attaches");
     let out = workload(&comm("life"), "connect", 6, None);

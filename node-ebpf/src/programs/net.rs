@@ -8,7 +8,7 @@
 use aya_ebpf::{
     Global,
     bindings::{
-        __sk_buff, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        __sk_buff, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
         BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_UNSPEC,
@@ -341,7 +341,7 @@ pub fn fathom_cgroup_skb_egress(ctx: SkBuffContext) -> i32 {
 
 /// TCP connections: asks the kernel for the callbacks the job counts when a connection is
 /// made, then counts them: RTT samples, retransmits, or (`lifetime`) each connection as it
-/// closes, with the microseconds since it began. Setting callback flags changes no packet;
+/// closes, with the microseconds since its handshake ended. Setting callback flags changes no packet;
 /// it only adds calls.
 #[sock_ops]
 pub fn fathom_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -358,14 +358,15 @@ pub fn fathom_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
-            // A connection begins at connect() on the active side (its SYN), at the
-            // handshake's end on the passive side; the active side's establishment later
-            // keeps the first time (BPF_NOEXIST).
-            if event == net::sock::LIFETIME && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            if event != net::sock::LIFETIME {
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
+            } else if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+                // A lifetime runs from the handshake's end, on either side, to the close
+                // (as tcplife's): a connect that never completes is no connection to time.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
                 // SAFETY: a helper without arguments.
                 let now = unsafe { bpf_ktime_get_ns() };
-                let _ = LIFE_STARTS.insert(&socket_cookie(&ctx), &now, BPF_NOEXIST as u64);
+                let _ = LIFE_STARTS.insert(&socket_cookie(&ctx), &now, BPF_ANY as u64);
             }
             return 1;
         }

@@ -46,7 +46,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (
         "tcp-life",
-        "TCP connection lifetimes in microseconds, connect (or accept) to close, by peer address and port (sock_ops state changes; tcplife's question)",
+        "TCP connection lifetimes in microseconds, established to closed, by peer address and port (sock_ops state changes; tcplife's question)",
     ),
     (
         "syscalls",
