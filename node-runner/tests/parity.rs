@@ -368,7 +368,9 @@ fn funclatency_and_a_kretprobe_latency_time_the_same_kernel_calls() {
 
 /// Runs the Fathom job `yaml` and the tool `tool` while process `comm` makes `n` loopback
 /// TCP connections to a listener of its own: what the tool printed, the job's result and
-/// the listener's port.
+/// the listener's port. Two connections of another process and listener come first, so
+/// that the measured ones take warm code paths on both sides: under TCG a path's first run
+/// is translated, which once put 0.76 ms between two points microseconds apart.
 fn connects_under(
     tool: &str,
     yaml: &str,
@@ -377,6 +379,7 @@ fn connects_under(
 ) -> (String, fathom_crds::result::ResultData, String) {
     let s = start(yaml);
     let tool = Tool::start(tool, &[]);
+    workload(&format!("{comm}w"), "connect", 2, None);
     let wout = workload(comm, "connect", n, None);
     let out = tool.stop();
     let r = s.stop().expect("stops");
@@ -472,8 +475,9 @@ fn oomkill_and_the_oom_kill_entry_name_the_same_victim() {
 /// `tcplife` (the sock:inet_sock_set_state tracepoint, so on every kernel) and the
 /// `tcp-life` entry, one row per connection: the same 5 loopback connections of a process,
 /// both ends of each (10 sockets, by local and remote port), each with about the same
-/// lifetime (both time from established to closed, their clocks a few microseconds apart;
-/// tcplife prints milliseconds to two decimals).
+/// lifetime: both time from established to closed, their clocks a few microseconds apart
+/// (tcplife prints milliseconds to two decimals; a VM's emulation adds jitter, so within
+/// 0.25 ms or half).
 #[test]
 fn tcplife_and_the_tcp_life_entry_time_the_same_connections() {
     let _k = KernelTest::begin();
@@ -521,7 +525,7 @@ fn tcplife_and_the_tcp_life_entry_time_the_same_connections() {
     for (socket, ms) in &tool_rows {
         let ours_ms = ours[socket] as f64 / 1000.0;
         assert!(
-            (ours_ms - ms).abs() <= 0.1_f64.max(ours_ms.max(*ms) / 2.0),
+            (ours_ms - ms).abs() <= 0.25_f64.max(ours_ms.max(*ms) / 2.0),
             "{socket:?}: fathom {ours_ms} ms, tcplife {ms} ms\n{out}"
         );
     }
