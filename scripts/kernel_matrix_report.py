@@ -144,7 +144,7 @@ def parse(name):
             if re.search(r"Kernel panic|BUG: |Oops: ", l)
         ]
         res["notes"].append(
-            "booted twice: the first boot crashed before any test began ("
+            "booted twice: the first boot crashed (while booting, or an int3 of text patching; "
             + (" | ".join(crashed[:3]) or "no panic line")
             + f"); its log: {first}"
         )
