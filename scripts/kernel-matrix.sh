@@ -483,7 +483,7 @@ run_vm() {
     log "== $name: booting $(cat "$kdir/release" 2>/dev/null || echo "$kdir/vmlinuz") under QEMU (TCG), timeout ${VM_TIMEOUT}s"
     start=$(date +%s)
     set +e
-    timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp "$VM_CPUS" \
+    timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp "$VM_CPUS" \
       -m "$VM_MEMORY" -nographic -no-reboot -monitor none -serial stdio \
       -kernel "$kdir/vmlinuz" -initrd "$img" \
       -append "console=ttyS0 quiet panic=-1 $cmdline FATHOM_KERNEL_EXPECT=$expect FATHOM_MATRIX_ROW=$name FATHOM_E2_CYCLES=$VM_E2_CYCLES" \
