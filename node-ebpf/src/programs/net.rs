@@ -341,8 +341,8 @@ pub fn fathom_cgroup_skb_egress(ctx: SkBuffContext) -> i32 {
 
 /// TCP connections: asks the kernel for the callbacks the job counts when a connection is
 /// made, then counts them: RTT samples, retransmits, or (`lifetime`) each connection as it
-/// closes, with the microseconds since its handshake ended. Setting callback flags changes no packet;
-/// it only adds calls.
+/// closes, with the microseconds since its handshake ended. Setting callback flags changes no
+/// packet; it only adds calls.
 #[sock_ops]
 pub fn fathom_sock_ops(ctx: SockOpsContext) -> u32 {
     let event = net_cfg!(sock_event);
@@ -358,12 +358,14 @@ pub fn fathom_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            if event != net::sock::LIFETIME {
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
-            } else if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
-                // A lifetime runs from the handshake's end, on either side, to the close
-                // (as tcplife's): a connect that never completes is no connection to time.
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
+            let lifetime = event == net::sock::LIFETIME;
+            // A lifetime runs from the handshake's end, on either side, to the close (as
+            // tcplife's): a connect that never completes is no connection to time.
+            if lifetime && op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+                return 1;
+            }
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
+            if lifetime {
                 // SAFETY: a helper without arguments.
                 let now = unsafe { bpf_ktime_get_ns() };
                 let _ = LIFE_STARTS.insert(&socket_cookie(&ctx), &now, BPF_ANY as u64);

@@ -27,11 +27,7 @@ pub(super) fn check_points(
     kernel: &Kernel,
 ) -> Result<(Vec<ProbeVerdict>, Formats), EngineError> {
     let caps = kernel::missing_capabilities(kernel::effective_caps());
-    let refusal = if caps.is_empty() {
-        kernel::load_refusal()
-    } else {
-        None
-    };
+    let refusal = caps.is_empty().then(kernel::load_refusal).flatten();
     let mut verdicts = Vec::new();
     let mut formats = BTreeMap::new();
     for point in template.stash.iter().chain([&template.main]) {

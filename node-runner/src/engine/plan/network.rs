@@ -113,9 +113,14 @@ pub(super) fn plan_network(
         attach_points(n)
     };
     let caps = kernel::effective_caps();
+    // One load probe for the plan, once the capabilities are there (as check::check_points).
+    let refusal = kernel::missing_capabilities(caps)
+        .is_empty()
+        .then(kernel::load_refusal)
+        .flatten();
     let verdicts: Vec<ProbeVerdict> = points
         .iter()
-        .map(|p| check(p, n, &scope, pod_mode, caps))
+        .map(|p| check(p, n, &scope, pod_mode, caps, refusal.as_deref()))
         .collect();
     if verdicts.iter().any(|v| !v.feasible) {
         return Err(not_feasible(verdicts));
@@ -318,6 +323,7 @@ fn check(
     scope: &Scope,
     pod_mode: bool,
     caps: u64,
+    load_refusal: Option<&str>,
 ) -> ProbeVerdict {
     let label = point.label();
     let no = |reason: Reason, message: String| ProbeVerdict {
@@ -340,8 +346,8 @@ fn check(
             ),
         );
     }
-    if let Some(why) = kernel::load_refusal() {
-        return no(Reason::PermissionDenied, why);
+    if let Some(why) = load_refusal {
+        return no(Reason::PermissionDenied, why.to_string());
     }
     match point {
         AttachPoint::Xdp { interface } | AttachPoint::Tc { interface, .. } => {
